@@ -1,0 +1,120 @@
+"""Every setting of one tuning run, as one validated dataclass (no torch here)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("r-amt", "amt", "r-pmt", "pmt", "r-mmt", "mmt")
+
+
+@dataclass
+class TuneConfig:
+    """Settings of a mask-tuning run. Defaults follow the official R-AMT recipe except where a field says
+    why the service differs (small uploads need a minimum number of optimizer steps)."""
+
+    method: str = field(default="r-amt", metadata={"help": f"One of {', '.join(METHODS)}. r-* adds GDR."})
+    backbone: str = field(default="rmt-world-vit", metadata={"help": "open_clip model name."})
+    pretrained: str | None = field(
+        default="builtin",
+        metadata={"help": "'builtin' (weights shipped in rmt_core/weights), a local checkpoint path, an open_clip "
+                          "tag (needs the weights cached on a connected machine), or None for random init."})
+    mask_conv1: bool = field(default=True, metadata={"help": "AMT also masks the patch-embedding conv (official code)."})
+    mask_init: float = field(default=1e-2, metadata={"help": "Initial value of every mask score."})
+    threshold: float = field(default=5e-3, metadata={"help": "alpha: a weight is kept where its score > alpha."})
+    leak: float = field(default=1.0, metadata={"help": "GDR leak l in [0,1]; 0 = plain mask tuning."})
+    kl_temperature: float = field(default=1.0, metadata={"help": "Temperature of the GDR soft-target loss."})
+    l2_weight: float = field(default=1e-4, metadata={"help": "Weight of sum_k ||M_k||_2 added to the CE loss."})
+    learning_rate: float = field(default=8e-5, metadata={"help": "Adam lr (paper: 8e-5; 3e-5 ImageNet-scale)."})
+    epochs: int = field(default=30, metadata={"help": "Passes over the training images."})
+    min_steps: int = field(
+        default=300,
+        metadata={"help": "Lower bound on optimizer steps. Adam moves a score ~lr per step, so a score needs "
+                          "(mask_init-threshold)/lr steps to flip; 30 epochs of a 40-image upload are 60 steps "
+                          "and flip nothing. Epochs are raised until this many steps run. 0 = paper recipe."})
+    batch_size: int = field(default=32, metadata={"help": "Images per optimizer step."})
+    prompt_template: str = field(default="a photo of a {}.", metadata={"help": "Text prompt; '{}' is the class name."})
+    seed: int = field(default=0, metadata={"help": "Seeds sampling, augmentation and GDR's dropout."})
+    holdout: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of each class held out for the validation report (only for classes with "
+                          "at least 5 images; 0 disables)."})
+    augment: bool = field(default=True, metadata={"help": "RandomResizedCrop(scale 0.5-1, bicubic) + h-flip."})
+    parity_atol: float = field(default=1e-3, metadata={"help": "Export parity: max |torch - ORT| on probabilities."})
+
+    def __post_init__(self) -> None:
+        self.method = str(self.method).lower()
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        if "{}" not in self.prompt_template:
+            raise ValueError(f"prompt_template={self.prompt_template!r} must contain '{{}}' for the class name")
+        if not 0.0 <= self.leak <= 1.0:
+            raise ValueError(f"leak={self.leak} must be in [0, 1]")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout={self.holdout} must be in [0, 1)")
+        for name in ("learning_rate", "kl_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps={self.min_steps!r} must be an integer >= 0")
+        if self.l2_weight < 0:
+            raise ValueError(f"l2_weight={self.l2_weight} must be >= 0")
+        if self.mask_init <= self.threshold:
+            raise ValueError(
+                f"mask_init={self.mask_init} must be > threshold={self.threshold}, or every weight starts masked out")
+
+    @property
+    def uses_gdr(self) -> bool:
+        return self.method.startswith("r-")
+
+    @property
+    def target(self) -> str:
+        """'amt' | 'mmt' | 'pmt': which weights carry masks."""
+        return self.method.removeprefix("r-")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TuneConfig":
+        """Build from user input; unknown keys and bad types raise ValueError naming the field."""
+        if not isinstance(values, dict):
+            raise ValueError("config must be a JSON object")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}; known: {', '.join(known)}")
+        clean: dict[str, Any] = {}
+        for name, value in values.items():
+            default = known[name].default
+            try:
+                if value is None and name == "pretrained":
+                    clean[name] = None
+                elif isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise TypeError
+                    clean[name] = value
+                elif isinstance(default, int):
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise TypeError
+                    clean[name] = value
+                elif isinstance(default, float):
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        raise TypeError
+                    clean[name] = float(value)
+                else:
+                    if not isinstance(value, str):
+                        raise TypeError
+                    clean[name] = value
+            except TypeError:
+                raise ValueError(f"config field {name!r} has the wrong type: {value!r} "
+                                 f"(expected {type(default).__name__})") from None
+        return cls(**clean)
+
+    def paper_recipe(self) -> "TuneConfig":
+        """The official schedule (no step floor)."""
+        return dataclasses.replace(self, min_steps=0)

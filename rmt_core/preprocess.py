@@ -1,0 +1,84 @@
+"""open_clip's eval transform in PIL/numpy, so serving needs no torch.
+
+Same PIL resize call as torchvision's Resize on a PIL image, the same center-crop arithmetic, then
+ToTensor + Normalize: the output matches open_clip's ``preprocess`` to float rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "PreprocessConfig":
+        size = cfg["size"]
+        size = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+        resize_mode = cfg.get("resize_mode", "shortest")
+        if resize_mode not in ("shortest", "squash"):
+            raise ValueError(f"resize_mode={resize_mode!r} is not supported (shortest, squash)")
+        interpolation = cfg.get("interpolation", "bicubic")
+        if interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation={interpolation!r} is not one of {', '.join(_INTERPOLATION)}")
+        return cls(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                   interpolation=interpolation, resize_mode=resize_mode)
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+
+
+def _resize_shortest(img: Image.Image, short: int, resample) -> Image.Image:
+    width, height = img.size
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    if (new_w, new_h) == (width, height):
+        return img
+    return img.resize((new_w, new_h), resample)
+
+
+def _center_crop(img: Image.Image, crop_h: int, crop_w: int) -> Image.Image:
+    width, height = img.size
+    if crop_w > width or crop_h > height:  # torchvision pads with zeros before cropping
+        padded = Image.new(img.mode, (max(width, crop_w), max(height, crop_h)))
+        padded.paste(img, ((max(crop_w - width, 0)) // 2, (max(crop_h - height, 0)) // 2))
+        img, (width, height) = padded, padded.size
+    top = int(round((height - crop_h) / 2.0))
+    left = int(round((width - crop_w) / 2.0))
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """One PIL image -> float32 array [3, H, W], normalized as CLIP expects."""
+    resample = _INTERPOLATION[cfg.interpolation]
+    height, width = cfg.size
+    if cfg.resize_mode == "squash":
+        img = img.resize((width, height), resample)
+    else:
+        if height != width:
+            raise ValueError("shortest-side resize needs a square input size")
+        img = _center_crop(_resize_shortest(img, height, resample), height, width)
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess_batch(images, cfg: PreprocessConfig) -> np.ndarray:
+    return np.stack([preprocess_image(img, cfg) for img in images]).astype(np.float32, copy=False)

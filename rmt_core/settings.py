@@ -1,0 +1,74 @@
+"""Service configuration: the one place that reads the environment (``RMT_*`` variables or .env).
+
+The API and the worker both build a ``Settings`` and pass it down; nothing else reads os.environ.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RMT_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="Durable state: uploads, manifests, jobs, artifacts.")
+    broker_url: str = Field(
+        "",
+        description="Celery broker. Empty = embedded local broker (SQLite under data_dir); "
+        "redis://host:6379/0 at scale.",
+    )
+    api_keys: str = Field("", description="Comma-separated tenant:key pairs. Empty = no auth (loopback only).")
+    api_keys_file: Path | None = Field(None, description="File with one tenant:key pair per line.")
+    allow_insecure_bind: bool = Field(False, description="Allow binding a non-loopback address with no API keys.")
+
+    # Upload limits
+    max_upload_bytes: int = Field(200 * 1024 * 1024, description="Cap on one create request's body.")
+    max_files: int = Field(2000, description="Cap on images per classifier.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, description="Cap on one image file.")
+    max_image_pixels: int = Field(40_000_000, description="Decompression-bomb guard (width*height).")
+    max_classes: int = Field(1000, description="Cap on classes per classifier.")
+    max_label_length: int = Field(100, description="Cap on a label's length in characters.")
+    max_queued_jobs: int = Field(20, description="Per-tenant cap on queued+running jobs (429 beyond).")
+
+    # Tuning defaults (a create request's config overrides these)
+    default_backbone: str = Field("rmt-world-vit", description="open_clip model name.")
+    default_pretrained: str = Field("builtin", description="'builtin', a local checkpoint path, or an open_clip tag.")
+    device: str = Field("auto", description="Worker torch device: auto | cpu | cuda | cuda:N.")
+
+    # Jobs
+    job_lease_seconds: int = Field(120, description="A running job renews its lease; expired leases are recovered.")
+    job_time_limit_seconds: int = Field(6 * 3600, description="Hard limit for one tuning job.")
+    job_max_attempts: int = Field(3, description="Redeliveries after a worker crash before the job fails.")
+
+    # Serving
+    classifier_cache_size: int = Field(8, description="ONNX Runtime sessions kept in the LRU.")
+    ort_providers: str = Field("auto", description="auto | cpu | cuda")
+    batch_max_size: int = Field(32, description="Micro-batching: most images in one ORT call.")
+    batch_max_wait_ms: float = Field(2.0, description="Micro-batching: longest wait for more requests.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    def tenant_keys(self) -> dict[str, str]:
+        """Map key -> tenant from api_keys and api_keys_file; raise ValueError on a malformed pair."""
+        pairs = [p for p in self.api_keys.split(",") if p.strip()]
+        if self.api_keys_file is not None:
+            pairs += [line for line in self.api_keys_file.read_text().splitlines()
+                      if line.strip() and not line.lstrip().startswith("#")]
+        keys: dict[str, str] = {}
+        for pair in pairs:
+            tenant, sep, key = pair.strip().partition(":")
+            if not sep or not tenant or not key:
+                raise ValueError(f"RMT_API_KEYS entry {pair.strip()!r} is not tenant:key")
+            keys[key] = tenant
+        return keys
+
+    @property
+    def effective_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
