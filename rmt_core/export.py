@@ -1,0 +1,89 @@
+"""ONNX export of a baked classifier (image encoder + normalised class embeddings + logit scale)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .masking import find_masks
+from .runtime import make_session, softmax
+
+
+class ExportParityError(RuntimeError):
+    """ONNX Runtime disagrees with torch on the exported model: nothing is published."""
+
+
+class ClassifierHead(nn.Module):
+    """image -> logit_scale * norm(visual(image)) @ class_embeddings.T  (what the ONNX file computes)."""
+
+    def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("class_embeddings", text_features.detach().float().clone())
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        feats = self.visual(image)
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        return self.logit_scale * feats @ self.class_embeddings.T
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    # nn.MultiheadAttention's inference fast path exports as aten::_native_multi_head_attention, which the
+    # TorchScript exporter cannot lower.
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def export_onnx(head: ClassifierHead, path: Path | str, opset: int = 17) -> Path:
+    """Write ``head`` to ``path`` (temp file + rename) with a dynamic batch axis. Masks must be baked first."""
+    if find_masks(head):
+        raise ValueError("the model still carries masks: bake them (masking.bake_masks) before export")
+    path = Path(path)
+    head = head.eval().cpu()
+    size = head.visual.image_size if hasattr(head.visual, "image_size") else (224, 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    example = torch.zeros(2, 3, *size)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        with _no_mha_fastpath(), torch.no_grad():
+            torch.onnx.export(head, (example,), tmp, input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@torch.no_grad()
+def check_parity(head: ClassifierHead, onnx_path: Path | str, batch: torch.Tensor | None = None,
+                 atol: float = 1e-3, seed: int = 0) -> float:
+    """Run torch and ONNX Runtime (CPU) on the same batch; return max |dp| over class probabilities.
+
+    Raises ExportParityError when it exceeds ``atol``.
+    """
+    head = head.eval().cpu()
+    if batch is None:
+        size = head.visual.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        batch = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(seed))
+    expected = torch.softmax(head(batch.float()), dim=-1).numpy()
+    session = make_session(onnx_path, "cpu")
+    got = softmax(session.run(None, {"image": batch.float().numpy()})[0])
+    diff = float(np.abs(expected - got).max())
+    if not diff <= atol:
+        raise ExportParityError(f"ONNX Runtime differs from torch by {diff:.3g} (> {atol}) on class probabilities")
+    return diff
