@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,8 @@ def export_onnx(head: ClassifierHead, path: Path | str, opset: int = 17) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
-        with _no_mha_fastpath(), torch.no_grad():
+        with _no_mha_fastpath(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # MHA's shape checks, constant per model
             torch.onnx.export(head, (example,), tmp, input_names=["image"], output_names=["logits"],
                               dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                               opset_version=opset, dynamo=False)

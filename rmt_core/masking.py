@@ -39,7 +39,8 @@ class BinaryMask(nn.Module):
         if not self.enabled:
             return weight
         soft = self.scores.to(weight.dtype)
-        return weight * (self.hard().to(weight.dtype) + soft - soft.detach())
+        # (soft - soft.detach()) is exactly 0, so the value is exactly W * hard; the gradient is W.
+        return weight * (self.hard().to(weight.dtype) + (soft - soft.detach()))
 
 
 def target_names(visual: nn.Module, method: str, mask_conv1: bool = True) -> list[str]:

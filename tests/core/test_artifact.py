@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from rmt_core.artifact import MaskFileError, decode_masks, encode_masks, entropy_bound_bytes, load_masks, save_masks
+
+
+@pytest.mark.parametrize("drop", [0.0, 1e-4, 0.01, 0.05, 0.3, 0.5, 0.8, 1.0])
+def test_round_trip_is_exact(drop):
+    rng = np.random.default_rng(1)
+    masks = {"b.w": rng.random((64, 32)) > drop, "a.w": rng.random((5, 3, 4, 4)) > drop, "c": np.ones(1, bool)}
+    got, meta = decode_masks(encode_masks(masks, {"method": "r-amt"}))
+    assert meta == {"method": "r-amt"}
+    assert set(got) == set(masks)
+    for name in masks:
+        assert got[name].dtype == bool and np.array_equal(got[name], masks[name]), name
+
+
+@pytest.mark.parametrize("drop", [0.005, 0.03, 0.2])
+def test_size_is_close_to_the_entropy_bound(drop):
+    rng = np.random.default_rng(2)
+    masks = {"w": rng.random((768, 768)) > drop}
+    size = len(encode_masks(masks))
+    assert size <= 1.1 * entropy_bound_bytes(masks) + 300
+
+
+def test_clustered_masks_round_trip():
+    masks = {"w": np.ones((100, 100), bool)}
+    masks["w"][10:20] = False  # whole rows masked: long runs of the minority symbol
+    got, _ = decode_masks(encode_masks(masks))
+    assert np.array_equal(got["w"], masks["w"])
+
+
+def test_corruption_is_detected(tmp_path):
+    data = bytearray(encode_masks({"w": np.random.default_rng(0).random((50, 50)) > 0.1}))
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(MaskFileError, match="CRC"):
+        decode_masks(bytes(data))
+    with pytest.raises(MaskFileError, match="magic"):
+        decode_masks(b"PK\x03\x04" + bytes(20))
+
+
+def test_save_is_atomic_and_loads_back(tmp_path):
+    masks = {"w": np.random.default_rng(0).random((10, 10)) > 0.5}
+    n = save_masks(tmp_path / "m.rmtm", masks)
+    assert (tmp_path / "m.rmtm").stat().st_size == n
+    assert [p.name for p in tmp_path.iterdir()] == ["m.rmtm"]  # no temp file left behind
+    assert np.array_equal(load_masks(tmp_path / "m.rmtm")[0]["w"], masks["w"])

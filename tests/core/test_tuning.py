@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from rmt_core.backbones import encode_class_texts
+from rmt_core.config import TuneConfig
+from rmt_core.pipeline import accuracy_and_confusion
+from rmt_core.preprocess import PreprocessConfig, preprocess_batch
+from rmt_core.tuning import TuningCancelled, class_logits, plan_schedule, tune
+from tests.core.toys import colour_task, tiny
+
+
+def _accuracy(backbone, samples, labels, text):
+    cfg = PreprocessConfig.from_dict(backbone.preprocess)
+    x = torch.from_numpy(preprocess_batch([img for img, _ in samples], cfg))
+    with torch.no_grad():
+        probs = class_logits(backbone.model, x, text).softmax(-1).numpy()
+    return accuracy_and_confusion(probs, [labels.index(lab) for _, lab in samples], len(labels))[0]
+
+
+@pytest.mark.parametrize("method", ["r-amt", "amt"])
+def test_tuning_beats_zero_shot_on_a_separable_task(method):
+    samples = colour_task(n_per_class=8)
+    labels = ["blue", "green", "red"]
+    backbone = tiny(seed=3)
+    text = encode_class_texts(backbone, labels, "a photo of a {}.")
+    zero_shot = _accuracy(backbone, samples, labels, text)
+    config = TuneConfig(method=method, backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=40,
+                        batch_size=8, learning_rate=1e-3, augment=False)
+    seen = []
+    result = tune(backbone, [i for i, _ in samples], [labels.index(lab) for _, lab in samples], text, config,
+                  progress=seen.append)
+    tuned = _accuracy(backbone, samples, labels, text)
+    assert tuned >= 0.9 and tuned > zero_shot + 0.3, (zero_shot, tuned)
+    assert result.sparsity > 0
+    assert [p.step for p in seen] == list(range(1, result.steps + 1))
+    assert seen[-1].total_steps == result.steps and seen[-1].epoch == seen[-1].epochs == result.epochs
+
+
+def test_min_steps_raises_epochs_for_small_uploads_and_paper_recipe_does_not():
+    config = TuneConfig(epochs=30, batch_size=32, min_steps=300)
+    assert plan_schedule(40, config) == (2, 150, 300)
+    assert plan_schedule(40, config.paper_recipe()) == (2, 30, 60)
+    assert plan_schedule(3200, config) == (100, 30, 3000)
+
+
+def test_a_run_that_flips_no_mask_says_so():
+    samples = colour_task(n_per_class=2)
+    labels = ["blue", "green", "red"]
+    backbone = tiny()
+    text = encode_class_texts(backbone, labels, "a photo of a {}.")
+    config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=2, min_steps=0, batch_size=32)
+    result = tune(backbone, [i for i, _ in samples], [labels.index(lab) for _, lab in samples], text, config)
+    assert result.sparsity == 0.0
+    assert any("NO MASK FLIPPED" in w for w in result.warnings)
+
+
+def test_should_stop_cancels_between_steps():
+    samples = colour_task(n_per_class=2)
+    backbone = tiny()
+    text = encode_class_texts(backbone, ["blue", "green", "red"], "a photo of a {}.")
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=5, min_steps=0, batch_size=2)
+    with pytest.raises(TuningCancelled, match="step 2"):
+        tune(backbone, [i for i, _ in samples], [0, 0, 1, 1, 2, 2], text, config, should_stop=stop)
+
+
+def test_same_seed_same_masks():
+    samples = colour_task(n_per_class=3)
+    labels = ["blue", "green", "red"]
+    runs = []
+    for _ in range(2):
+        backbone = tiny()
+        text = encode_class_texts(backbone, labels, "a photo of a {}.")
+        config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=6, batch_size=4,
+                            learning_rate=1e-3)
+        result = tune(backbone, [i for i, _ in samples], [labels.index(lab) for _, lab in samples], text, config)
+        runs.append({k: m.scores.detach().clone() for k, m in result.masks.items()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
