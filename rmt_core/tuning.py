@@ -14,7 +14,7 @@ from torchvision import transforms as T
 
 from .backbones import Backbone
 from .config import TuneConfig
-from .gdr import gradient_dropout, soft_cross_entropy
+from .gdr import gradient_dropout
 from .masking import BinaryMask, attach_masks, masks_disabled, sparsity
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,51 @@ def plan_schedule(n_images: int, config: TuneConfig) -> tuple[int, int, int]:
     return per_epoch, epochs, per_epoch * epochs
 
 
-def mask_gradients(loss_ce: torch.Tensor, loss_kl: torch.Tensor | None, scores: list[torch.Tensor],
-                   leak: float, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """dL_ce/dM, gradient-dropped by GDR when a KL loss is given (one graph, two vector-Jacobian products)."""
-    if loss_kl is None:
-        return list(torch.autograd.grad(loss_ce, scores))
-    g_ce = torch.autograd.grad(loss_ce, scores, retain_graph=True)
-    g_kl = torch.autograd.grad(loss_kl, scores)
-    return [gradient_dropout(gc, gk, leak, generator) for gc, gk in zip(g_ce, g_kl)]
+def _vjp(logits: torch.Tensor, scores: list[torch.Tensor], vectors: torch.Tensor) -> list[torch.Tensor]:
+    """J^T v for each row v of ``vectors`` [k, N, C], in one batched backward pass (vmap over grad_outputs)."""
+    try:
+        grads = torch.autograd.grad(logits, scores, grad_outputs=vectors, is_grads_batched=True)
+    except RuntimeError:  # an op without a batching rule: fall back to one backward pass per vector
+        grads = [torch.stack(g) for g in zip(*(
+            torch.autograd.grad(logits, scores, grad_outputs=v, retain_graph=True) for v in vectors))]
+    return list(grads)
+
+
+def ce_kl_gradients(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
+                    scores: list[torch.Tensor], config: TuneConfig) -> tuple[list, list | None]:
+    """(g_ce, g_kl) for each mask score tensor; g_kl is None without a teacher.
+
+    g_ce = dL_ce/dM with L_ce = CE(logits, y) + l2_weight * sum_k ||M_k||_2, and for GDR g_kl = dL_kl/dM with
+    L_kl = soft CE against ``teacher_logits``. Both are vector-Jacobian products through the same student
+    graph: dCE/dlogits = (softmax - onehot)/N and dL_kl/dlogits = (softmax(s/T) - softmax(t/T))/(N*T) are
+    closed forms, so one batched backward pass gives both. ``teacher_logits=None`` under GDR means the student
+    still is the zero-shot model (no mask flipped), where L_kl's gradient is zero: GDR runs with g_kl = 0.
+    """
+    n, c = logits.shape
+    probs = logits.detach().softmax(-1)
+    v_ce = (probs - F.one_hot(targets, c).to(probs.dtype)) / n
+    if config.uses_gdr and teacher_logits is not None:
+        t = config.kl_temperature
+        v_kl = ((logits.detach() / t).softmax(-1) - (teacher_logits / t).softmax(-1)) / (n * t)
+        g_ce, g_kl = zip(*(g.unbind(0) for g in _vjp(logits, scores, torch.stack([v_ce, v_kl]))))
+    else:
+        g_ce = [g[0] for g in _vjp(logits, scores, v_ce[None])]
+        g_kl = None
+    if config.l2_weight:
+        g_ce = [g + config.l2_weight * s.detach() / s.detach().norm().clamp_min(1e-12) for g, s in zip(g_ce, scores)]
+    return list(g_ce), (list(g_kl) if g_kl is not None else None)
+
+
+def mask_gradients(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
+                   scores: list[torch.Tensor], config: TuneConfig,
+                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The update direction for each mask score tensor: g_ce, gradient-dropped by GDR for r-* methods."""
+    g_ce, g_kl = ce_kl_gradients(logits, targets, teacher_logits, scores, config)
+    if not config.uses_gdr:
+        return g_ce
+    if g_kl is None:
+        g_kl = [torch.zeros_like(g) for g in g_ce]
+    return [gradient_dropout(gc, gk, config.leak, generator) for gc, gk in zip(g_ce, g_kl)]
 
 
 def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[int], text_features: torch.Tensor,
@@ -127,14 +164,13 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
                 batch = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)
             y = targets_t[idx].to(device)
             logits = class_logits(model, batch, text_features)
-            l2 = sum(s.norm() for s in scores)
-            loss_ce = F.cross_entropy(logits, y) + config.l2_weight * l2
-            loss_kl = None
-            if config.uses_gdr:
-                with torch.no_grad(), masks_disabled(model):
+            teacher = None
+            if config.uses_gdr and any(not bool(m.hard().all()) for m in masks.values()):
+                with torch.no_grad(), masks_disabled(model):  # the zero-shot model, no second copy
                     teacher = class_logits(model, batch, text_features)
-                loss_kl = soft_cross_entropy(logits, teacher, config.kl_temperature)
-            grads = mask_gradients(loss_ce, loss_kl, scores, config.leak, gdr_generator)
+            grads = mask_gradients(logits, y, teacher, scores, config, gdr_generator)
+            with torch.no_grad():
+                loss_ce = F.cross_entropy(logits, y) + config.l2_weight * sum(s.norm() for s in scores)
             for s, g in zip(scores, grads):
                 s.grad = g
             optimizer.step()
