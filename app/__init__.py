@@ -1,0 +1,1 @@
+"""FastAPI service: routers over the ClassifierStore, a job queue and a classifier cache."""

@@ -1,0 +1,64 @@
+"""Shared request dependencies, as Annotated aliases (the objects live on app.state, built in main)."""
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from rmt_core.settings import Settings
+from rmt_core.store import ClassifierStore
+
+from .classifier_cache import ClassifierCache
+from .errors import ApiError
+from .metrics import Metrics
+from .queue import JobQueue
+
+DEFAULT_TENANT = "default"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> ClassifierStore:
+    return request.app.state.store
+
+
+def get_queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
+def get_cache(request: Request) -> ClassifierCache:
+    return request.app.state.cache
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_tenant(request: Request) -> str:
+    """The caller's tenant from ``Authorization: Bearer <key>``; everyone is one tenant when no keys are set."""
+    keys: dict[str, str] = request.app.state.tenant_keys
+    if not keys:
+        return DEFAULT_TENANT
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <API key>'",
+                       headers={"WWW-Authenticate": "Bearer"})
+    tenant = None
+    for key, owner in keys.items():  # compare against every key: timing says nothing about which matched
+        if hmac.compare_digest(key.encode(), token.encode()):
+            tenant = owner
+    if tenant is None:
+        raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[ClassifierStore, Depends(get_store)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+CacheDep = Annotated[ClassifierCache, Depends(get_cache)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+TenantDep = Annotated[str, Depends(get_tenant)]

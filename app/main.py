@@ -1,0 +1,55 @@
+"""Builds the FastAPI app: settings, store, queue, classifier cache, metrics, routers, error handlers.
+
+Run it with ``rmt serve`` (app.server), or ``uvicorn --factory app.main:create_app``.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from rmt_core import __version__
+from rmt_core.settings import Settings
+from rmt_core.store import ClassifierStore
+
+from .classifier_cache import ClassifierCache
+from .errors import install_error_handlers
+from .limits import BodySizeLimit
+from .metrics import Metrics, MetricsMiddleware
+from .queue import JobQueue
+from .routers import classifiers, classify, health, jobs
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
+    """A ready-to-serve app over ``settings.data_dir``; ``queue`` replaces the broker producer (tests)."""
+    settings = settings or Settings()
+    store = ClassifierStore(settings.data_dir)
+    tenant_keys = settings.tenant_keys()  # a malformed key list stops startup, not the first request
+    metrics = Metrics(store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.cache.close()
+        app.state.queue.close()
+
+    app = FastAPI(title="RMT classifier service", version=__version__, lifespan=lifespan,
+                  description="Few-shot images in, a mask-tuned CLIP classifier out (R-AMT, ICCV 2023), served "
+                              "with ONNX Runtime. Create a classifier, follow its job, then classify.")
+    app.state.settings = settings
+    app.state.store = store
+    app.state.tenant_keys = tenant_keys
+    app.state.metrics = metrics
+    app.state.queue = queue or JobQueue(settings)
+    app.state.cache = ClassifierCache(settings.classifier_cache_size, providers=settings.ort_providers,
+                                      batch_max_size=settings.batch_max_size,
+                                      batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics)
+    install_error_handlers(app)
+    for router in (health.router, classifiers.router, classify.router, jobs.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

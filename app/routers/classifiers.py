@@ -1,0 +1,151 @@
+"""/v1/classifiers: create (upload + queue tuning), list, read, delete, download artifacts."""
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from rmt_core.store import ARTIFACT_NAMES, ClassifierRecord, ClassifierStore, JobRecord
+
+from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
+from ..errors import ApiError
+from ..queue import BrokerUnavailable
+from ..schemas import ClassifierCreated, ClassifierList, ClassifierPublic, ErrorBody
+from ..uploads import parse_create
+
+router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
+
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                          "description": "Images; repeat the part once per image."},
+                "labels": {"type": "array", "items": {"type": "string"},
+                           "description": "One label per file, in the same order."},
+                "archive": {"type": "string", "format": "binary",
+                            "description": "Instead of files+labels: a zip with one top-level folder per class."},
+                "name": {"type": "string", "description": "A name for people; optional."},
+                "config": {"type": "string",
+                           "description": 'Tuning settings as a JSON object, e.g. {"method": "r-amt", "epochs": 30}. '
+                                          "Fields: method (r-amt|amt|r-pmt|pmt|r-mmt|mmt), backbone, epochs, "
+                                          "learning_rate, batch_size, threshold, leak, prompt_template, seed, "
+                                          "holdout, min_steps, ..."},
+            },
+        }}},
+    }
+}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
+_MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "application/octet-stream",
+          ".rmtm": "application/octet-stream"}
+
+
+def classifier_public(store: ClassifierStore, record: ClassifierRecord) -> ClassifierPublic:
+    job = store.get_job(record.job_id)
+    model = store.model_dir(record.classifier_id)
+    manifest, files = None, []
+    if model is not None:
+        manifest = json.loads((model / "manifest.json").read_text())
+        files = [name for name in ARTIFACT_NAMES if (model / name).is_file()]
+    return ClassifierPublic.from_record(record, job, manifest, files)
+
+
+def owned_classifier(store: ClassifierStore, classifier_id: str, tenant: str) -> ClassifierRecord:
+    record = store.get_classifier(classifier_id, tenant)
+    if record is None:
+        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
+    return record
+
+
+@router.post("", status_code=202, response_model=ClassifierCreated, openapi_extra=_CREATE_BODY,
+             responses=_ERRORS)
+async def create_classifier(request: Request, response: Response, settings: SettingsDep, store: StoreDep,
+                            queue: QueueDep, tenant: TenantDep, metrics: MetricsDep) -> ClassifierCreated:
+    """Upload example images and queue the tuning job that turns them into a classifier."""
+    active = await run_in_threadpool(store.count_active_jobs, tenant)
+    if active >= settings.max_queued_jobs:
+        raise ApiError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is "
+                                             f"{settings.max_queued_jobs}. Wait for one to finish.",
+                       headers={"Retry-After": "30"})
+    parsed = await parse_create(request, settings)
+    record, job = await run_in_threadpool(store.create_classifier, tenant, parsed.name, parsed.samples, parsed.config)
+    try:
+        await run_in_threadpool(queue.enqueue, job.job_id)
+    except BrokerUnavailable:
+        await run_in_threadpool(store.delete_classifier, record.classifier_id)  # a create either happens or not
+        raise ApiError(503, "broker_unavailable", "the job queue is unreachable, nothing was created; retry "
+                                                  "shortly (classifying with ready classifiers still works)",
+                       headers={"Retry-After": "10"}) from None
+    metrics.jobs_created.inc()
+    response.headers["Location"] = f"/v1/jobs/{job.job_id}"
+    return ClassifierCreated(classifier_id=record.classifier_id, job_id=job.job_id)
+
+
+@router.get("", response_model=ClassifierList, responses=_ERRORS)
+def list_classifiers(store: StoreDep, tenant: TenantDep, limit: int = Query(50, ge=1, le=500),
+                     offset: int = Query(0, ge=0)) -> ClassifierList:
+    """The caller's classifiers, newest first."""
+    records, total = store.list_classifiers(tenant, limit=limit, offset=offset)
+    return ClassifierList(items=[classifier_public(store, r) for r in records], total=total, limit=limit,
+                          offset=offset)
+
+
+@router.get("/{classifier_id}", response_model=ClassifierPublic, responses=_ERRORS)
+def read_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep) -> ClassifierPublic:
+    """One classifier: labels, settings, status, sparsity, artifact sizes, validation report."""
+    return classifier_public(store, owned_classifier(store, classifier_id, tenant))
+
+
+@router.delete("/{classifier_id}", status_code=204, responses=_ERRORS)
+def delete_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep, cache: CacheDep) -> Response:
+    """Delete a classifier, its images and artifacts; its job is cancelled if still running."""
+    record = owned_classifier(store, classifier_id, tenant)
+
+    def cancel(job: JobRecord) -> bool:
+        if job.is_terminal:
+            return False
+        job.cancel_requested = True
+        if job.status == "queued":
+            job.status, job.finished_at = "cancelled", time.time()
+        return True
+
+    store.update_job(record.job_id, cancel)
+    cache.evict(classifier_id)
+    store.delete_classifier(classifier_id)
+    return Response(status_code=204)
+
+
+def _ready_model(store: ClassifierStore, record: ClassifierRecord):
+    model = store.model_dir(record.classifier_id)
+    if model is None:
+        job = store.get_job(record.job_id)
+        status = job.status if job is not None else "failed"
+        raise ApiError(409, "not_ready", f"classifier {record.classifier_id} is {status}, not ready; "
+                                         f"follow GET /v1/jobs/{record.job_id}")
+    return model
+
+
+@router.get("/{classifier_id}/model.onnx", response_class=FileResponse, responses=_ERRORS)
+def download_model(classifier_id: str, store: StoreDep, tenant: TenantDep) -> FileResponse:
+    """The baked ONNX model (input: normalized [N,3,H,W] float32; output: class logits)."""
+    record = owned_classifier(store, classifier_id, tenant)
+    model = _ready_model(store, record)
+    return FileResponse(model / "model.onnx", media_type="application/octet-stream",
+                        filename=f"{classifier_id}.onnx")
+
+
+@router.get("/{classifier_id}/artifacts/{name}", response_class=FileResponse, responses=_ERRORS)
+def download_artifact(classifier_id: str, name: str, store: StoreDep, tenant: TenantDep) -> FileResponse:
+    """A published artifact: manifest.json, report.json, model.onnx, mask.rmtm, confusion.png, curve.png."""
+    record = owned_classifier(store, classifier_id, tenant)
+    _ready_model(store, record)
+    path = store.artifact_path(classifier_id, name)
+    if path is None:
+        raise ApiError(404, "not_found", f"no artifact {name!r}; available: {', '.join(ARTIFACT_NAMES)}")
+    return FileResponse(path, media_type=_MEDIA.get(path.suffix, "application/octet-stream"),
+                        filename=f"{classifier_id}-{name}")

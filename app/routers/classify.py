@@ -1,0 +1,76 @@
+"""POST /v1/classifiers/{id}/classify: one image or a batch, through the cache and the micro-batcher."""
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from rmt_core.runtime import OnnxClassifier
+from rmt_core.settings import Settings
+
+from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
+from ..errors import ApiError
+from ..schemas import ClassifyBatchResult, ClassifyResult
+from ..uploads import decode_image, read_form
+from .classifiers import _ERRORS, _ready_model, owned_classifier
+
+router = APIRouter(prefix="/v1/classifiers", tags=["classify"])
+
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {
+                "file": {"type": "string", "format": "binary", "description": "One image."},
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                          "description": "Instead of file: a batch of images."},
+            },
+        }}},
+    }
+}
+
+
+def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, settings: Settings) -> np.ndarray:
+    """Decode and preprocess off the event loop; any bad image rejects the request."""
+    return np.stack([classifier.preprocess(decode_image(data, settings, what)) for data, what in blobs])
+
+
+@router.post("/{classifier_id}/classify", response_model=ClassifyResult | ClassifyBatchResult,
+             openapi_extra=_CLASSIFY_BODY, responses=_ERRORS)
+async def classify(classifier_id: str, request: Request, settings: SettingsDep, store: StoreDep,
+                   tenant: TenantDep, cache: CacheDep, metrics: MetricsDep,
+                   top_k: int = Query(5, ge=1, le=1000, description="Labels returned per image.")
+                   ) -> ClassifyResult | ClassifyBatchResult:
+    """Classify one image (`file`) or a batch (`files`) with a ready classifier."""
+    record = owned_classifier(store, classifier_id, tenant)
+    model_dir = _ready_model(store, record)
+    form = await read_form(request, settings, max_files=settings.max_files)
+    try:
+        single, batch = form.getlist("file"), form.getlist("files")
+        if (single and batch) or len(single) > 1:
+            raise ApiError(400, "ambiguous_upload", "send one 'file' part, or repeated 'files' parts for a batch")
+        parts = single or batch
+        if not parts:
+            raise ApiError(400, "no_images", "no image: send a 'file' part (or repeated 'files' parts)")
+        blobs = []
+        for i, part in enumerate(parts):
+            what = "file" if single else f"files[{i}]"
+            if not isinstance(part, UploadFile):
+                raise ApiError(400, "invalid_file", f"{what} is a text field; send it as a file part")
+            data = await part.read(settings.max_image_bytes + 1)
+            blobs.append((data, what))
+    finally:
+        await form.close()
+    try:
+        entry = await cache.get(classifier_id, model_dir)
+    except (OSError, ValueError, RuntimeError) as exc:  # unreadable or incompatible artifact
+        raise ApiError(500, "model_load_failed", f"classifier {classifier_id} could not be loaded: {exc}") from None
+    arrays = await run_in_threadpool(_prepare, blobs, entry.classifier, settings)
+    probs = await entry.batcher.submit(arrays)
+    metrics.classified.inc(len(blobs))
+    predictions = entry.classifier.top_k(probs, top_k)
+    if single:
+        return ClassifyResult(predictions=predictions[0])
+    return ClassifyBatchResult(results=[ClassifyResult(predictions=p) for p in predictions])

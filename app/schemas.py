@@ -1,0 +1,140 @@
+"""Request and response bodies of the v1 API."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from rmt_core.store import ClassifierRecord, JobRecord
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ClassifierStatus = Literal["queued", "running", "ready", "failed", "cancelled"]
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Machine-readable reason, e.g. not_ready, invalid_config.")
+    message: str = Field(description="What was wrong and what to do.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ClassifierCreated(BaseModel):
+    classifier_id: str
+    job_id: str
+    status: Literal["queued"] = "queued"
+
+
+class JobProgress(BaseModel):
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    loss: float | None = None
+    train_accuracy: float | None = None
+    sparsity: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobPublic(BaseModel):
+    job_id: str
+    classifier_id: str
+    status: JobStatus
+    progress: JobProgress | None
+    error: ErrorDetail | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_record(cls, job: JobRecord) -> "JobPublic":
+        progress = None
+        if job.progress:
+            progress = JobProgress(**{k: job.progress.get(k) for k in JobProgress.model_fields})
+        return cls(job_id=job.job_id, classifier_id=job.classifier_id, status=job.status, progress=progress,
+                   error=ErrorDetail(**job.error) if job.error else None, attempts=job.attempts,
+                   created_at=_ts(job.created_at), started_at=_ts(job.started_at), finished_at=_ts(job.finished_at))
+
+
+class Artifacts(BaseModel):
+    mask_bytes: int | None = None
+    onnx_bytes: int | None = None
+    files: list[str] = Field(default_factory=list, description="Names under /v1/classifiers/{id}/artifacts/.")
+
+
+class ClassifierPublic(BaseModel):
+    classifier_id: str
+    name: str
+    status: ClassifierStatus
+    job_id: str
+    labels: list[str]
+    n_images: int
+    backbone: str | None
+    pretrained: str | None
+    method: str | None
+    config: dict[str, Any]
+    sparsity: float | None = None
+    artifacts: Artifacts | None = None
+    validation: dict[str, Any] | None = Field(
+        None, description="zero_shot_accuracy, tuned_accuracy, n_holdout (when images were held out).")
+    parity_max_abs_diff: float | None = None
+    warnings: list[str] = Field(default_factory=list)
+    error: ErrorDetail | None = None
+    created_at: datetime
+    ready_at: datetime | None = None
+
+    @classmethod
+    def from_record(cls, record: ClassifierRecord, job: JobRecord | None, manifest: dict[str, Any] | None,
+                    files: list[str]) -> "ClassifierPublic":
+        if manifest is not None:
+            status = "ready"
+        elif job is None:
+            status = "failed"
+        elif job.status == "succeeded":  # succeeded but the model is gone: should not happen
+            status = "failed"
+        else:
+            status = job.status
+        config = (manifest or {}).get("config") or record.config
+        error = ErrorDetail(**job.error) if job is not None and job.error else None
+        if job is None and manifest is None:
+            error = ErrorDetail(code="job_missing", message="this classifier has no job record; delete and recreate it")
+        out = cls(classifier_id=record.classifier_id, name=record.name, status=status, job_id=record.job_id,
+                  labels=record.labels, n_images=record.n_images, backbone=config.get("backbone"),
+                  pretrained=config.get("pretrained"), method=config.get("method"), config=config,
+                  error=error, created_at=_ts(record.created_at))
+        if manifest is not None:
+            out.sparsity = manifest.get("sparsity")
+            out.artifacts = Artifacts(mask_bytes=manifest.get("mask_bytes"), onnx_bytes=manifest.get("onnx_bytes"),
+                                      files=files)
+            out.validation = manifest.get("validation")
+            out.parity_max_abs_diff = manifest.get("parity_max_abs_diff")
+            out.warnings = list(manifest.get("warnings") or [])
+            out.ready_at = _ts(job.finished_at) if job is not None else None
+        return out
+
+
+class ClassifierList(BaseModel):
+    items: list[ClassifierPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    predictions: list[Prediction]
+
+
+class ClassifyBatchResult(BaseModel):
+    results: list[ClassifyResult]

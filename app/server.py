@@ -1,0 +1,126 @@
+"""`rmt serve`: the API, plus (with the embedded broker) a Celery worker child process.
+
+With no RMT_BROKER_URL the queue is a SQLite file in the data directory, so one command runs the
+whole service with nothing else installed. With a Redis broker, workers usually run elsewhere
+(`rmt worker`), but ``--worker yes`` starts one here too.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from rmt_core.settings import Settings
+
+log = logging.getLogger("rmt.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmt serve", description="Run the classifier service.")
+    parser.add_argument("--host", default="127.0.0.1", help="Bind address (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--data-dir", default=None, help="Data directory (default: RMT_DATA_DIR or ./data).")
+    parser.add_argument("--worker", choices=("auto", "yes", "no"), default="auto",
+                        help="Start a tuning worker process: auto = only with the embedded broker.")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, settings: Settings) -> None:
+    """Refuse to expose an unauthenticated API beyond this machine unless told to."""
+    if is_loopback(host) or settings.tenant_keys() or settings.allow_insecure_bind:
+        return
+    raise SystemExit(f"refusing to bind {host} with no API keys: anyone who can reach it could upload and run "
+                     "jobs. Set RMT_API_KEYS (tenant:key,...) or RMT_API_KEYS_FILE, or RMT_ALLOW_INSECURE_BIND=1 "
+                     "if a proxy in front handles auth.")
+
+
+class WorkerProcess:
+    """A `rmt worker` child, restarted if it dies while the server runs."""
+
+    def __init__(self, data_dir: str, log_level: str):
+        self.argv = [sys.executable, "-m", "worker", "--data-dir", data_dir, "--loglevel", log_level]
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._monitor.start()
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(self.argv, start_new_session=True)
+        log.info("started tuning worker (pid %d)", self.process.pid)
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            code = self.process.wait() if self.process else 0
+            if self._stopping.is_set():
+                return
+            log.error("tuning worker exited with %s; restarting in %.0fs", code, delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, 60.0)
+            self._spawn()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._stopping.set()
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # warm shutdown; a job cut short is re-queued by the lease sweep
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    check_bind(args.host, settings)
+    embedded = not settings.broker_url
+    worker = None
+    if args.worker == "yes" or (args.worker == "auto" and embedded):
+        worker = WorkerProcess(str(settings.data_dir), args.log_level)
+        worker.start()
+    elif embedded:
+        log.warning("embedded broker and --worker no: jobs will wait until a `rmt worker --data-dir %s` runs",
+                    settings.data_dir)
+
+    import uvicorn
+
+    from .main import create_app
+
+    log.info("serving on http://%s:%d (data in %s, broker %s)", args.host, args.port, settings.data_dir,
+             "embedded SQLite" if embedded else "external")
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=10)
+    finally:
+        if worker is not None:
+            started = time.monotonic()
+            worker.stop()
+            log.info("tuning worker stopped in %.1fs", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,274 @@
+"""Turning an untrusted multipart request into validated samples, or a clear 4xx that changes nothing.
+
+Images are fully decoded with Pillow under pixel and byte limits before anything is stored; archive
+member names are only ever read as "class/..." labels, never used as paths.
+"""
+from __future__ import annotations
+
+import io
+import json
+import unicodedata
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rmt_core.config import TuneConfig
+from rmt_core.images import InvalidImage, open_image
+from rmt_core.settings import Settings
+from rmt_core.store import Sample
+
+from .errors import ApiError
+
+_EXT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+_IMAGE_ERRORS = {"empty": (400, "empty_file"), "not_an_image": (415, "not_an_image"),
+                 "corrupt": (415, "corrupt_image"), "too_many_pixels": (413, "too_many_pixels")}
+# Operators may pin another checkpoint through RMT_DEFAULT_PRETRAINED; users choose only among these,
+# because a checkpoint path from a request would make the worker read (and unpickle) arbitrary files.
+_USER_PRETRAINED = {None, "builtin"}
+MAX_NAME_LENGTH = 200
+
+
+@dataclass
+class CreateRequest:
+    name: str
+    config: dict[str, Any]
+    samples: list[Sample]
+
+
+def image_error(exc: InvalidImage, what: str) -> ApiError:
+    status, code = _IMAGE_ERRORS.get(exc.code, (400, "invalid_image"))
+    return ApiError(status, code, f"{what}: {exc}")
+
+
+def decode_image(data: bytes, settings: Settings, what: str) -> Image.Image:
+    """Fully decoded RGB image, or the ApiError a client should see."""
+    if len(data) > settings.max_image_bytes:
+        raise ApiError(413, "image_too_large",
+                       f"{what} is {len(data)} bytes; the limit is {settings.max_image_bytes} (RMT_MAX_IMAGE_BYTES)")
+    try:
+        return open_image(data, max_pixels=settings.max_image_pixels, name=what)
+    except InvalidImage as exc:
+        raise image_error(exc, what) from None
+
+
+def image_extension(data: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _EXT.get(img.format or "", ".img")
+    except Exception:  # decode_image already accepted it; the extension is cosmetic
+        return ".img"
+
+
+def clean_label(raw: str, settings: Settings, where: str) -> str:
+    """NFC-normalized, stripped label; refuses empty, too long, or control characters."""
+    label = unicodedata.normalize("NFC", raw).strip()
+    if not label:
+        raise ApiError(400, "invalid_label", f"{where}: label is empty")
+    if len(label) > settings.max_label_length:
+        raise ApiError(400, "invalid_label", f"{where}: label is {len(label)} characters; the limit is "
+                                             f"{settings.max_label_length} (RMT_MAX_LABEL_LENGTH)")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in label):
+        raise ApiError(400, "invalid_label", f"{where}: label {label!r} contains control or unassigned characters")
+    return label
+
+
+async def read_form(request: Request, settings: Settings, max_files: int) -> FormData:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"expected multipart/form-data, got {content_type or 'no Content-Type'}")
+    try:
+        return await request.form(max_files=max_files, max_fields=max_files + 64, max_part_size=1024 * 1024)
+    except StarletteHTTPException as exc:  # starlette turns multipart limit and syntax errors into 400s
+        detail = str(exc.detail)
+        if "Too many files" in detail or "Too many fields" in detail:
+            raise ApiError(413, "too_many_files", f"{detail} (RMT_MAX_FILES={settings.max_files})") from None
+        raise ApiError(400, "bad_multipart", f"could not parse the multipart body: {detail}") from None
+
+
+async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "image_too_large", f"{what} is larger than {limit} bytes (RMT_MAX_IMAGE_BYTES)")
+    return data
+
+
+def parse_config(raw: str | None, settings: Settings) -> dict[str, Any]:
+    """The request's config JSON over the operator's defaults, validated by TuneConfig."""
+    values: dict[str, Any] = {"backbone": settings.default_backbone, "pretrained": settings.default_pretrained}
+    if raw is not None and raw.strip():
+        try:
+            user = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ApiError(422, "invalid_config", f"config is not valid JSON: {exc}") from None
+        if not isinstance(user, dict):
+            raise ApiError(422, "invalid_config", "config must be a JSON object")
+        if "pretrained" in user and user["pretrained"] not in _USER_PRETRAINED | {settings.default_pretrained}:
+            raise ApiError(422, "invalid_config",
+                           f"config.pretrained={user['pretrained']!r}: choose 'builtin' or null; other checkpoints "
+                           "are set by the operator (RMT_DEFAULT_PRETRAINED)")
+        values.update(user)
+    try:
+        return TuneConfig.from_dict(values).to_dict()
+    except ValueError as exc:
+        raise ApiError(422, "invalid_config", f"config: {exc}") from None
+
+
+async def parse_create(request: Request, settings: Settings) -> CreateRequest:
+    """The create request's name, config and images (files+labels or one zip archive)."""
+    form = await read_form(request, settings, max_files=settings.max_files + 1)
+    try:
+        name = form.get("name") or ""
+        if not isinstance(name, str):
+            raise ApiError(400, "invalid_name", "name must be a text field, not a file")
+        name = unicodedata.normalize("NFC", name).strip()
+        if len(name) > MAX_NAME_LENGTH:
+            raise ApiError(400, "invalid_name", f"name is {len(name)} characters; the limit is {MAX_NAME_LENGTH}")
+        raw_config = form.get("config")
+        if raw_config is not None and not isinstance(raw_config, str):
+            raise ApiError(422, "invalid_config", "config must be a text field holding a JSON object")
+        config = parse_config(raw_config, settings)
+
+        files, labels, archive = form.getlist("files"), form.getlist("labels"), form.getlist("archive")
+        if archive and files:
+            raise ApiError(400, "ambiguous_upload", "send either files+labels or one archive, not both")
+        if len(archive) > 1:
+            raise ApiError(400, "ambiguous_upload", f"send one archive, got {len(archive)}")
+        if archive:
+            if labels:
+                raise ApiError(400, "ambiguous_upload", "labels come from the archive's folders; drop the labels field")
+            samples = await _samples_from_archive(archive[0], settings)
+        elif files:
+            samples = await _samples_from_files(files, labels, settings)
+        else:
+            raise ApiError(400, "no_images", "no images: send repeated 'files' parts with a parallel 'labels' "
+                                             "field, or one 'archive' zip with a folder per class")
+        _check_classes(samples, settings)
+        return CreateRequest(name=name, config=config, samples=samples)
+    finally:
+        await form.close()
+
+
+async def _samples_from_files(files: list, labels: list, settings: Settings) -> list[Sample]:
+    if len(files) > settings.max_files:
+        raise ApiError(413, "too_many_files", f"{len(files)} files; the limit is {settings.max_files} (RMT_MAX_FILES)")
+    if len(labels) != len(files):
+        raise ApiError(400, "labels_mismatch",
+                       f"got {len(files)} files and {len(labels)} labels; send one 'labels' value per file, in order")
+    samples = []
+    for i, (upload, raw_label) in enumerate(zip(files, labels)):
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "invalid_file", f"files[{i}] is a text field; send it as a file part")
+        if not isinstance(raw_label, str):
+            raise ApiError(400, "invalid_label", f"labels[{i}] is a file; send it as a text field")
+        label = clean_label(raw_label, settings, f"labels[{i}]")
+        what = f"files[{i}] ({_display_name(upload.filename)})"
+        data = await _read_upload(upload, settings.max_image_bytes, what)
+        samples.append(Sample(data=data, label=label, original_name=_display_name(upload.filename)))
+    await run_in_threadpool(_validate_images, samples, settings)
+    return samples
+
+
+def _validate_images(samples: list[Sample], settings: Settings) -> None:
+    """Decode every image (off the event loop); the first bad one rejects the whole request."""
+    for i, sample in enumerate(samples):
+        decode_image(sample.data, settings, f"files[{i}] ({sample.original_name})")
+        sample.ext = image_extension(sample.data)
+
+
+def _display_name(name: str | None) -> str:
+    """A client's file name for messages only (never a path): printable, bounded."""
+    text = "".join(ch for ch in (name or "unnamed") if ch.isprintable())
+    return text[:120] or "unnamed"
+
+
+def _unsafe_member(name: str) -> bool:
+    parts = name.replace("\\", "/").split("/")
+    return (name.startswith(("/", "\\")) or "\\" in name or ".." in parts or ":" in parts[0]
+            or any(unicodedata.category(ch) == "Cc" for ch in name))
+
+
+async def _samples_from_archive(upload: Any, settings: Settings) -> list[Sample]:
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, "bad_archive", "archive must be a file part (a zip)")
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(413, "payload_too_large", f"archive is larger than {settings.max_upload_bytes} bytes")
+    return await run_in_threadpool(_archive_samples, data, settings)
+
+
+def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
+        raise ApiError(400, "bad_archive", "archive is not a readable zip file") from None
+    with zf:
+        entries = []  # (info, path parts), hidden files and macOS metadata left out
+        for info in zf.infolist():
+            if _unsafe_member(info.filename):
+                raise ApiError(400, "unsafe_archive_path",
+                               f"archive member {_display_name(info.filename)!r} is an absolute path or climbs out "
+                               "with '..'; refusing the archive")
+            parts = [p for p in info.filename.split("/") if p]
+            if parts and parts[0] != "__MACOSX" and not any(p.startswith(".") for p in parts):
+                entries.append((info, parts))
+        files = [(info, parts) for info, parts in entries if not info.is_dir()]
+        if len(files) > settings.max_files:
+            raise ApiError(413, "too_many_files",
+                           f"archive has {len(files)} files; the limit is {settings.max_files} (RMT_MAX_FILES)")
+        # One wrapper folder around the class folders (a zipped directory) is common: look through it.
+        if files and len({parts[0] for _, parts in entries}) == 1 and all(len(p) >= 3 for _, p in files):
+            entries = [(info, parts[1:]) for info, parts in entries if len(parts) > 1]
+            files = [(info, parts[1:]) for info, parts in files]
+        loose = ["/".join(parts) for _, parts in files if len(parts) < 2]
+        if loose:
+            raise ApiError(400, "archive_layout",
+                           f"archive file {_display_name(loose[0])!r} is not inside a class folder; "
+                           "put each class's images in a top-level folder named after the class")
+        total = 0
+        samples = []
+        for info, parts in files:
+            what = f"archive member {_display_name(info.filename)!r}"
+            if info.flag_bits & 0x1:
+                raise ApiError(400, "bad_archive", f"{what} is encrypted")
+            if info.file_size > settings.max_image_bytes:
+                raise ApiError(413, "image_too_large", f"{what} is {info.file_size} bytes; the limit is "
+                                                       f"{settings.max_image_bytes} (RMT_MAX_IMAGE_BYTES)")
+            total += info.file_size
+            if total > settings.max_upload_bytes:
+                raise ApiError(413, "payload_too_large",
+                               f"archive expands past {settings.max_upload_bytes} bytes (RMT_MAX_UPLOAD_BYTES)")
+            try:
+                with zf.open(info) as fh:
+                    content = fh.read(settings.max_image_bytes + 1)  # never trust the declared size
+            except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as exc:
+                raise ApiError(400, "bad_archive", f"{what} cannot be extracted: {exc}") from None
+            if len(content) > settings.max_image_bytes:
+                raise ApiError(413, "image_too_large", f"{what} is larger than {settings.max_image_bytes} bytes")
+            label = clean_label(parts[0], settings, f"archive folder {_display_name(parts[0])!r}")
+            decode_image(content, settings, what)
+            samples.append(Sample(data=content, label=label, ext=image_extension(content),
+                                  original_name=_display_name("/".join(parts))))
+        with_images = {parts[0] for _, parts in files}
+        empty = sorted({parts[0] for _, parts in entries} - with_images)
+        if empty:
+            raise ApiError(400, "empty_class", f"class folder {_display_name(empty[0])!r} has no images")
+        return samples
+
+
+def _check_classes(samples: list[Sample], settings: Settings) -> None:
+    counts: dict[str, int] = {}
+    for sample in samples:
+        counts[sample.label] = counts.get(sample.label, 0) + 1
+    if len(counts) < 2:
+        raise ApiError(400, "too_few_classes",
+                       f"a classifier needs at least 2 classes; got {len(counts)} ({', '.join(counts) or 'none'})")
+    if len(counts) > settings.max_classes:
+        raise ApiError(400, "too_many_classes",
+                       f"{len(counts)} classes; the limit is {settings.max_classes} (RMT_MAX_CLASSES)")

@@ -1,0 +1,70 @@
+"""`rmt worker`: a Celery worker for tuning jobs, plus the lease sweep in its main process."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from celery import signals
+
+from rmt_core.settings import Settings
+from rmt_core.store import ClassifierStore
+
+from .celery_app import QUEUE, TUNE_TASK, create_celery
+from .recovery import RecoveryThread
+from .tasks import register_tasks
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmt worker", description="Run tuning jobs from the queue.")
+    parser.add_argument("--data-dir", type=str, default=None, help="Data directory (default: RMT_DATA_DIR).")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="Jobs run at once (each is a process; one per GPU is right).")
+    parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--hostname", default=None, help="Celery node name (default: rmt-<pid>@<host>).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = ClassifierStore(settings.data_dir)
+    app = create_celery(settings)
+    register_tasks(app)
+
+    def enqueue(job_id: str) -> None:
+        app.send_task(TUNE_TASK, args=[job_id], task_id=job_id, queue=QUEUE)
+
+    sweeper = RecoveryThread(store, settings, enqueue)
+
+    @signals.worker_ready.connect(weak=False)
+    def _start_sweep(**_: object) -> None:
+        sweeper.start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop_sweep(**_: object) -> None:
+        sweeper.stop()
+
+    log.info("worker on %s, data in %s", _redacted(settings.effective_broker_url), settings.data_dir)
+    app.worker_main([
+        "worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency), "--pool", "prefork",
+        "--queues", QUEUE, "--hostname", args.hostname or f"rmt-{os.getpid()}@%h", "--without-gossip",
+        "--without-mingle",
+    ])
+    return 0
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
+
+
+if __name__ == "__main__":
+    sys.exit(main())
