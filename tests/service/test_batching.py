@@ -1,0 +1,87 @@
+"""Micro-batching and the LRU: concurrent requests share ORT calls; the cache stays bounded."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from app.classifier_cache import ClassifierCache, MicroBatcher
+from rmt_core.store import ClassifierStore
+
+
+class _SlowModel:
+    """Records batch sizes; the sleep stands in for an ORT call so requests pile up meanwhile."""
+
+    def __init__(self, delay=0.05):
+        self.calls: list[int] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def run(self, batch):
+        with self.lock:
+            self.calls.append(len(batch))
+        threading.Event().wait(self.delay)
+        return batch.reshape(len(batch), -1)[:, :2] * 2.0
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order():
+    model = _SlowModel()
+    batcher = MicroBatcher(model.run, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.002)
+
+    async def main():
+        inputs = [np.full((1, 3, 2, 2), i, np.float32) for i in range(16)]
+        return inputs, await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    inputs, outputs = asyncio.run(main())
+    for x, y in zip(inputs, outputs):
+        assert y.shape == (1, 2) and np.all(y == x[0, 0, 0, 0] * 2)
+    assert sum(model.calls) == 16 and max(model.calls) == 8 and len(model.calls) <= 4
+
+
+def test_a_failing_batch_fails_its_requests_only():
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("ORT exploded")
+        return np.zeros((len(batch), 2))
+
+    batcher = MicroBatcher(run, ThreadPoolExecutor(1), max_batch=4, max_wait_s=0)
+
+    async def main():
+        first = await asyncio.gather(batcher.submit(np.zeros((1, 3, 2, 2))), return_exceptions=True)
+        second = await batcher.submit(np.zeros((2, 3, 2, 2)))
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert isinstance(first[0], RuntimeError) and second.shape == (2, 2)
+
+
+def test_lru_keeps_at_most_capacity_sessions(tuned, tmp_path):
+    store = ClassifierStore(tuned["settings"].data_dir)
+    source = store.model_dir(tuned["classifier_id"])
+    dirs = []
+    for i in range(4):
+        shutil.copytree(source, tmp_path / f"m{i}")
+        dirs.append(tmp_path / f"m{i}")
+    cache = ClassifierCache(capacity=2, providers="cpu")
+
+    async def main():
+        for i, d in enumerate(dirs):
+            entry = await cache.get(f"c{i}", d)
+            x = entry.classifier.preprocess(Image.new("RGB", (40, 40)))
+            assert (await entry.batcher.submit(x[None])).shape == (1, 2)
+        assert len(cache) == 2 and "c3" in cache and "c2" in cache and "c0" not in cache
+        await cache.get("c2", dirs[2])  # hit: c2 becomes most recent, c3 is next out
+        await cache.get("c0", dirs[0])
+        assert "c2" in cache and "c0" in cache and "c3" not in cache
+        cache.evict("c0")
+        assert "c0" not in cache
+
+    asyncio.run(main())
+    cache.close()
