@@ -123,7 +123,7 @@ def _plot_confusion(conf: np.ndarray, labels: list[str], path: Path) -> None:
 def _head_for(backbone, text_features):
     from .export import ClassifierHead
 
-    return ClassifierHead(backbone.model.visual, text_features, float(backbone.model.logit_scale.exp()))
+    return ClassifierHead(backbone.model.visual, text_features, float(backbone.model.logit_scale.detach().exp()))
 
 
 def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path | str,

@@ -70,6 +70,18 @@ def class_logits(model, images: torch.Tensor, text_features: torch.Tensor) -> to
     return model.logit_scale.exp() * feats @ text_features.T
 
 
+def zero_shot_logits(model, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """The teacher: the same model with its masks switched off (no second copy), in inference mode so
+    nn.MultiheadAttention takes its fused fast path; it is only a target, never differentiated."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), masks_disabled(model):
+            return class_logits(model, images, text_features)
+    finally:
+        model.train(was_training)
+
+
 def plan_schedule(n_images: int, config: TuneConfig) -> tuple[int, int, int]:
     """(steps per epoch, epochs, total steps), raising epochs until ``min_steps`` optimizer steps run."""
     per_epoch = max(1, math.ceil(n_images / config.batch_size))
@@ -124,6 +136,24 @@ def mask_gradients(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: 
     return [gradient_dropout(gc, gk, config.leak, generator) for gc, gk in zip(g_ce, g_kl)]
 
 
+def train_step(model, masks: dict[str, BinaryMask], batch: torch.Tensor, targets: torch.Tensor,
+               text_features: torch.Tensor, optimizer: torch.optim.Optimizer, config: TuneConfig,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the mask scores; returns (student logits, L_ce) for reporting."""
+    scores = [m.scores for m in masks.values()]
+    logits = class_logits(model, batch, text_features)
+    teacher = None
+    if config.uses_gdr and any(not bool(m.hard().all()) for m in masks.values()):
+        teacher = zero_shot_logits(model, batch, text_features)
+    grads = mask_gradients(logits, targets, teacher, scores, config, generator)
+    with torch.no_grad():
+        loss_ce = F.cross_entropy(logits, targets) + config.l2_weight * sum(s.norm() for s in scores)
+    for s, g in zip(scores, grads):
+        s.grad = g
+    optimizer.step()
+    return logits.detach(), loss_ce
+
+
 def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[int], text_features: torch.Tensor,
          config: TuneConfig, progress: Callable[[Progress], None] | None = None,
          should_stop: Callable[[], bool] | None = None, device: str | torch.device = "cpu") -> TuneResult:
@@ -163,17 +193,7 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
                 batch = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)
             y = targets_t[idx].to(device)
-            logits = class_logits(model, batch, text_features)
-            teacher = None
-            if config.uses_gdr and any(not bool(m.hard().all()) for m in masks.values()):
-                with torch.no_grad(), masks_disabled(model):  # the zero-shot model, no second copy
-                    teacher = class_logits(model, batch, text_features)
-            grads = mask_gradients(logits, y, teacher, scores, config, gdr_generator)
-            with torch.no_grad():
-                loss_ce = F.cross_entropy(logits, y) + config.l2_weight * sum(s.norm() for s in scores)
-            for s, g in zip(scores, grads):
-                s.grad = g
-            optimizer.step()
+            logits, loss_ce = train_step(model, masks, batch, y, text_features, optimizer, config, gdr_generator)
             scheduler.step()
             step += 1
             record = Progress(step=step, total_steps=total, epoch=epoch, epochs=epochs, loss=float(loss_ce.detach()),

@@ -18,7 +18,7 @@ LABELS = ["cat", "dog", "truck"]
 
 def _head(backbone):
     text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
-    return ClassifierHead(backbone.model.visual, text, float(backbone.model.logit_scale.exp()))
+    return ClassifierHead(backbone.model.visual, text, float(backbone.model.logit_scale.detach().exp()))
 
 
 @pytest.mark.parametrize("name", TOY_BACKBONES)
