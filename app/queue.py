@@ -37,6 +37,8 @@ class JobQueue:
         try:
             with self.celery.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=2)
+                with conn.channel() as channel:  # a real round trip (SQL transports connect lazily)
+                    channel.queue_declare(queue=QUEUE, durable=True, auto_delete=False)
         except Exception as exc:  # kombu raises transport-specific errors here
             raise BrokerUnavailable(str(exc)) from exc
 

@@ -14,6 +14,21 @@ TUNE_TASK = "rmt.tune"
 QUEUE = "rmt"
 
 
+def transport_options(settings: Settings) -> dict:
+    url = settings.effective_broker_url
+    if url.startswith("sqla+"):
+        # The SQL transport hands its options to SQLAlchemy's create_engine, so only engine arguments here:
+        # the API and the worker share one SQLite file; wait for its lock instead of failing.
+        return {"connect_args": {"timeout": 30}}
+    return {
+        # Redis redelivers an unacked message after this long even if its worker is still running it;
+        # a job may run up to the time limit, so the timeout must be longer. A worker that died is
+        # handled sooner by the lease sweep (worker.recovery), not by this timeout.
+        "visibility_timeout": settings.job_time_limit_seconds + 4 * settings.job_lease_seconds,
+        "socket_connect_timeout": 3,
+    }
+
+
 def create_celery(settings: Settings) -> Celery:
     limit = settings.job_time_limit_seconds
     app = Celery("rmt", broker=settings.effective_broker_url, set_as_current=False)
@@ -33,14 +48,7 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        broker_transport_options={
-            # Redis redelivers an unacked message after this long even if its worker is still running it;
-            # a job may run up to the time limit, so the timeout must be longer. A worker that died is
-            # handled sooner by the lease sweep (worker.recovery), not by this timeout.
-            "visibility_timeout": limit + 4 * settings.job_lease_seconds,
-            "socket_connect_timeout": 3,
-            "polling_interval": 0.5,  # SQL (embedded) transport: how often an idle worker looks for jobs
-        },
+        broker_transport_options=transport_options(settings),
     )
     app.rmt_settings = settings
     return app

@@ -82,15 +82,15 @@ class RecoveryThread(threading.Thread):
         super().__init__(name="rmt-lease-sweep", daemon=True)
         self.store, self.settings, self.enqueue = store, settings, enqueue
         self.interval = interval if interval is not None else max(1.0, settings.job_lease_seconds / 4)
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop_event.is_set():
             try:
                 recover_jobs(self.store, self.settings, self.enqueue)
             except Exception:
                 log.exception("lease sweep failed; retrying in %.0fs", self.interval)
-            self._stop.wait(self.interval)
+            self._stop_event.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
