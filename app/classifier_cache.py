@@ -20,6 +20,8 @@ import numpy as np
 
 from rmt_core.runtime import OnnxClassifier
 
+from .memory import release_free_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -137,6 +139,7 @@ class ClassifierCache:
                 self._event("hit")
                 return entry
             self._event("miss")
+            self._make_room()  # before loading: never hold capacity + 1 sessions at once
             loop = asyncio.get_running_loop()
             classifier = await loop.run_in_executor(None, OnnxClassifier, model_dir, self.providers)
             log.info("loaded classifier %s on %s", classifier_id, classifier.providers)
@@ -144,19 +147,35 @@ class ClassifierCache:
                                    on_batch=self._observe_batch)
             entry = CachedClassifier(classifier, batcher)
             self._entries[classifier_id] = entry
-            while len(self._entries) > self.capacity:
-                old_id, old = self._entries.popitem(last=False)
-                old.batcher.close()
-                self._event("eviction")
-                log.info("evicted classifier %s from the cache", old_id)
+            self._make_room(keep=classifier_id, limit=self.capacity)  # others may have loaded meanwhile
         self._loading.pop(classifier_id, None)
         self._update_size()
         return entry
+
+    def _make_room(self, keep: str | None = None, limit: int | None = None) -> None:
+        """Drop least recently used entries until at most ``limit`` (default capacity - 1) remain."""
+        limit = self.capacity - 1 if limit is None else limit
+        evicted = False
+        for old_id in list(self._entries):
+            if len(self._entries) <= limit:
+                break
+            if old_id == keep:
+                continue
+            old = self._entries.pop(old_id)
+            old.batcher.close()
+            del old
+            evicted = True
+            self._event("eviction")
+            log.info("evicted classifier %s from the cache", old_id)
+        if evicted:
+            release_free_memory()
 
     def evict(self, classifier_id: str) -> None:
         entry = self._entries.pop(classifier_id, None)
         if entry is not None:
             entry.batcher.close()
+            del entry
+            release_free_memory()
             self._update_size()
 
     def close(self) -> None:

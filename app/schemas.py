@@ -48,7 +48,8 @@ class JobPublic(BaseModel):
     status: JobStatus
     progress: JobProgress | None
     error: ErrorDetail | None
-    attempts: int
+    attempts: int = Field(description="Times a worker started this job (more than 1 after a worker was lost).")
+    cancel_requested: bool = False
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -60,7 +61,8 @@ class JobPublic(BaseModel):
             progress = JobProgress(**{k: job.progress.get(k) for k in JobProgress.model_fields})
         return cls(job_id=job.job_id, classifier_id=job.classifier_id, status=job.status, progress=progress,
                    error=ErrorDetail(**job.error) if job.error else None, attempts=job.attempts,
-                   created_at=_ts(job.created_at), started_at=_ts(job.started_at), finished_at=_ts(job.finished_at))
+                   cancel_requested=job.cancel_requested, created_at=_ts(job.created_at),
+                   started_at=_ts(job.started_at), finished_at=_ts(job.finished_at))
 
 
 class Artifacts(BaseModel):

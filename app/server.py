@@ -18,6 +18,8 @@ import time
 
 from rmt_core.settings import Settings
 
+from .memory import limit_malloc_arenas
+
 log = logging.getLogger("rmt.serve")
 
 
@@ -93,6 +95,7 @@ class WorkerProcess:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_malloc_arenas()  # before any thread starts (see app.memory)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
     check_bind(args.host, settings)

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from rmt_core.settings import Settings
 from rmt_core.store import ClassifierStore
-from tests.service.helpers import FakeQueue, upload_parts
+from tests.service.helpers import FakeQueue, make_settings, upload_parts
 from worker.tasks import run_tune_job
 
 
@@ -20,13 +20,6 @@ def _no_developer_env(monkeypatch, tmp_path):
         if key.startswith("RMT_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
-
-
-def make_settings(data_dir, **overrides) -> Settings:
-    values = {"data_dir": data_dir, "job_lease_seconds": 5, "max_queued_jobs": 5, "api_keys": "",
-              "api_keys_file": None, "broker_url": ""}
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
 
 
 @pytest.fixture

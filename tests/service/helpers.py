@@ -12,6 +12,7 @@ from typing import Callable
 from PIL import Image
 
 from app.queue import BrokerUnavailable
+from rmt_core.settings import Settings
 
 # The tiny random-init backbone (32 px) and the fewest steps: a job takes seconds on a CPU.
 TINY_CONFIG = {"backbone": "rmt-tiny-vit", "pretrained": None, "epochs": 1, "min_steps": 2, "batch_size": 8}
@@ -97,3 +98,10 @@ def pretty(response) -> str:
         return json.dumps(response.json())[:600]
     except ValueError:
         return response.text[:600]
+
+
+def make_settings(data_dir, **overrides) -> Settings:
+    values = {"data_dir": data_dir, "job_lease_seconds": 5, "max_queued_jobs": 5, "api_keys": "",
+              "api_keys_file": None, "broker_url": ""}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from tests.service.helpers import COLORS, TINY_CONFIG, image_bytes, upload_parts, zip_bytes
+from tests.service.helpers import COLORS, TINY_CONFIG, image_bytes, make_settings, upload_parts, zip_bytes
 
 
 def _error(response, status: int, code: str | None = None) -> dict:
@@ -142,8 +142,7 @@ def test_caps_on_bytes_and_files(tmp_path, queue):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from tests.service.conftest import make_settings
-
+    
     settings = make_settings(tmp_path / "d", max_image_bytes=2000, max_files=4, max_upload_bytes=50_000)
     with TestClient(create_app(settings, queue=queue)) as client:
         files, data = _files()
@@ -161,8 +160,7 @@ def test_oversize_body_is_refused_while_streaming(tmp_path, queue):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from tests.service.conftest import make_settings
-
+    
     settings = make_settings(tmp_path / "d", max_upload_bytes=10_000)
     with TestClient(create_app(settings, queue=queue)) as client:
         def body():

@@ -5,8 +5,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.service.conftest import make_settings
-from tests.service.helpers import FakeQueue, image_bytes, upload_parts
+from tests.service.helpers import FakeQueue, image_bytes, make_settings, upload_parts
 
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from rmt_core.store import ClassifierStore
-from tests.service.conftest import make_settings
-from tests.service.helpers import COLORS, TINY_CONFIG, free_port, image_bytes, service_env, upload_parts, wait_for
+from tests.service.helpers import (COLORS, TINY_CONFIG, free_port, image_bytes, make_settings, service_env,
+                                   upload_parts, wait_for)
 from tests.service.procs import Child, RedisServer, rmt, start_worker, wait_job
 
 pytestmark = pytest.mark.integration

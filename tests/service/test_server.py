@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from app.server import check_bind, is_loopback, main
-from tests.service.conftest import make_settings
+from tests.service.helpers import make_settings
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
