@@ -273,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}: raw ORT {raw_tp[-1]:.2f} img/s, HTTP {http_runs[-1]['throughput']:.2f} img/s",
                   flush=True)
         loaded = sorted(http_runs, key=lambda x: x["throughput"])[len(http_runs) // 2]
-        raw_result = {"throughput": statistics.median(raw_tp), "providers": raw.clf.providers}
+        try:
+            spinning = raw.clf.session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning")
+        except Exception:  # ORT raises when the entry was never set: the default (spinning) applies
+            spinning = "1"
+        raw_result = {"throughput": statistics.median(raw_tp), "providers": raw.clf.providers,
+                      "spinning": "off" if spinning == "0" else "on (ORT default)"}
         mean_batch = batch_sizes(port)
         single, raw_result["bs1_p50_ms"] = latencies(port, ids[0], body, raw, args.latency_samples)
         raw = raw_result
@@ -305,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Service benchmark (bench/bench_http.py)",
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({cpu}), ORT providers {raw['providers']}; "
+        f"Machine: {os.cpu_count()} CPU cores ({cpu}), ORT providers {raw['providers']}, intra-op spinning "
+        f"{raw['spinning']}; "
         f"{time.strftime('%Y-%m-%d')}. Model: open_clip ViT-B-32 image tower + 10-class head "
         f"({onnx_mb:.0f} MiB ONNX, random init). Requests: one 224x224 JPEG each, `top_k=1`, "
         f"throughput: median of {args.rounds} alternating raw/HTTP rounds of {args.seconds / args.rounds:.0f} s; "
