@@ -180,3 +180,15 @@ def _up(base: str) -> bool:
         return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_cancel_a_running_job(api, worker):
+    created = _create(api, config={"min_steps": 200})
+    wait_for(lambda: (_job(api, created["job_id"])["progress"] or {}).get("step"), 60, what="progress")
+    response = api.delete(f"/v1/jobs/{created['job_id']}")
+    assert response.status_code == 202 and response.json()["cancel_requested"] is True
+    final = wait_job(lambda: _job(api, created["job_id"]), 30)
+    assert final["status"] == "cancelled", (final, worker.log())
+    assert final["progress"]["step"] < 200
+    clf = api.get(f"/v1/classifiers/{created['classifier_id']}").json()
+    assert clf["status"] == "cancelled" and clf["artifacts"] is None

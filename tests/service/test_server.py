@@ -26,3 +26,20 @@ def test_serve_refuses_before_starting_anything(tmp_path):
     with pytest.raises(SystemExit, match="refusing to bind 0.0.0.0"):
         main(["--host", "0.0.0.0", "--data-dir", str(tmp_path / "d"), "--worker", "no"])
     assert not (tmp_path / "d" / "broker.sqlite").exists()
+
+
+def test_the_api_process_never_imports_torch(tmp_path):
+    """Serving needs no torch: building the app, the queue producer and the cache must not pull it in."""
+    import subprocess
+    import sys
+
+    from tests.service.helpers import service_env
+    from tests.service.procs import ROOT
+
+    code = ("import sys; from app.main import create_app; from app.server import main; "
+            "from rmt_core.settings import Settings; "
+            f"create_app(Settings(_env_file=None, data_dir={str(tmp_path / 'd')!r})); "
+            "heavy = sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=service_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
