@@ -37,6 +37,8 @@ def make_session(model_path: Path | str, providers: str = "auto") -> ort.Inferen
         wanted.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle ORT threads spin by default and take the CPU from the server's request decoding between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_path), sess_options=options, providers=wanted)
     if providers == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("CUDA was asked for but ONNX Runtime runs on %s", session.get_providers())
