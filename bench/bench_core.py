@@ -129,7 +129,6 @@ def bench_step(repeats: int, batch: int = 8) -> str:
         rows.append(f"| tuning step {ARCH} bs{batch}, {phase} | official {t['official']:.2f} s | ours {t['ours']:.2f} s "
                     f"| **{t['ours'] / t['official']:.2f}x** time | <= 0.8x |")
         print(rows[-1], flush=True)
-        del ours_bb, ref_bb, teacher
     return "\n".join(rows)
 
 

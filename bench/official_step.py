@@ -6,7 +6,6 @@ from ``.grad`` in between. The update law (GDR, Adam) is the same as rmt_core.tu
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from rmt_core.gdr import gradient_dropout, soft_cross_entropy

@@ -110,6 +110,15 @@ class JobRecord:
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
+    def request_cancel(self) -> bool:
+        """A store.update_job mutation: a queued job ends now, a running one is asked to stop."""
+        if self.is_terminal:
+            return False
+        self.cancel_requested = True
+        if self.status == "queued":
+            self.status, self.finished_at = "cancelled", time.time()
+        return True
+
     def lease_expired(self, now: float | None = None) -> bool:
         return self.lease_expires_at is None or self.lease_expires_at <= (time.time() if now is None else now)
 

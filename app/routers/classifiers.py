@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -106,15 +105,7 @@ def delete_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep, ca
     """Delete a classifier, its images and artifacts; its job is cancelled if still running."""
     record = owned_classifier(store, classifier_id, tenant)
 
-    def cancel(job: JobRecord) -> bool:
-        if job.is_terminal:
-            return False
-        job.cancel_requested = True
-        if job.status == "queued":
-            job.status, job.finished_at = "cancelled", time.time()
-        return True
-
-    store.update_job(record.job_id, cancel)
+    store.update_job(record.job_id, JobRecord.request_cancel)
     cache.evict(classifier_id)
     store.delete_classifier(classifier_id)
     return Response(status_code=204)

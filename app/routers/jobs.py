@@ -1,7 +1,6 @@
 """/v1/jobs: follow a tuning job, or cancel it."""
 from __future__ import annotations
 
-import time
 
 from fastapi import APIRouter, Response
 
@@ -30,15 +29,7 @@ def cancel_job(job_id: str, response: Response, store: StoreDep, tenant: TenantD
     if store.get_job(job_id, tenant) is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
 
-    def cancel(job: JobRecord) -> bool:
-        if job.is_terminal:
-            return False
-        job.cancel_requested = True
-        if job.status == "queued":
-            job.status, job.finished_at = "cancelled", time.time()
-        return True
-
-    job = store.update_job(job_id, cancel)
+    job = store.update_job(job_id, JobRecord.request_cancel)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
     if job.status in ("succeeded", "failed"):

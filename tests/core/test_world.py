@@ -46,6 +46,16 @@ def test_captions_name_the_attributes():
         words = set(text.rstrip(".").split())
         assert {"star", "shape"} & words
         assert not (words & (set(world.SHAPES) | set(world.COLOURS) | set(world.TEXTURES))) - allowed
+        assert world.matches(attrs, world.caption_attributes(text))  # what pretraining treats as a positive
+
+
+def test_caption_attributes_and_matches():
+    stated = world.caption_attributes("a photo of a small red shape on a black background at the top.")
+    assert stated == {"size": "small", "colour": "red", "background": "black", "position": "top"}
+    red = world.Attributes("star", "red", "small", "solid", "black", "top")
+    assert world.matches(red, stated)
+    assert not world.matches(world.Attributes("star", "blue", "small", "solid", "black", "top"), stated)
+    assert world.matches(red, world.caption_attributes("a photo of a shape."))  # states nothing: fits all
 
 
 def test_colour_is_where_the_shape_is():

@@ -1,6 +1,5 @@
 """Toy backbones and tasks shared by the core tests."""
 import numpy as np
-import torch
 from PIL import Image
 
 from rmt_core.backbones import load_backbone
