@@ -53,7 +53,8 @@ def cmd_tune(args) -> int:
     samples = samples_from_folders(args.data)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    bar = tqdm(total=None, unit="step", disable=args.quiet, dynamic_ncols=True)
+    # disable=None: a bar on a terminal, nothing in a log file (tqdm would write every update there)
+    bar = tqdm(total=None, unit="step", disable=True if args.quiet else None, dynamic_ncols=True, mininterval=0.5)
 
     def report(p):
         bar.total = p.total_steps
@@ -137,10 +138,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .world import write_class_folders
+    from .world import DEMO_CLASSES, DEMO_SHIFT, PRETRAIN_STYLE, write_class_folders
 
-    write_class_folders(Path(args.out), n_per_class=args.per_class, seed=args.seed)
-    print(f"wrote sample classes under {args.out}")
+    style = PRETRAIN_STYLE if args.in_domain else DEMO_SHIFT
+    written = write_class_folders(Path(args.out), DEMO_CLASSES, n_per_class=args.per_class, seed=args.seed, style=style)
+    print(f"wrote {sum(map(len, written.values()))} images of {', '.join(DEMO_CLASSES)} under {args.out}"
+          f" ({'the pretraining style' if args.in_domain else 'heavy noise + sepia cast, a shifted domain'})")
     return 0
 
 
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--per-class", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-domain", action="store_true", help="Render as in pretraining (zero-shot already works).")
     p.set_defaults(func=cmd_sample)
 
     for name, (_, help_text) in DISPATCH.items():
