@@ -52,6 +52,16 @@ def check_bind(host: str, settings: Settings) -> None:
                      "if a proxy in front handles auth.")
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux for SIGTERM when the server dies, however it dies (no orphaned worker)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class WorkerProcess:
     """A `rmt worker` child, restarted if it dies while the server runs."""
 
@@ -66,7 +76,7 @@ class WorkerProcess:
         self._monitor.start()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen(self.argv, start_new_session=True)
+        self.process = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
         log.info("started tuning worker (pid %d)", self.process.pid)
 
     def _watch(self) -> None:
@@ -114,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("serving on http://%s:%d (data in %s, broker %s)", args.host, args.port, settings.data_dir,
              "embedded SQLite" if embedded else "external")
+    # uvicorn re-raises SIGTERM/SIGINT with the handler that was in place before it started; with Python's
+    # default SIGTERM action that would kill the process before the finally below stops the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=10)

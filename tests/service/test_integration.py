@@ -168,7 +168,7 @@ def test_embedded_rmt_serve_end_to_end(tmp_path):
             assert http.delete(f"/v1/classifiers/{cid}").status_code == 204
         assert (tmp_path / "data" / "broker.sqlite").is_file()
     finally:
-        server.signal(signal.SIGINT)
+        server.signal(signal.SIGTERM)  # what docker and service managers send; SIGINT is Ctrl-C
         code = server.proc.wait(40)
     assert code == 0, server.log()
     assert "tuning worker stopped" in server.log()
