@@ -20,6 +20,7 @@ augmentation); only the method differs. Runs are appended to a JSONL file so tha
 
     python bench/bench_claims.py --quick                       # end-to-end smoke (tiny)
     python bench/bench_claims.py --shard 0/2 & python bench/bench_claims.py --shard 1/2 & wait
+    python bench/bench_claims.py --followup --shard 0/2 & python bench/bench_claims.py --followup --shard 1/2 & wait
     python bench/bench_claims.py --report
 """
 from __future__ import annotations
