@@ -1,6 +1,6 @@
 """The main job, end to end in embedded mode (no Redis, nothing else installed):
 
-1. write a generated few-shot sample set (shapes in a rendering style the backbone never saw),
+1. write a generated few-shot sample set (shapes under noise and a colour cast the backbone never saw),
 2. start `rmt serve` (API + a Celery worker on the local SQLite broker) on a free loopback port,
 3. create a classifier over HTTP, watch the job's progress, classify held-back images,
 4. print the validation report (zero-shot vs tuned on the held-out images), stop the server.
@@ -25,11 +25,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rmt_core.world import Style, write_class_folders  # noqa: E402
-
-CLASSES = ["circle", "square", "triangle", "star", "hexagon"]
-# A shifted domain: pencil-sketch outlines with sensor noise and a sepia cast; pretraining saw filled shapes.
-SHIFT = Style(outline=True, noise=0.12, colour_cast=(1.0, 0.85, 0.6))
+from rmt_core.world import DEMO_CLASSES as CLASSES, DEMO_SHIFT as SHIFT, write_class_folders  # noqa: E402
 
 
 def free_port() -> int:
@@ -60,7 +56,7 @@ def bar(fraction: float, width: int = 30) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT / "runs" / "demo-data"))
-    parser.add_argument("--per-class", type=int, default=16)
+    parser.add_argument("--per-class", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-running", action="store_true", help="Leave the server up at the end.")
     args = parser.parse_args()
@@ -70,7 +66,7 @@ def main() -> int:
     train = write_class_folders(samples_dir / "train", CLASSES, args.per_class, seed=args.seed, style=SHIFT)
     test = write_class_folders(samples_dir / "test", CLASSES, 4, seed=args.seed + 1000, style=SHIFT)
     print(f"[1/4] wrote {sum(map(len, train.values()))} training images of {len(CLASSES)} classes "
-          f"under {samples_dir} (sketch style + noise + sepia: a domain the backbone never saw)")
+          f"under {samples_dir} (heavy noise + sepia cast: a domain the backbone never saw)")
 
     port = free_port()
     env = {**os.environ, "RMT_DATA_DIR": args.data_dir, "RMT_BROKER_URL": ""}
@@ -86,18 +82,20 @@ def main() -> int:
         for label, paths in train.items():
             for path in paths:
                 files.append(("files", (path.name, path.read_bytes(), "image/png")))
-                labels.append(("labels", label))
+                labels.append(label)
         config = {"method": "r-amt", "seed": args.seed, "holdout": 0.25}
         created = client.post("/v1/classifiers", files=files,
-                              data=labels + [("name", "demo-shapes"), ("config", json.dumps(config))])
+                              data={"labels": labels, "name": "demo-shapes", "config": json.dumps(config)})
         if created.status_code != 202:
             raise SystemExit(f"create failed: {created.status_code} {created.text}")
         body = created.json()
         print(f"[3/4] created classifier {body['classifier_id']}, job {body['job_id']}")
+        shown = None
         while True:
             job = client.get(f"/v1/jobs/{body['job_id']}").json()
             p = job.get("progress") or {}
-            if p.get("total_steps"):
+            if p.get("total_steps") and p["step"] != shown:
+                shown = p["step"]
                 eta = p.get("eta_seconds")
                 print(f"\r      {job['status']:9s} [{bar(p['step'] / p['total_steps'])}] step {p['step']}/{p['total_steps']} "
                       f"loss {p['loss']:.3f} acc {p['train_accuracy']:.2f} sparsity {p['sparsity']:.2f}% "
