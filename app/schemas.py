@@ -140,3 +140,9 @@ class ClassifyResult(BaseModel):
 
 class ClassifyBatchResult(BaseModel):
     results: list[ClassifyResult]
+
+
+def multipart_body(properties: dict) -> dict:
+    """OpenAPI ``openapi_extra`` for a route that reads its multipart form by hand (request.form())."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties}}}}}

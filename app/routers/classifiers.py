@@ -12,33 +12,25 @@ from rmt_core.store import ARTIFACT_NAMES, ClassifierRecord, ClassifierStore, Jo
 from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..queue import BrokerUnavailable
-from ..schemas import ClassifierCreated, ClassifierList, ClassifierPublic, ErrorBody
+from ..schemas import ClassifierCreated, ClassifierList, ClassifierPublic, ErrorBody, multipart_body
 from ..uploads import parse_create
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
-_CREATE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object",
-            "properties": {
-                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                          "description": "Images; repeat the part once per image."},
-                "labels": {"type": "array", "items": {"type": "string"},
-                           "description": "One label per file, in the same order."},
-                "archive": {"type": "string", "format": "binary",
-                            "description": "Instead of files+labels: a zip with one top-level folder per class."},
-                "name": {"type": "string", "description": "A name for people; optional."},
-                "config": {"type": "string",
-                           "description": 'Tuning settings as a JSON object, e.g. {"method": "r-amt", "epochs": 30}. '
-                                          "Fields: method (r-amt|amt|r-pmt|pmt|r-mmt|mmt), backbone, epochs, "
-                                          "learning_rate, batch_size, threshold, leak, prompt_template, seed, "
-                                          "holdout, min_steps, ..."},
-            },
-        }}},
-    }
-}
+_CREATE_BODY = multipart_body({
+    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+              "description": "Images; repeat the part once per image."},
+    "labels": {"type": "array", "items": {"type": "string"},
+               "description": "One label per file, in the same order."},
+    "archive": {"type": "string", "format": "binary",
+                "description": "Instead of files+labels: a zip with one top-level folder per class."},
+    "name": {"type": "string", "description": "A name for people; optional."},
+    "config": {"type": "string",
+               "description": 'Tuning settings as a JSON object, e.g. {"method": "r-amt", "epochs": 30}. '
+                              "Fields: method (r-amt|amt|r-pmt|pmt|r-mmt|mmt), backbone, epochs, "
+                              "learning_rate, batch_size, threshold, leak, prompt_template, seed, "
+                              "holdout, min_steps, ..."},
+})
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
 _MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "application/octet-stream",
           ".rmtm": "application/octet-stream"}

@@ -11,25 +11,17 @@ from rmt_core.settings import Settings
 
 from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
-from ..schemas import ClassifyBatchResult, ClassifyResult
+from ..schemas import ClassifyBatchResult, ClassifyResult, multipart_body
 from ..uploads import decode_image, read_form
 from .classifiers import _ERRORS, _ready_model, owned_classifier
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classify"])
 
-_CLASSIFY_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object",
-            "properties": {
-                "file": {"type": "string", "format": "binary", "description": "One image."},
-                "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                          "description": "Instead of file: a batch of images."},
-            },
-        }}},
-    }
-}
+_CLASSIFY_BODY = multipart_body({
+    "file": {"type": "string", "format": "binary", "description": "One image."},
+    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+              "description": "Instead of file: a batch of images."},
+})
 
 
 def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, settings: Settings) -> np.ndarray:
