@@ -4,12 +4,13 @@ Sessions load lazily on first use (in a thread, one load per id at a time) and t
 used one is dropped when the cache is full. Concurrent requests for one classifier are gathered into
 one ORT call: while a batch runs, new requests queue up, and the next batch takes all of them (up to
 batch_max_size), waiting at most batch_max_wait_ms for more. Under load this approaches batched ORT
-throughput; a lone request waits at most the small max wait.
+throughput; a request that arrives alone (none other in the last 0.25 s) does not wait at all.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from rmt_core.runtime import OnnxClassifier
 from .memory import release_free_memory
 
 log = logging.getLogger(__name__)
+
+
+TRAFFIC_WINDOW_S = 0.25
 
 
 class MicroBatcher:
@@ -39,6 +43,8 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._last_submit = float("-inf")
+        self._traffic = False  # did the newest request arrive soon after the one before it?
 
     async def submit(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for ``batch``, computed together with whatever else is waiting."""
@@ -48,6 +54,9 @@ class MicroBatcher:
         if self._loop is not loop:  # first use, or a new event loop (a test client's portal)
             self._loop, self._queue = loop, asyncio.Queue()
             self._task = loop.create_task(self._serve(), name="micro-batcher")
+        now = time.monotonic()
+        self._traffic = now - self._last_submit < TRAFFIC_WINDOW_S
+        self._last_submit = now
         future = loop.create_future()
         self._queue.put_nowait((batch, future))
         return await future
@@ -70,7 +79,8 @@ class MicroBatcher:
                 return
             items = [first]
             count = self._drain(items, len(first[0]))
-            if count < self.max_batch and self.max_wait_s > 0:
+            # Wait for company only when requests are coming in close together; a lone request runs at once.
+            if count < self.max_batch and self.max_wait_s > 0 and self._traffic:
                 await asyncio.sleep(self.max_wait_s)
                 count = self._drain(items, count)
             items = [(b, f) for b, f in items if not f.cancelled()]

@@ -42,6 +42,29 @@ def test_concurrent_requests_are_batched_and_answered_in_order():
     assert sum(model.calls) == 16 and max(model.calls) == 8 and len(model.calls) <= 4
 
 
+def test_a_lone_request_does_not_wait_but_a_stream_of_requests_is_gathered():
+    model = _SlowModel(delay=0.0)
+    batcher = MicroBatcher(model.run, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.5)
+
+    async def lone():
+        start = asyncio.get_running_loop().time()
+        await batcher.submit(np.ones((1, 3, 2, 2), np.float32))
+        return asyncio.get_running_loop().time() - start
+
+    assert asyncio.run(lone()) < 0.25  # no 0.5 s wait for company that is not coming
+
+    async def stream():  # requests 50 ms apart: each waits, so the later ones join one batch
+        async def later(i):
+            await asyncio.sleep(0.05 * i)
+            return await batcher.submit(np.full((1, 3, 2, 2), i, np.float32))
+        return await asyncio.gather(*(later(i) for i in range(4)))
+
+    model.calls.clear()
+    outputs = asyncio.run(stream())
+    assert [float(y[0, 0]) for y in outputs] == [0.0, 2.0, 4.0, 6.0]
+    assert len(model.calls) < 4
+
+
 def test_a_failing_batch_fails_its_requests_only():
     calls = []
 
