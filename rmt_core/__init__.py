@@ -19,6 +19,8 @@ Modules (torch is imported only by the tuning/export side):
     pipeline   build_classifier: tune -> bake -> export -> report, into one directory
     store      ClassifierStore: the on-disk layout shared by the API and the worker
     settings   Settings: service configuration (RMT_* env vars)
+    world      a generated captioned image world (no torch): the data of the builtin backbone and the demo
+    evaluation `rmt eval`: CoOp's few-shot protocol
     cli        the `rmt` command
 """
 
