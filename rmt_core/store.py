@@ -67,8 +67,20 @@ class Sample:
     original_name: str = ""
 
 
+class _Record:
+    """JSON round trip for the store's records; unknown keys (from a newer version) are ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
 @dataclass
-class ClassifierRecord:
+class ClassifierRecord(_Record):
     classifier_id: str
     tenant: str
     job_id: str
@@ -78,17 +90,9 @@ class ClassifierRecord:
     n_images: int
     created_at: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ClassifierRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
 
 @dataclass
-class JobRecord:
+class JobRecord(_Record):
     """A tuning job. ``lease_*`` is renewed by the worker running it; an expired lease means the worker died."""
     job_id: str
     classifier_id: str
@@ -121,14 +125,6 @@ class JobRecord:
 
     def lease_expired(self, now: float | None = None) -> bool:
         return self.lease_expires_at is None or self.lease_expires_at <= (time.time() if now is None else now)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "JobRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 class StoreError(RuntimeError):
