@@ -79,6 +79,15 @@ class _Record:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+def _read_owned(record_cls, path: Path, tenant: str | None):
+    """The record at ``path``, or None when it is missing or belongs to another tenant."""
+    values = _read_json(path)
+    if values is None:
+        return None
+    record = record_cls.from_dict(values)
+    return None if tenant is not None and record.tenant != tenant else record
+
+
 @dataclass
 class ClassifierRecord(_Record):
     classifier_id: str
@@ -245,13 +254,7 @@ class ClassifierStore:
         """The record, or None if the id is unknown, malformed, or belongs to another tenant."""
         if not is_classifier_id(classifier_id):
             return None
-        values = _read_json(self.classifiers_dir / classifier_id / "classifier.json")
-        if values is None:
-            return None
-        record = ClassifierRecord.from_dict(values)
-        if tenant is not None and record.tenant != tenant:
-            return None
-        return record
+        return _read_owned(ClassifierRecord, self.classifiers_dir / classifier_id / "classifier.json", tenant)
 
     def list_classifiers(self, tenant: str | None, limit: int = 50, offset: int = 0
                          ) -> tuple[list[ClassifierRecord], int]:
@@ -348,13 +351,7 @@ class ClassifierStore:
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         if not is_job_id(job_id):
             return None
-        values = _read_json(self._job_path(job_id))
-        if values is None:
-            return None
-        job = JobRecord.from_dict(values)
-        if tenant is not None and job.tenant != tenant:
-            return None
-        return job
+        return _read_owned(JobRecord, self._job_path(job_id), tenant)
 
     @contextlib.contextmanager
     def _job_lock(self, job_id: str) -> Iterator[None]:
