@@ -138,12 +138,19 @@ def mask_gradients(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: 
 
 def train_step(model, masks: dict[str, BinaryMask], batch: torch.Tensor, targets: torch.Tensor,
                text_features: torch.Tensor, optimizer: torch.optim.Optimizer, config: TuneConfig,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on the mask scores; returns (student logits, L_ce) for reporting."""
+               generator: torch.Generator | None = None,
+               any_flipped: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the mask scores; returns (student logits, L_ce) for reporting.
+
+    ``any_flipped``: whether some mask is already 0 (the caller may know it from the last sparsity reading);
+    None = look at the masks.
+    """
     scores = [m.scores for m in masks.values()]
     logits = class_logits(model, batch, text_features)
     teacher = None
-    if config.uses_gdr and any(not bool(m.hard().all()) for m in masks.values()):
+    if any_flipped is None:
+        any_flipped = config.uses_gdr and any(not bool(m.hard().all()) for m in masks.values())
+    if config.uses_gdr and any_flipped:
         teacher = zero_shot_logits(model, batch, text_features)
     grads = mask_gradients(logits, targets, teacher, scores, config, generator)
     with torch.no_grad():
@@ -183,6 +190,7 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
     history: list[dict] = []
     started = time.monotonic()
     step = 0
+    current_sparsity = sparsity(masks)  # read once per step, after the update; the next step reuses it
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), config.batch_size):
@@ -193,17 +201,19 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
                 batch = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)
             y = targets_t[idx].to(device)
-            logits, loss_ce = train_step(model, masks, batch, y, text_features, optimizer, config, gdr_generator)
+            logits, loss_ce = train_step(model, masks, batch, y, text_features, optimizer, config, gdr_generator,
+                                         any_flipped=current_sparsity > 0)
             scheduler.step()
             step += 1
+            current_sparsity = sparsity(masks)
             record = Progress(step=step, total_steps=total, epoch=epoch, epochs=epochs, loss=float(loss_ce.detach()),
                               train_accuracy=float((logits.argmax(1) == y).float().mean()),
-                              sparsity=sparsity(masks), elapsed_s=time.monotonic() - started)
+                              sparsity=current_sparsity, elapsed_s=time.monotonic() - started)
             history.append(record.to_dict())
             if progress is not None:
                 progress(record)
     model.eval()
-    final = sparsity(masks)
+    final = current_sparsity
     if final == 0.0:
         warnings.append(f"NO MASK FLIPPED: after {total} steps every score is still above threshold="
                         f"{config.threshold}; the tuned classifier equals the zero-shot one. Raise min_steps or "
