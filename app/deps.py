@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 from rmt_core.store import ClassifierStore
 
 from .classifier_cache import ClassifierCache

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from rmt_core import __version__
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 from rmt_core.store import ClassifierStore
 
 from .classifier_cache import ClassifierCache

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 
 from .memory import limit_malloc_arenas
 

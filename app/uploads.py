@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rmt_core.config import TuneConfig
 from rmt_core.images import InvalidImage, open_image
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 from rmt_core.store import Sample
 
 from .errors import ApiError

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -168,7 +168,7 @@ def test_env_example_is_valid_settings_and_covers_the_essentials(monkeypatch):
     for name in rmt_names - {"RMT_BROKER_URL"}:
         field = name[4:].lower()
         assert getattr(loaded, field) == getattr(defaults, field), \
-            f"{name} in .env.example differs from the default in rmt_core/settings.py; keep them in step"
+            f"{name} in .env.example differs from the default in rmt_service/settings.py; keep them in step"
 
 
 def test_compose_sets_only_real_settings(compose):

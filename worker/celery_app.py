@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 
 TUNE_TASK = "rmt.tune"
 QUEUE = "rmt"

@@ -8,7 +8,7 @@ import sys
 
 from celery import signals
 
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 from rmt_core.store import ClassifierStore
 
 from .celery_app import QUEUE, TUNE_TASK, create_celery

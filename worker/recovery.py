@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable
 
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 from rmt_core.store import ClassifierStore, JobRecord
 
 from .leases import lease_dead

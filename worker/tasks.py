@@ -15,7 +15,7 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from rmt_core.config import TuneConfig
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 from rmt_core.store import ClassifierStore, JobRecord, StoreError
 
 from .celery_app import TUNE_TASK

@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from rmt_core.runtime import OnnxClassifier
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 
 from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 from rmt_core.store import ClassifierStore
 from tests.service.helpers import FakeQueue, make_settings, upload_parts
 from worker.tasks import run_tune_job

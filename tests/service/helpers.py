@@ -12,7 +12,7 @@ from typing import Callable
 from PIL import Image
 
 from app.queue import BrokerUnavailable
-from rmt_core.settings import Settings
+from rmt_service.settings import Settings
 
 # The tiny random-init backbone (32 px) and the fewest steps: a job takes seconds on a CPU.
 TINY_CONFIG = {"backbone": "rmt-tiny-vit", "pretrained": None, "epochs": 1, "min_steps": 2, "batch_size": 8}

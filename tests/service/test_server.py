@@ -37,7 +37,7 @@ def test_the_api_process_never_imports_torch(tmp_path):
     from tests.service.procs import ROOT
 
     code = ("import sys; from app.main import create_app; from app.server import main; "
-            "from rmt_core.settings import Settings; "
+            "from rmt_service.settings import Settings; "
             f"create_app(Settings(_env_file=None, data_dir={str(tmp_path / 'd')!r})); "
             "heavy = sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules); "
             "print(heavy); sys.exit(1 if heavy else 0)")

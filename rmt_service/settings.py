@@ -13,7 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMT_", env_file=".env", extra="ignore")
 
-    data_dir: Path = Field(Path("./data"), description="Durable state: uploads, manifests, jobs, artifacts.")
+    data_dir: Path = Field(Path("./data"), description="Blob volume (uploads, artifacts, bases) and the embedded SQLite.")
+    database_url: str = Field(
+        "",
+        description="Records database (SQLAlchemy URL). Empty = SQLite file data_dir/rmt.sqlite; "
+        "postgresql+psycopg://user:pass@host/db at scale.",
+    )
     broker_url: str = Field(
         "",
         description="Celery broker. Empty = embedded local broker (SQLite under data_dir); "
@@ -66,6 +71,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"RMT_API_KEYS entry {pair.strip()!r} is not tenant:key")
             keys[key] = tenant
         return keys
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'rmt.sqlite'}"
 
     @property
     def effective_broker_url(self) -> str:
