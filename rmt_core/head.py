@@ -1,0 +1,174 @@
+"""The head: the small tail that turns raw image features into class logits (numpy only, no torch).
+
+    f      = features / ||features||
+    logits = (scale * f @ W.T + b  [+ cache_alpha * exp(-cache_beta * (1 - f @ K.T)) @ V]) / temperature
+
+W [C, D] and b [C] are the linear part (the zero-shot head is W = normalised class text embeddings,
+b = 0, scale = CLIP's logit scale); K [M, D] / V [M, C] are an optional Tip-Adapter cache of
+normalised training features and their one-hot labels. A head is stored as a small ``.npz`` (never
+pickled) and, for a self-contained model.onnx, appended to a base graph whose output is raw
+features (``append_to_graph``).
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HEAD_FILE = "head.npz"
+_FORMAT = 1
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
+
+
+@dataclass
+class Head:
+    """Features -> logits. ``kind`` names where it came from ("zero-shot", "linear-probe", "tip-adapter", ...)."""
+
+    W: np.ndarray
+    b: np.ndarray | None = None
+    scale: float = 1.0
+    cache_keys: np.ndarray | None = None    # K [M, D], rows L2-normalised
+    cache_values: np.ndarray | None = None  # V [M, C]
+    cache_alpha: float = 0.0
+    cache_beta: float = 1.0
+    temperature: float = 1.0
+    kind: str = "zero-shot"
+    meta: dict = field(default_factory=dict)  # JSON-able extras (prompt template, fit settings, ...)
+
+    def __post_init__(self):
+        self.W = _f32(self.W)
+        if self.W.ndim != 2:
+            raise ValueError(f"W has shape {self.W.shape}; expected [classes, feature_dim]")
+        n_classes, dim = self.W.shape
+        self.b = np.zeros(n_classes, np.float32) if self.b is None else _f32(self.b).reshape(-1)
+        if self.b.shape != (n_classes,):
+            raise ValueError(f"b has shape {self.b.shape}; expected ({n_classes},)")
+        if (self.cache_keys is None) != (self.cache_values is None):
+            raise ValueError("a cache needs both cache_keys and cache_values (or neither)")
+        if self.cache_keys is not None:
+            self.cache_keys, self.cache_values = _f32(self.cache_keys), _f32(self.cache_values)
+            m = self.cache_keys.shape[0]
+            if self.cache_keys.shape != (m, dim) or self.cache_values.shape != (m, n_classes):
+                raise ValueError(f"cache shapes K {self.cache_keys.shape}, V {self.cache_values.shape} do not fit "
+                                 f"W {self.W.shape}; expected K [M, {dim}] and V [M, {n_classes}]")
+        self.scale, self.cache_alpha, self.cache_beta = float(self.scale), float(self.cache_alpha), float(self.cache_beta)
+        self.temperature = float(self.temperature)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+
+    @classmethod
+    def zero_shot(cls, text_features, logit_scale: float, **meta) -> "Head":
+        """CLIP's own classifier: normalised class text embeddings and the logit scale."""
+        w = _f32(text_features)
+        w = w / np.linalg.norm(w, axis=1, keepdims=True)
+        return cls(W=w, scale=float(logit_scale), kind="zero-shot", meta=dict(meta))
+
+    @property
+    def n_classes(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.W.shape[1]
+
+    @property
+    def has_cache(self) -> bool:
+        return self.cache_keys is not None and self.cache_alpha != 0.0
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Raw image features [N, D] -> logits [N, C] (float32)."""
+        f = np.asarray(features, dtype=np.float32)
+        if f.ndim != 2 or f.shape[1] != self.dim:
+            raise ValueError(f"features have shape {f.shape}; expected [N, {self.dim}]")
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        out = self.scale * (f @ self.W.T) + self.b
+        if self.has_cache:
+            affinity = np.exp(-self.cache_beta * (1.0 - f @ self.cache_keys.T))
+            out = out + self.cache_alpha * (affinity @ self.cache_values)
+        return (out / self.temperature).astype(np.float32)
+
+    def summary(self) -> dict:
+        """What a manifest or metadata_props says about the head (no arrays)."""
+        return {"kind": self.kind, "classes": self.n_classes, "dim": self.dim, "scale": self.scale,
+                "temperature": self.temperature, "cache_size": 0 if self.cache_keys is None else int(self.cache_keys.shape[0]),
+                "cache_alpha": self.cache_alpha, "cache_beta": self.cache_beta, **({"meta": self.meta} if self.meta else {})}
+
+    # ---- storage -------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        arrays = {"W": self.W, "b": self.b}
+        if self.cache_keys is not None:
+            arrays |= {"cache_keys": self.cache_keys, "cache_values": self.cache_values}
+        header = {"format": _FORMAT, "kind": self.kind, "scale": self.scale, "cache_alpha": self.cache_alpha,
+                  "cache_beta": self.cache_beta, "temperature": self.temperature, "meta": self.meta}
+        arrays["header"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Head":
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                header = json.loads(z["header"].tobytes())
+                arrays = {k: z[k] for k in z.files if k != "header"}
+        except (ValueError, KeyError, OSError) as exc:
+            raise ValueError(f"not a head file: {exc}") from exc
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"head file format {header.get('format')} is not supported (expected {_FORMAT})")
+        return cls(W=arrays["W"], b=arrays["b"], scale=header["scale"], cache_keys=arrays.get("cache_keys"),
+                   cache_values=arrays.get("cache_values"), cache_alpha=header["cache_alpha"],
+                   cache_beta=header["cache_beta"], temperature=header["temperature"], kind=header["kind"],
+                   meta=header.get("meta") or {})
+
+    def save(self, path: Path | str) -> int:
+        """Write atomically; returns the file size in bytes."""
+        from .artifact import atomic_write_bytes
+
+        data = self.to_bytes()
+        atomic_write_bytes(path, data)
+        return len(data)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Head":
+        return cls.from_bytes(Path(path).read_bytes())
+
+
+def append_to_graph(graph, head: Head, features: str, output: str = "logits", prefix: str = "head/") -> None:
+    """Append ``head`` to an ONNX GraphProto in place: ``features`` (a value [N, D]) -> ``output`` [N, C].
+
+    The graph's existing outputs are replaced by ``output``. Only standard opset >= 13 ops are used
+    (ReduceL2 with axes as an attribute is valid in opsets 13-17; opset 18 moved axes to an input).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), prefix + name))
+        return prefix + name
+
+    def node(op, inputs, name, **attrs):
+        graph.node.append(helper.make_node(op, inputs, [prefix + name], name=prefix + name, **attrs))
+        return prefix + name
+
+    norm = node("ReduceL2", [features], "norm", axes=[1], keepdims=1)
+    f = node("Div", [features, norm], "normalised")
+    # scale is folded into W (one MatMul, one Add): scale * f @ W.T == f @ (scale * W).T
+    lin = node("MatMul", [f, const("weight_t", (head.scale * head.W).T)], "linear")
+    out = node("Add", [lin, const("bias", head.b)], "biased")
+    if head.has_cache:
+        sim = node("MatMul", [f, const("cache_keys_t", head.cache_keys.T)], "cache_sim")
+        # exp(-beta * (1 - s)) = exp(beta * s - beta)
+        arg = node("Sub", [node("Mul", [sim, const("cache_beta", head.cache_beta)], "cache_bs"),
+                           const("cache_beta_c", head.cache_beta)], "cache_arg")
+        aff = node("Exp", [arg], "cache_affinity")
+        cache = node("MatMul", [aff, const("cache_values_alpha", head.cache_alpha * head.cache_values)], "cache")
+        out = node("Add", [out, cache], "with_cache")
+    graph.node.append(helper.make_node("Div", [out, const("temperature", head.temperature)], [output],
+                                       name=prefix + "logits"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", head.n_classes]))
