@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class Backbone:
     tokenizer: Any
     name: str
     pretrained: str | None
+    quick_gelu: bool = False  # built with QuickGELU activations (OpenAI-trained weights need them)
 
     @property
     def preprocess(self) -> dict:
@@ -66,22 +68,60 @@ def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     return pretrained
 
 
+def is_torchscript_archive(path: str | Path) -> bool:
+    """OpenAI distributes its CLIP checkpoints as TorchScript archives (a zip with a ``code/`` folder)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in f"/{entry}" for entry in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def wants_quick_gelu(name: str, pretrained: str | None, source: str | None) -> bool:
+    """Whether weights were trained with QuickGELU: OpenAI's CLIPs were, open_clip's LAION ones were not.
+
+    A ``-quickgelu`` model name says so; an open_clip tag says so in its pretrained config (the ``openai`` tag
+    does, but open_clip only *warns* when the model config disagrees); a checkpoint file is taken to be
+    OpenAI's when its file name contains "openai" or it is a TorchScript archive (OpenAI's own .pt format).
+    A plain state dict cannot tell: pass ``quick_gelu`` explicitly (TuneConfig.quick_gelu) for those.
+    """
+    if name.lower().endswith("-quickgelu"):
+        return True
+    if not pretrained or source is None:
+        return False
+    if Path(source).is_file():
+        return "openai" in Path(source).name.lower() or is_torchscript_archive(source)
+    try:
+        return bool(open_clip.get_pretrained_cfg(name, source).get("quick_gelu", False))
+    except Exception:  # an unknown tag: open_clip raises its own error when loading
+        return False
+
+
 def load_backbone(name: str, pretrained: str | None = BUILTIN, device: str | torch.device = "cpu",
-                  seed: int = 0) -> Backbone:
-    """Load a CLIP model by open_clip name. ``pretrained=None`` gives a seeded random init (tests)."""
+                  seed: int = 0, quick_gelu: bool | None = None) -> Backbone:
+    """Load a CLIP model by open_clip name. ``pretrained=None`` gives a seeded random init (tests).
+
+    ``quick_gelu``: None = detect (``wants_quick_gelu``); True/False forces the activation. Every feature, the
+    GDR teacher and the tuned model are computed by this network, so a wrong activation is wrong everywhere.
+    """
     register_configs()
     if name not in open_clip.list_models():
         raise ValueError(f"backbone {name!r} is not a known open_clip model; ours: "
                          f"{', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}")
     source = resolve_pretrained(name, pretrained)
+    use_quick_gelu = wants_quick_gelu(name, pretrained, source) if quick_gelu is None else bool(quick_gelu)
+    if quick_gelu is None and use_quick_gelu:
+        log.info("backbone %s with weights %r: building the QuickGELU variant (OpenAI-trained weights)",
+                 name, pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = open_clip.create_model(name, pretrained=source, device=device)
+            model = open_clip.create_model(name, pretrained=source, device=device, force_quick_gelu=use_quick_gelu)
         except RuntimeError as exc:
             raise RuntimeError(f"could not load weights {pretrained!r} for backbone {name!r}: {exc}") from exc
     model.eval()
-    return Backbone(model=model, tokenizer=open_clip.get_tokenizer(name), name=name, pretrained=pretrained)
+    return Backbone(model=model, tokenizer=open_clip.get_tokenizer(name), name=name, pretrained=pretrained,
+                    quick_gelu=use_quick_gelu)
 
 
 def model_config(name: str) -> dict:
