@@ -27,6 +27,12 @@ def gradient_dropout(g_ce: torch.Tensor, g_kl: torch.Tensor, leak: float,
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        temperature: float = 1.0) -> torch.Tensor:
-    """Soft-target cross-entropy of the student against the (no-grad) teacher's distribution."""
+    """The official GDR loss: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean (Hinton's distillation).
+
+    Written as the soft-target cross-entropy T^2 * CE(softmax(t/T), s/T), which differs from the KL by the
+    teacher's entropy, a constant, so both have the same gradient T * (softmax(s/T) - softmax(t/T)) / N. The
+    T^2 keeps that gradient's size independent of T; without it GDR's keep probabilities change with T.
+    """
     target = torch.softmax(teacher_logits / temperature, dim=-1)
-    return -(target * torch.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+    ce = -(target * torch.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+    return temperature ** 2 * ce

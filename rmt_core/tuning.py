@@ -104,8 +104,9 @@ def ce_kl_gradients(logits: torch.Tensor, targets: torch.Tensor, teacher_logits:
     """(g_ce, g_kl) for each mask score tensor; g_kl is None without a teacher.
 
     g_ce = dL_ce/dM with L_ce = CE(logits, y) + l2_weight * sum_k ||M_k||_2, and for GDR g_kl = dL_kl/dM with
-    L_kl = soft CE against ``teacher_logits``. Both are vector-Jacobian products through the same student
-    graph: dCE/dlogits = (softmax - onehot)/N and dL_kl/dlogits = (softmax(s/T) - softmax(t/T))/(N*T) are
+    L_kl = T^2 * KL against ``teacher_logits`` (gdr.soft_cross_entropy, the official loss). Both are
+    vector-Jacobian products through the same student graph: dCE/dlogits = (softmax - onehot)/N and
+    dL_kl/dlogits = T * (softmax(s/T) - softmax(t/T))/N are
     closed forms, so one batched backward pass gives both. ``teacher_logits=None`` under GDR means the student
     still is the zero-shot model (no mask flipped), where L_kl's gradient is zero: GDR runs with g_kl = 0.
     """
@@ -114,7 +115,7 @@ def ce_kl_gradients(logits: torch.Tensor, targets: torch.Tensor, teacher_logits:
     v_ce = (probs - F.one_hot(targets, c).to(probs.dtype)) / n
     if config.uses_gdr and teacher_logits is not None:
         t = config.kl_temperature
-        v_kl = ((logits.detach() / t).softmax(-1) - (teacher_logits / t).softmax(-1)) / (n * t)
+        v_kl = ((logits.detach() / t).softmax(-1) - (teacher_logits / t).softmax(-1)) * (t / n)
         g_ce, g_kl = zip(*(g.unbind(0) for g in _vjp(logits, scores, torch.stack([v_ce, v_kl]))))
     else:
         g_ce = [g[0] for g in _vjp(logits, scores, v_ce[None])]

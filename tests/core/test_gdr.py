@@ -49,3 +49,45 @@ def test_soft_cross_entropy_is_the_teacher_weighted_log_likelihood():
     s.requires_grad_(True)
     soft_cross_entropy(s, t).backward()
     torch.testing.assert_close(s.grad, torch.softmax(s.detach(), -1) - torch.softmax(t, -1))
+
+
+def _official_kl(student, teacher, t):
+    """The official R-AMT distillation loss, written as the authors' code writes it (KL, batchmean, * T * T)."""
+    import torch.nn.functional as F
+
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean") * t * t
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_closed_form_kl_gradient_equals_the_official_losss_autograd_gradient(temperature):
+    """GDR's g_kl (closed-form logit gradient + VJP) == d/dM of the official T^2-scaled KL at every T, so GDR's
+    keep probabilities are the official ones for any kl_temperature."""
+    from rmt_core.backbones import encode_class_texts
+    from rmt_core.config import TuneConfig
+    from rmt_core.masking import attach_masks, masks_disabled
+    from rmt_core.tuning import ce_kl_gradients, class_logits
+    from tests.core.toys import tiny
+
+    backbone = tiny()
+    model = backbone.model
+    text = encode_class_texts(backbone, ["a", "b", "c"], "a photo of a {}.")
+    masks = attach_masks(model, "r-amt")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in masks.values():
+            m.scores.copy_(0.004 + torch.rand(m.scores.shape, generator=g) * 0.01)  # some masks flipped
+    scores = [m.scores for m in masks.values()]
+    model.train()
+    x = torch.randn(5, 3, 32, 32, generator=g)
+    logits = class_logits(model, x, text)
+    with torch.no_grad(), masks_disabled(model):
+        teacher = class_logits(model, x, text)
+    want = torch.autograd.grad(_official_kl(logits, teacher, temperature), scores, retain_graph=True)
+    config = TuneConfig(method="r-amt", kl_temperature=temperature, l2_weight=0.0)
+    _, got = ce_kl_gradients(logits, torch.tensor([0, 1, 2, 0, 1]), teacher, scores, config)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()))  # float32 sums; T off = x2, x4
+    # and the loss itself is the official one up to the teacher's entropy (a constant): same value gap at any s
+    s2 = logits.detach() + 0.3
+    gap = lambda s: float(soft_cross_entropy(s, teacher, temperature) - _official_kl(s, teacher, temperature))  # noqa: E731
+    assert gap(logits.detach()) == pytest.approx(gap(s2), abs=1e-4)
