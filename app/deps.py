@@ -5,6 +5,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from rmt_service.settings import Settings
 from rmt_core.store import ClassifierStore
@@ -37,7 +38,12 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_tenant(request: Request) -> str:
+# Declares the bearer scheme in OpenAPI (the Authorize button in /docs); get_tenant still reads the header itself.
+_BEARER = HTTPBearer(auto_error=False, description="An API key from RMT_API_KEYS; not needed when none are set.")
+
+
+def get_tenant(request: Request,
+               _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None) -> str:
     """The caller's tenant from ``Authorization: Bearer <key>``; everyone is one tenant when no keys are set."""
     keys: dict[str, str] = request.app.state.tenant_keys
     if not keys:

@@ -17,8 +17,9 @@ from .classifier_cache import ClassifierCache
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics, MetricsMiddleware
+from .openapi import install_openapi
 from .queue import JobQueue
-from .routers import classifiers, classify, health, jobs
+from .routers import classifiers, classify, docs, health, jobs
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         app.state.cache.close()
         app.state.queue.close()
 
-    app = FastAPI(title="RMT classifier service", version=__version__, lifespan=lifespan,
+    # docs_url/redoc_url None: FastAPI's pages load Swagger UI from a CDN; routers/docs.py serves them offline
+    app = FastAPI(title="RMT classifier service", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Few-shot images in, a mask-tuned CLIP classifier out (R-AMT, ICCV 2023), served "
                               "with ONNX Runtime. Create a classifier, follow its job, then classify.")
     app.state.settings = settings
@@ -50,6 +52,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     install_error_handlers(app)
     for router in (health.router, classifiers.router, classify.router, jobs.router):
         app.include_router(router)
+    app.include_router(docs.router)
+    docs.mount_docs_assets(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

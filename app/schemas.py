@@ -134,15 +134,21 @@ class Prediction(BaseModel):
     score: float
 
 
-class ClassifyResult(BaseModel):
-    predictions: list[Prediction]
+class Classification(BaseModel):
+    filename: str | None = Field(None, description="The uploaded part's file name, as the client sent it.")
+    predictions: list[Prediction] = Field(description="The top-k labels, best first.")
 
 
-class ClassifyBatchResult(BaseModel):
-    results: list[ClassifyResult]
+class ClassifyResponse(BaseModel):
+    """One shape for both uploads: ``results`` has one entry per image, in upload order."""
+    results: list[Classification]
+    predictions: list[Prediction] | None = Field(
+        None, description="Only for a single `file` upload: the same as results[0].predictions.")
 
 
-def multipart_body(properties: dict) -> dict:
+def multipart_body(properties: dict, encoding: dict | None = None) -> dict:
     """OpenAPI ``openapi_extra`` for a route that reads its multipart form by hand (request.form())."""
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "properties": properties}}}}}
+    media: dict = {"schema": {"type": "object", "properties": properties}}
+    if encoding:
+        media["encoding"] = encoding
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": media}}}

@@ -11,6 +11,7 @@ from rmt_core.store import ARTIFACT_NAMES, ClassifierRecord, ClassifierStore, Jo
 
 from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
+from ..openapi import TUNE_CONFIG_REF
 from ..queue import BrokerUnavailable
 from ..schemas import ClassifierCreated, ClassifierList, ClassifierPublic, ErrorBody, multipart_body
 from ..uploads import parse_create
@@ -25,12 +26,8 @@ _CREATE_BODY = multipart_body({
     "archive": {"type": "string", "format": "binary",
                 "description": "Instead of files+labels: a zip with one top-level folder per class."},
     "name": {"type": "string", "description": "A name for people; optional."},
-    "config": {"type": "string",
-               "description": 'Tuning settings as a JSON object, e.g. {"method": "r-amt", "epochs": 30}. '
-                              "Fields: method (r-amt|amt|r-pmt|pmt|r-mmt|mmt), backbone, epochs, "
-                              "learning_rate, batch_size, threshold, leak, prompt_template, seed, "
-                              "holdout, min_steps, ..."},
-})
+    "config": {"$ref": TUNE_CONFIG_REF},
+}, encoding={"config": {"contentType": "application/json"}})
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
 _MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "application/octet-stream",
           ".rmtm": "application/octet-stream"}

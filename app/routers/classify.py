@@ -11,7 +11,7 @@ from rmt_service.settings import Settings
 
 from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
-from ..schemas import ClassifyBatchResult, ClassifyResult, multipart_body
+from ..schemas import Classification, ClassifyResponse, multipart_body
 from ..uploads import decode_image, read_form
 from .classifiers import _ERRORS, _ready_model, owned_classifier
 
@@ -29,12 +29,12 @@ def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, setting
     return np.stack([classifier.preprocess(decode_image(data, settings, what)) for data, what in blobs])
 
 
-@router.post("/{classifier_id}/classify", response_model=ClassifyResult | ClassifyBatchResult,
+@router.post("/{classifier_id}/classify", response_model=ClassifyResponse,
              openapi_extra=_CLASSIFY_BODY, responses=_ERRORS)
 async def classify(classifier_id: str, request: Request, settings: SettingsDep, store: StoreDep,
                    tenant: TenantDep, cache: CacheDep, metrics: MetricsDep,
                    top_k: int = Query(5, ge=1, le=1000, description="Labels returned per image.")
-                   ) -> ClassifyResult | ClassifyBatchResult:
+                   ) -> ClassifyResponse:
     """Classify one image (`file`) or a batch (`files`) with a ready classifier."""
     record = owned_classifier(store, classifier_id, tenant)
     model_dir = _ready_model(store, record)
@@ -46,13 +46,14 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
         parts = single or batch
         if not parts:
             raise ApiError(400, "no_images", "no image: send a 'file' part (or repeated 'files' parts)")
-        blobs = []
+        blobs, names = [], []
         for i, part in enumerate(parts):
             what = "file" if single else f"files[{i}]"
             if not isinstance(part, UploadFile):
                 raise ApiError(400, "invalid_file", f"{what} is a text field; send it as a file part")
             data = await part.read(settings.max_image_bytes + 1)
             blobs.append((data, what))
+            names.append(part.filename)
     finally:
         await form.close()
     try:
@@ -63,6 +64,5 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
     probs = await entry.batcher.submit(arrays)
     metrics.classified.inc(len(blobs))
     predictions = entry.classifier.top_k(probs, top_k)
-    if single:
-        return ClassifyResult(predictions=predictions[0])
-    return ClassifyBatchResult(results=[ClassifyResult(predictions=p) for p in predictions])
+    results = [Classification(filename=name, predictions=p) for name, p in zip(names, predictions)]
+    return ClassifyResponse(results=results, predictions=predictions[0] if single else None)
