@@ -43,9 +43,17 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="Worker torch device: auto | cpu | cuda | cuda:N.")
 
     # Jobs
-    job_lease_seconds: int = Field(120, description="A running job renews its lease; expired leases are recovered.")
+    job_lease_seconds: int = Field(
+        30, description="A running job renews its lease every second; a lease expired on the database clock "
+                        "means its worker is gone (crash, kill, freeze) and the job is recovered.")
     job_time_limit_seconds: int = Field(6 * 3600, description="Hard limit for one tuning job.")
     job_max_attempts: int = Field(3, description="Redeliveries after a worker crash before the job fails.")
+    job_resend_seconds: float = Field(
+        30.0, description="A queued job no worker has started by then is sent to the broker again (a lost "
+                          "message), then after 2x, 4x ... up to 10 minutes; duplicates are harmless.")
+    job_retention_seconds: float = Field(
+        7 * 86400.0, description="Succeeded jobs are deleted this long after they finish (the classifier stays; "
+                                 "failed and cancelled jobs stay with their classifier).")
 
     # Serving
     classifier_cache_size: int = Field(8, description="ONNX Runtime sessions kept in the LRU.")

@@ -1,0 +1,225 @@
+"""The records database: SQLAlchemy 2 tables, the engine, transactions, and the database clock.
+
+SQLite (a file in the data dir) for the embedded ``rmt serve``; PostgreSQL at scale. Every mutable
+fact lives here; files are immutable blobs (rmt_service.blobs) that rows point to by key.
+
+Times are float seconds since the epoch, taken from the *database's* clock (``db_now()``) wherever
+two processes compare them (leases, re-sends, retention), so hosts with skewed clocks agree.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text,
+                        create_engine, event)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import FunctionElement
+
+log = logging.getLogger(__name__)
+
+NAMING = {"ix": "ix_%(table_name)s_%(column_0_N_name)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Tenant(Base):
+    """A tenant's quota and its counters (the row create locks, so quota check + create are one step)."""
+    __tablename__ = "tenants"
+    tenant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None = the service default
+    n_classifiers: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class Classifier(Base):
+    __tablename__ = "classifiers"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200), nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    labels: Mapped[list] = mapped_column(JSON, nullable=False)
+    config: Mapped[dict] = mapped_column(JSON, nullable=False)
+    n_images: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    job_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    current_version_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    __table_args__ = (Index("ix_classifiers_tenant_created", "tenant", "created_at", "id"),)
+
+
+class ClassifierVersion(Base):
+    """A published artifact directory (immutable blob) of a classifier: a preview or the final one."""
+    __tablename__ = "classifier_versions"
+    version_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    classifier_id: Mapped[str] = mapped_column(String(40), ForeignKey("classifiers.id", ondelete="CASCADE"),
+                                               nullable=False)
+    candidate: Mapped[str] = mapped_column(String(40), nullable=False, default="")
+    final: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    blob_key: Mapped[str] = mapped_column(String(300), nullable=False)
+    base_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    manifest: Mapped[dict] = mapped_column(JSON, nullable=False)
+    files: Mapped[list] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    __table_args__ = (Index("ix_versions_classifier", "classifier_id", "created_at"),
+                      Index("ix_versions_base", "base_id"))
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    classifier_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    tenant: Mapped[str] = mapped_column(String(200), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    progress: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    warnings: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    sends: Mapped[int] = mapped_column(Integer, nullable=False, default=1)  # broker messages sent for it
+    resend_at: Mapped[float] = mapped_column(Float, nullable=False)  # queued and not started by then: send again
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    enqueued_at: Mapped[float] = mapped_column(Float, nullable=False)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+    __table_args__ = (
+        Index("ix_jobs_tenant_status", "tenant", "status"),           # quota: a tenant's active jobs
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),  # sweep: expired leases
+        Index("ix_jobs_status_resend", "status", "resend_at"),        # sweep: queued jobs whose message was lost
+        Index("ix_jobs_status_finished", "status", "finished_at"),    # retention
+        Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_jobs_classifier", "classifier_id"),
+    )
+
+
+class JobCount(Base):
+    """Jobs per status, kept by the state machine in the same transaction as each transition (/metrics)."""
+    __tablename__ = "job_counts"
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class Upload(Base):
+    __tablename__ = "uploads"
+    classifier_id: Mapped[str] = mapped_column(String(40), ForeignKey("classifiers.id", ondelete="CASCADE"),
+                                               primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    blob_key: Mapped[str] = mapped_column(String(300), nullable=False)
+    label: Mapped[str] = mapped_column(Text, nullable=False)
+    original_name: Mapped[str] = mapped_column(Text, nullable=False, default="")
+
+
+class BaseModel(Base):
+    """A shared frozen encoder (one backbone + weights), exported once; versions refer to it by base_id."""
+    __tablename__ = "bases"
+    base_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    backbone: Mapped[str] = mapped_column(String(200), nullable=False, default="")
+    pretrained: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    blob_key: Mapped[str] = mapped_column(String(300), nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+classifiers = Classifier.__table__
+versions = ClassifierVersion.__table__
+jobs = Job.__table__
+job_counts = JobCount.__table__
+uploads = Upload.__table__
+tenants = Tenant.__table__
+bases = BaseModel.__table__
+
+
+# ---------------------------------------------------------------- the database clock
+class db_now(FunctionElement):
+    """Seconds since the epoch on the database server's clock, as a float (one clock for every host)."""
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(db_now, "postgresql")
+def _pg_now(element, compiler, **kw) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(db_now, "sqlite")
+def _sqlite_now(element, compiler, **kw) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(db_now)
+def _default_now(element, compiler, **kw) -> str:
+    return "CAST(EXTRACT(EPOCH FROM CURRENT_TIMESTAMP) AS DOUBLE PRECISION)"
+
+
+# ---------------------------------------------------------------- engine and transactions
+class Database:
+    """An engine plus the two kinds of transaction the store uses: read and write.
+
+    On SQLite a write transaction starts with ``BEGIN IMMEDIATE`` (takes the write lock up front, so a
+    read-then-write such as the quota check cannot be overtaken by another process); readers never block
+    writers (WAL). On PostgreSQL writes use row locks / conditional updates under READ COMMITTED.
+    """
+
+    def __init__(self, url: str, echo: bool = False, pool_size: int = 5):
+        self.url = url
+        self.engine = make_engine(url, echo=echo, pool_size=pool_size)
+        self.dialect = self.engine.dialect.name
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(rmt_immediate=True)
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    def now(self) -> float:
+        with self.read() as conn:
+            return float(conn.execute(db_now().select()).scalar_one())
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def make_engine(url: str, echo: bool = False, pool_size: int = 5) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False},
+                               pool_size=pool_size, max_overflow=20, pool_pre_ping=False)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy's begin event emits BEGIN itself
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get("rmt_immediate")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=pool_size, max_overflow=10,
+                         connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {})

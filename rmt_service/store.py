@@ -1,0 +1,514 @@
+"""The store: the one facade app/ and worker/ use for classifiers, versions, uploads and jobs.
+
+Records live in the database (rmt_service.db), files are immutable blobs (rmt_service.blobs), job
+transitions go through the state machine (rmt_service.jobs). Writes that touch both put the blobs
+first and then commit one transaction that makes them visible, so a crash in between leaves only
+an unreferenced blob, which ``collect_garbage`` removes later; a reader never sees half of anything.
+Ids are generated here; a record carries its tenant and lookups with another tenant answer None
+(the API's 404), so one tenant cannot even learn that another's id exists.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from sqlalchemy import delete, func, insert, select, text, tuple_, update
+from sqlalchemy.engine import Connection
+
+from . import jobs as jobsm
+from .blobs import BlobError, BlobStore
+from .db import Database, bases, classifiers, db_now, tenants, uploads, versions
+from .jobs import ACTIVE_STATUSES, JOB_STATUSES, TERMINAL_STATUSES, JobRecord  # noqa: F401 (re-exported)
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_CLASSIFIER_ID = re.compile(r"^clf_[0-9a-f]{24}$")
+_JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MANIFEST = "manifest.json"
+
+
+def new_classifier_id() -> str:
+    return "clf_" + secrets.token_hex(12)
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+def new_version_id() -> str:
+    return "ver_" + secrets.token_hex(12)
+
+
+def is_classifier_id(value: str) -> bool:
+    return bool(_CLASSIFIER_ID.match(value or ""))
+
+
+def is_job_id(value: str) -> bool:
+    return bool(_JOB_ID.match(value or ""))
+
+
+class StoreError(RuntimeError):
+    """The records are not in the state an operation needs (missing classifier, lease lost, bad build)."""
+
+
+class QuotaExceeded(StoreError):
+    def __init__(self, active: int, limit: int):
+        super().__init__(f"{active} jobs are queued or running; the limit is {limit}")
+        self.active, self.limit = active, limit
+
+
+@dataclass
+class Sample:
+    """One upload to store: validated bytes, its label, and the extension of its real format."""
+    data: bytes
+    label: str
+    ext: str = ".img"
+    original_name: str = ""
+
+
+@dataclass
+class ClassifierRecord:
+    classifier_id: str
+    tenant: str
+    job_id: str
+    name: str
+    labels: list[str]
+    config: dict[str, Any]
+    n_images: int
+    created_at: float
+    current_version_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VersionRecord:
+    version_id: str
+    classifier_id: str
+    candidate: str
+    final: bool
+    blob_key: str
+    base_id: str | None
+    manifest: dict[str, Any]
+    files: list[str]
+    created_at: float
+
+
+@dataclass
+class ClassifierView:
+    """A classifier with its job (None once pruned) and its current version (None until one is published)."""
+    classifier: ClassifierRecord
+    job: JobRecord | None
+    version: VersionRecord | None
+
+
+_CLF_COLS = [classifiers.c.id, classifiers.c.tenant, classifiers.c.job_id, classifiers.c.name,
+             classifiers.c.labels, classifiers.c.config, classifiers.c.n_images, classifiers.c.created_at,
+             classifiers.c.current_version_id]
+_VER_COLS = [versions.c.version_id, versions.c.classifier_id, versions.c.candidate, versions.c.final,
+             versions.c.blob_key, versions.c.base_id, versions.c.manifest, versions.c.files, versions.c.created_at]
+
+
+def _classifier(m) -> ClassifierRecord:
+    return ClassifierRecord(classifier_id=m["id"], tenant=m["tenant"], job_id=m["job_id"], name=m["name"],
+                            labels=list(m["labels"]), config=dict(m["config"]), n_images=m["n_images"],
+                            created_at=m["created_at"], current_version_id=m["current_version_id"])
+
+
+def _version(m, prefix: str = "") -> VersionRecord | None:
+    if m[prefix + "version_id"] is None:
+        return None
+    return VersionRecord(**{f.name: m[prefix + f.name] for f in dataclasses.fields(VersionRecord)})
+
+
+def encode_cursor(created_at: float, classifier_id: str) -> str:
+    raw = json.dumps([created_at, classifier_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """(created_at, id) from a cursor; ValueError if it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, classifier_id = json.loads(raw)
+        if not isinstance(created_at, (int, float)) or not is_classifier_id(classifier_id):
+            raise ValueError
+        return float(created_at), classifier_id
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        raise ValueError("cursor is not a next_cursor this API returned") from None
+
+
+class Store:
+    """Records (database) + blobs (data dir volume) + the job state machine, for one process."""
+
+    def __init__(self, settings: Settings, db: Database | None = None):
+        self.settings = settings
+        self.db = db or Database(settings.effective_database_url)
+        self.blobs = BlobStore(settings.data_dir)
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    # ---------------------------------------------------------------- classifiers
+    def create_classifier(self, tenant: str, name: str, samples: list[Sample], config: dict[str, Any],
+                          max_active_jobs: int | None = None) -> tuple[ClassifierRecord, JobRecord]:
+        """Store uploads, then in one transaction: check the tenant's quota, insert classifier, uploads, job.
+
+        Raises QuotaExceeded (nothing stored) when the tenant already has its limit of active jobs.
+        """
+        if not samples:
+            raise StoreError("a classifier needs images")
+        classifier_id, job_id = new_classifier_id(), new_job_id()
+        labels = sorted({s.label for s in samples})
+        keys = [self.blobs.upload_key(classifier_id, i, s.ext) for i, s in enumerate(samples)]
+        dir_key = self.blobs.uploads_dir_key(classifier_id)
+        self.blobs.put_files(dir_key, {k.rsplit("/", 1)[1]: s.data for k, s in zip(keys, samples)})
+        try:
+            with self.db.write() as conn:
+                limit = self._lock_tenant(conn, tenant)
+                if max_active_jobs is not None:
+                    limit = max_active_jobs
+                active = jobsm.count_active(conn, tenant)
+                if active >= limit:
+                    raise QuotaExceeded(active, limit)
+                now = float(conn.execute(select(db_now())).scalar_one())
+                conn.execute(classifiers.insert().values(
+                    id=classifier_id, tenant=tenant, name=name, labels=labels, config=config,
+                    n_images=len(samples), created_at=now, job_id=job_id, current_version_id=None))
+                conn.execute(uploads.insert(), [
+                    {"classifier_id": classifier_id, "idx": i, "blob_key": key, "label": s.label,
+                     "original_name": s.original_name[:255]} for i, (key, s) in enumerate(zip(keys, samples))])
+                jobsm.insert(conn, job_id, classifier_id, tenant, self.settings.job_resend_seconds)
+                conn.execute(update(tenants).where(tenants.c.tenant == tenant)
+                             .values(n_classifiers=tenants.c.n_classifiers + 1))
+                job = jobsm.get(conn, job_id)
+        except BaseException:
+            self.blobs.delete(dir_key)
+            raise
+        record = ClassifierRecord(classifier_id=classifier_id, tenant=tenant, job_id=job_id, name=name,
+                                  labels=labels, config=config, n_images=len(samples), created_at=now)
+        return record, job
+
+    def _lock_tenant(self, conn: Connection, tenant: str) -> int:
+        """Create the tenant's row if needed and lock it for this transaction; returns its active-job limit."""
+        if self.db.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        conn.execute(upsert(tenants).values(tenant=tenant, n_classifiers=0, created_at=db_now())
+                     .on_conflict_do_nothing(index_elements=["tenant"]))
+        query = select(tenants.c.max_active_jobs).where(tenants.c.tenant == tenant)
+        if self.db.dialect == "postgresql":
+            query = query.with_for_update()
+        quota = conn.execute(query).scalar_one()
+        return self.settings.max_queued_jobs if quota is None else int(quota)
+
+    def set_quota(self, tenant: str, max_active_jobs: int | None) -> None:
+        with self.db.write() as conn:
+            self._lock_tenant(conn, tenant)
+            conn.execute(update(tenants).where(tenants.c.tenant == tenant).values(max_active_jobs=max_active_jobs))
+
+    def get_classifier(self, classifier_id: str, tenant: str | None = None) -> ClassifierRecord | None:
+        """The record, or None if the id is unknown, malformed, or belongs to another tenant."""
+        if not is_classifier_id(classifier_id):
+            return None
+        query = select(*_CLF_COLS).where(classifiers.c.id == classifier_id)
+        if tenant is not None:
+            query = query.where(classifiers.c.tenant == tenant)
+        with self.db.read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _classifier(row._mapping)
+
+    def _view_query(self):
+        from .db import jobs as jobs_t
+
+        ver = [c.label("v_" + c.name) for c in _VER_COLS]
+        job = [c.label("j_" + c.name) for c in jobsm._COLUMNS]
+        return (select(*_CLF_COLS, *job, *ver)
+                .select_from(classifiers.outerjoin(jobs_t, jobs_t.c.id == classifiers.c.job_id)
+                             .outerjoin(versions, versions.c.version_id == classifiers.c.current_version_id)))
+
+    @staticmethod
+    def _view(row) -> ClassifierView:
+        m = row._mapping
+        job = None
+        if m["j_id"] is not None:
+            job = JobRecord(job_id=m["j_id"], **{f.name: m["j_" + f.name] for f in dataclasses.fields(JobRecord)
+                                                  if f.name != "job_id"})
+        return ClassifierView(_classifier(m), job, _version(m, "v_"))
+
+    def view(self, classifier_id: str, tenant: str | None = None) -> ClassifierView | None:
+        """Classifier + job + current version in one query (what GET /v1/classifiers/{id} shows)."""
+        if not is_classifier_id(classifier_id):
+            return None
+        query = self._view_query().where(classifiers.c.id == classifier_id)
+        if tenant is not None:
+            query = query.where(classifiers.c.tenant == tenant)
+        with self.db.read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else self._view(row)
+
+    def list_classifiers(self, tenant: str, limit: int = 50, cursor: str | None = None, offset: int = 0
+                         ) -> tuple[list[ClassifierView], int, str | None]:
+        """A tenant's classifiers, newest first: (page, total, next_cursor or None at the end).
+
+        Keyset pagination on the (tenant, created_at, id) index: every page costs the same however many
+        classifiers exist. ``offset`` is kept for old clients (it costs what it skips).
+        """
+        query = self._view_query().where(classifiers.c.tenant == tenant)
+        if cursor:
+            created_at, classifier_id = decode_cursor(cursor)
+            query = query.where(tuple_(classifiers.c.created_at, classifiers.c.id) < tuple_(created_at, classifier_id))
+        query = query.order_by(classifiers.c.created_at.desc(), classifiers.c.id.desc()).limit(limit + 1)
+        if offset:
+            query = query.offset(offset)
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+            total = conn.execute(select(tenants.c.n_classifiers).where(tenants.c.tenant == tenant)).scalar()
+        page = [self._view(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit and page:
+            last = page[-1].classifier
+            next_cursor = encode_cursor(last.created_at, last.classifier_id)
+        return page, int(total or 0), next_cursor
+
+    def samples(self, classifier_id: str) -> list[tuple[Path, str]]:
+        """(stored image path, label) pairs for the tuning pipeline, in upload order."""
+        with self.db.read() as conn:
+            rows = conn.execute(select(uploads.c.blob_key, uploads.c.label)
+                                .where(uploads.c.classifier_id == classifier_id).order_by(uploads.c.idx)).all()
+        if not rows:
+            raise StoreError(f"classifier {classifier_id} has no uploads (deleted?)")
+        return [(self.blobs.path(r.blob_key), r.label) for r in rows]
+
+    def delete_classifier(self, classifier_id: str, tenant: str | None = None) -> bool:
+        """Remove a classifier, its uploads, versions and job in one transaction, then their blobs.
+
+        A worker still running its job finds the job gone at its next heartbeat and stops; its publish
+        (if it gets that far) finds no classifier and is rolled back.
+        """
+        if not is_classifier_id(classifier_id):
+            return False
+        with self.db.write() as conn:
+            query = select(classifiers.c.tenant, classifiers.c.job_id).where(classifiers.c.id == classifier_id)
+            if tenant is not None:
+                query = query.where(classifiers.c.tenant == tenant)
+            row = conn.execute(query).first()
+            if row is None:
+                return False
+            version_keys = conn.execute(select(versions.c.blob_key)
+                                        .where(versions.c.classifier_id == classifier_id)).scalars().all()
+            jobsm.delete_for_classifier(conn, row.job_id)
+            conn.execute(delete(uploads).where(uploads.c.classifier_id == classifier_id))
+            conn.execute(delete(versions).where(versions.c.classifier_id == classifier_id))
+            conn.execute(delete(classifiers).where(classifiers.c.id == classifier_id))
+            conn.execute(update(tenants).where(tenants.c.tenant == row.tenant)
+                         .values(n_classifiers=tenants.c.n_classifiers - 1))
+        for key in [self.blobs.uploads_dir_key(classifier_id), *version_keys]:
+            try:
+                self.blobs.delete(key)
+            except OSError as exc:  # collected later by collect_garbage
+                log.warning("could not remove blob %s: %s", key, exc)
+        return True
+
+    # ---------------------------------------------------------------- versions
+    def current_version(self, classifier_id: str) -> VersionRecord | None:
+        if not is_classifier_id(classifier_id):
+            return None
+        with self.db.read() as conn:
+            row = conn.execute(select(*_VER_COLS).select_from(
+                classifiers.join(versions, versions.c.version_id == classifiers.c.current_version_id))
+                .where(classifiers.c.id == classifier_id)).first()
+        return None if row is None else _version(row._mapping)
+
+    def version_dir(self, version: VersionRecord) -> Path:
+        return self.blobs.path(version.blob_key)
+
+    def model_dir(self, classifier_id: str) -> Path | None:
+        """The current version's artifact directory (immutable), or None until one is published."""
+        version = self.current_version(classifier_id)
+        return None if version is None else self.version_dir(version)
+
+    def artifact_path(self, classifier_id: str, name: str, version: VersionRecord | None = None) -> Path | None:
+        """A published artifact by a name the version lists (never a user path), or None."""
+        version = version or self.current_version(classifier_id)
+        if version is None or name not in version.files or not _FILE_NAME.match(name):
+            return None
+        path = self.version_dir(version) / name
+        return path if path.is_file() else None
+
+    def new_build_dir(self, classifier_id: str) -> Path:
+        """An empty staging directory on the blob volume (so publishing it is a rename)."""
+        if not is_classifier_id(classifier_id):
+            raise StoreError(f"{classifier_id!r} is not a classifier id")
+        return self.blobs.staging_dir(f"build-{classifier_id}")
+
+    def discard(self, build_dir: Path) -> None:
+        self.blobs.discard(Path(build_dir))
+
+    def publish_version(self, classifier_id: str, build_dir: Path, *, job_id: str | None = None,
+                        owner: str | None = None, final: bool = True, candidate: str | None = None
+                        ) -> VersionRecord:
+        """Make a complete build directory a version of the classifier: blob first, then one transaction.
+
+        With ``job_id``/``owner`` and ``final``, the same transaction ends the job as succeeded, and only if
+        the caller still holds its lease: a worker that lost its lease (frozen, then resumed) cannot publish,
+        so one job publishes once. A preview (``final=False``) becomes current only while no final version
+        exists. Raises StoreError (and removes the blob) when the classifier is gone or the lease was lost.
+        """
+        build_dir = Path(build_dir)
+        manifest_path = build_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise StoreError(f"the build has no {MANIFEST}; refusing to publish an incomplete build")
+        manifest = json.loads(manifest_path.read_text())
+        files = sorted(p.name for p in build_dir.iterdir() if p.is_file() and _FILE_NAME.match(p.name))
+        version_id = new_version_id()
+        key = self.blobs.version_key(version_id)
+        try:
+            self.blobs.put_dir(build_dir, key)
+        except BlobError as exc:
+            raise StoreError(str(exc)) from exc
+        candidate = candidate or str(manifest.get("candidate") or manifest.get("method") or "")
+        base_id = manifest.get("base_id")
+        try:
+            with self.db.write() as conn:
+                now = float(conn.execute(select(db_now())).scalar_one())
+                current = conn.execute(select(classifiers.c.current_version_id, versions.c.final).select_from(
+                    classifiers.outerjoin(versions, versions.c.version_id == classifiers.c.current_version_id))
+                    .where(classifiers.c.id == classifier_id)).first()
+                if current is None:
+                    raise StoreError(f"classifier {classifier_id} no longer exists")
+                if final and job_id is not None:
+                    if not jobsm.finish_in(conn, job_id, owner or "", "succeeded"):
+                        raise StoreError(f"job {job_id} is no longer held by this worker; not publishing")
+                if base_id:
+                    self._register_base(conn, str(base_id), manifest, now)
+                conn.execute(versions.insert().values(
+                    version_id=version_id, classifier_id=classifier_id, candidate=candidate[:40], final=final,
+                    blob_key=key, base_id=base_id, manifest=manifest, files=files, created_at=now))
+                if final or current.current_version_id is None or not current.final:
+                    conn.execute(update(classifiers).where(classifiers.c.id == classifier_id)
+                                 .values(current_version_id=version_id))
+        except BaseException:
+            self.blobs.delete(key)
+            raise
+        return VersionRecord(version_id, classifier_id, candidate[:40], final, key, base_id, manifest, files, now)
+
+    def _register_base(self, conn: Connection, base_id: str, manifest: dict[str, Any], now: float) -> None:
+        try:
+            key = self.blobs.base_key(base_id)
+        except BlobError:
+            return
+        if conn.execute(select(bases.c.base_id).where(bases.c.base_id == base_id)).first() is None:
+            conn.execute(insert(bases).values(base_id=base_id, backbone=str(manifest.get("backbone") or ""),
+                                              pretrained=str(manifest.get("pretrained") or ""), blob_key=key,
+                                              created_at=now))
+
+    @property
+    def bases_dir(self) -> Path:
+        return self.blobs.bases_dir
+
+    # ---------------------------------------------------------------- jobs
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        if not is_job_id(job_id):
+            return None
+        with self.db.read() as conn:
+            return jobsm.get(conn, job_id, tenant)
+
+    def count_active_jobs(self, tenant: str) -> int:
+        with self.db.read() as conn:
+            return jobsm.count_active(conn, tenant)
+
+    def cancel_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        if not is_job_id(job_id):
+            return None
+        return jobsm.request_cancel(self.db, job_id, tenant)
+
+    def job_counts(self) -> dict[str, int]:
+        return jobsm.counts(self.db)
+
+    def claim(self, job_id: str, owner: str) -> tuple[str, JobRecord | None]:
+        if not is_job_id(job_id):
+            return "missing", None
+        return jobsm.claim(self.db, job_id, owner, self.settings.job_lease_seconds, self.settings.job_max_attempts)
+
+    def heartbeat(self, job_id: str, owner: str) -> str:
+        return jobsm.heartbeat(self.db, job_id, owner, self.settings.job_lease_seconds)
+
+    def set_progress(self, job_id: str, owner: str, progress: dict[str, Any],
+                     warnings: list[str] | None = None) -> bool:
+        return jobsm.set_progress(self.db, job_id, owner, progress, warnings)
+
+    def finish_job(self, job_id: str, owner: str, status: str, error: dict[str, str] | None = None) -> bool:
+        return jobsm.finish(self.db, job_id, owner, status, error)
+
+    def recover(self, enqueue: Callable[[str], None]) -> dict[str, int]:
+        """One sweep: expired leases, lost broker messages, retention. Sends what needs sending."""
+        counts, send = jobsm.sweep(self.db, self.settings.job_max_attempts, self.settings.job_resend_seconds)
+        for job_id in send:
+            try:
+                enqueue(job_id)
+            except Exception as exc:  # broker down: the job stays queued and is re-sent by a later sweep
+                log.warning("could not send job %s: %s", job_id, exc)
+        counts["pruned"] = jobsm.prune(self.db, self.settings.job_retention_seconds)
+        for outcome in ("requeued", "failed", "cancelled", "resent"):
+            if counts[outcome]:
+                log.warning("lease sweep: %d job(s) %s", counts[outcome], outcome)
+        return counts
+
+    # ---------------------------------------------------------------- upkeep
+    def collect_garbage(self, grace_s: float = 3600.0, base_grace_s: float | None = None) -> dict[str, int]:
+        """Remove blobs no row refers to, older than ``grace_s`` (writes in flight are younger).
+
+        A base is removed only when no version refers to it (and it is older than ``base_grace_s``,
+        default 7 days: exporting one again is expensive).
+        """
+        base_grace_s = 7 * 86400.0 if base_grace_s is None else base_grace_s
+        removed = {"uploads": 0, "versions": 0, "bases": 0, "tmp": self.blobs.cleanup_tmp(max(grace_s, 3600.0))}
+        checks = {
+            "uploads": lambda ids: select(classifiers.c.id).where(classifiers.c.id.in_(ids)),
+            "versions": lambda ids: select(versions.c.version_id).where(versions.c.version_id.in_(ids)),
+            "bases": lambda ids: select(versions.c.base_id).where(versions.c.base_id.in_(ids)).distinct(),
+        }
+        for kind, check in checks.items():
+            keys = list(self.blobs.iter_keys(kind, older_than_s=base_grace_s if kind == "bases" else grace_s))
+            for chunk in _chunks(keys, 500):
+                ids = [k.split("/", 1)[1] for k in chunk]
+                with self.db.read() as conn:
+                    alive = set(conn.execute(check(ids)).scalars().all())
+                for key, ident in zip(chunk, ids):
+                    if ident in alive:
+                        continue
+                    if kind == "bases":
+                        with self.db.write() as conn:
+                            if conn.execute(select(versions.c.version_id).where(versions.c.base_id == ident)
+                                            .limit(1)).first() is not None:
+                                continue  # a version appeared meanwhile
+                            conn.execute(delete(bases).where(bases.c.base_id == ident))
+                    self.blobs.delete(key)
+                    removed[kind] += 1
+        return removed
+
+    def check_ready(self) -> None:
+        """Raise unless the database answers and the blob volume is writable."""
+        with self.db.read() as conn:
+            conn.execute(text("SELECT 1"))
+        self.blobs.check_writable()
+
+    check_writable = check_ready
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
