@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("r-amt", "amt", "r-pmt", "pmt", "r-mmt", "mmt")
+# What a build can publish, simplest first: near-ties in validation accuracy go to the earlier one.
+CANDIDATES = ("zero-shot", "head", "mask", "mask+head")
+QUICK_GELU = {"auto": None, "on": True, "off": False}
+MIN_PER_CLASS_FOR_HOLDOUT = 5  # classes with fewer images are never held out
 
 
 @dataclass
@@ -41,6 +47,19 @@ class TuneConfig:
                           "at least 5 images; 0 disables)."})
     augment: bool = field(default=True, metadata={"help": "RandomResizedCrop(scale 0.5-1, bicubic) + h-flip."})
     parity_atol: float = field(default=1e-3, metadata={"help": "Export parity: max |torch - ORT| on probabilities."})
+    quick_gelu: str = field(
+        default="auto",
+        metadata={"help": "'auto' | 'on' | 'off' (JSON true/false also accepted): QuickGELU activations. OpenAI's "
+                          "CLIP weights were trained with them; 'auto' detects OpenAI checkpoints (tag, file name "
+                          "containing 'openai', TorchScript archive). A plain state dict of OpenAI weights needs 'on'."})
+    select: str = field(
+        default="auto",
+        metadata={"help": f"Which candidate to publish: 'auto' (the best on validation data, near-ties to the "
+                          f"simpler) or one of {', '.join(CANDIDATES)}."})
+    unknown: bool = field(
+        default=False,
+        metadata={"help": "Answer 'unknown' below a score threshold: a default min_score is chosen on validation "
+                          "data and stored with the classifier."})
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -63,6 +82,12 @@ class TuneConfig:
             raise ValueError(f"min_steps={self.min_steps!r} must be an integer >= 0")
         if self.l2_weight < 0:
             raise ValueError(f"l2_weight={self.l2_weight} must be >= 0")
+        if isinstance(self.quick_gelu, bool):
+            self.quick_gelu = "on" if self.quick_gelu else "off"
+        if self.quick_gelu not in QUICK_GELU:
+            raise ValueError(f"quick_gelu={self.quick_gelu!r} must be one of auto, on, off")
+        if self.select not in ("auto", *CANDIDATES):
+            raise ValueError(f"select={self.select!r} must be 'auto' or one of {', '.join(CANDIDATES)}")
         if self.mask_init <= self.threshold:
             raise ValueError(
                 f"mask_init={self.mask_init} must be > threshold={self.threshold}, or every weight starts masked out")
@@ -94,6 +119,8 @@ class TuneConfig:
             try:
                 if value is None and name == "pretrained":
                     clean[name] = None
+                elif name == "quick_gelu" and isinstance(value, bool):
+                    clean[name] = value
                 elif isinstance(default, bool):
                     if not isinstance(value, bool):
                         raise TypeError
@@ -114,6 +141,43 @@ class TuneConfig:
                 raise ValueError(f"config field {name!r} has the wrong type: {value!r} "
                                  f"(expected {type(default).__name__})") from None
         return cls(**clean)
+
+    @property
+    def quick_gelu_setting(self) -> bool | None:
+        """For backbones.load_backbone: None = detect, True/False = forced."""
+        return QUICK_GELU[self.quick_gelu]
+
+    def n_holdout(self, class_counts: Sequence[int]) -> int:
+        """How many of these per-class image counts ``pipeline.split_holdout`` holds out."""
+        if self.holdout <= 0:
+            return 0
+        return sum(max(1, round(self.holdout * n)) for n in class_counts if n >= MIN_PER_CLASS_FOR_HOLDOUT)
+
+    def schedule(self, n_train: int | Sequence[int]) -> dict[str, Any]:
+        """The optimizer schedule for ``n_train`` training images (or per-class upload counts, from which the
+        holdout is subtracted): what a create reports before any training runs.
+
+        Epochs are raised until at least ``min_steps`` optimizer steps run; ``warning`` says so with numbers.
+        """
+        if isinstance(n_train, int):
+            n_images, held = n_train, 0
+        else:
+            counts = [int(n) for n in n_train]
+            held = self.n_holdout(counts)
+            n_images = sum(counts) - held
+        if n_images < 1:
+            raise ValueError(f"n_train={n_images}: need at least one training image")
+        per_epoch = max(1, math.ceil(n_images / self.batch_size))
+        epochs = max(self.epochs, math.ceil(self.min_steps / per_epoch)) if self.min_steps else self.epochs
+        total = per_epoch * epochs
+        warning = None
+        if epochs > self.epochs:
+            warning = (f"epochs raised by min_steps: {n_images} training images give {per_epoch} step(s) per epoch, "
+                       f"so {self.epochs} epochs would be {per_epoch * self.epochs} steps; running {epochs} epochs = "
+                       f"{total} steps >= min_steps={self.min_steps}")
+        return {"n_train": n_images, "n_holdout": held, "batch_size": self.batch_size, "steps_per_epoch": per_epoch,
+                "epochs_requested": self.epochs, "min_steps": self.min_steps, "epochs": epochs,
+                "total_steps": total, "raised_by_min_steps": epochs > self.epochs, "warning": warning}
 
     def paper_recipe(self) -> "TuneConfig":
         """The official schedule (no step floor)."""

@@ -78,6 +78,9 @@ PAPER_TABLE3 = {
     "SUN397": (62.50, 76.40),
 }
 PAPER_AVERAGE = {"zero-shot": 65.23, "r-amt": 83.96}
+# The authors' README: GDR's leak (lambda) is 0.3 for 16-shot runs on every dataset except these three, which use
+# 1.0; other shot counts use 1.0.
+FULL_LEAK_DATASETS = {"ImageNet", "SUN397", "Food101"}
 PAPER_BACKBONES = {"vit-b-16", "vit-b/16"}
 
 
@@ -395,11 +398,21 @@ def accuracy_on(model, text_features: torch.Tensor, eval_images: EvalImages, dev
     return 100.0 * accuracy
 
 
-def run_config(method: str, n_classes: int, seed: int, template: str, args) -> TuneConfig:
+def official_leak(dataset: str, shots: int) -> float:
+    """GDR's lambda in the official runs: 0.3 at 16 shots except on ImageNet, SUN397 and Food101; else 1.0."""
+    return 0.3 if shots == 16 and coop_name(dataset) not in FULL_LEAK_DATASETS else 1.0
+
+
+def run_config(method: str, n_classes: int, seed: int, template: str, args, dataset: str = "",
+               shots: int = 0) -> TuneConfig:
     """The official recipe (TuneConfig.paper_recipe: no step floor unless --min-steps): 30 epochs at lr 8e-5,
-    or 10 epochs at 3e-5 for ImageNet-scale datasets (>= 500 classes); --epochs / --lr override."""
+    or 10 epochs at 3e-5 for ImageNet-scale datasets (>= 500 classes), GDR's leak per dataset and shots
+    (official_leak); --epochs / --lr / --leak override."""
     imagenet_scale = n_classes >= IMAGENET_SCALE
+    leak = getattr(args, "leak", None)
     config = TuneConfig(method=method, backbone=args.backbone, pretrained=args.pretrained_value,
+                        leak=official_leak(dataset, shots) if leak is None else leak,
+                        quick_gelu=getattr(args, "quick_gelu", "auto"),
                         epochs=args.epochs or (10 if imagenet_scale else 30),
                         learning_rate=args.lr or (3e-5 if imagenet_scale else 8e-5),
                         batch_size=args.batch_size, prompt_template=template, seed=seed, holdout=0.0).paper_recipe()
@@ -541,7 +554,7 @@ def render_markdown(report: dict) -> str:
 def _setup_key(args) -> dict:
     """What makes two runs comparable: a --resume only reuses runs recorded under the same setup."""
     return {"backbone": args.backbone, "pretrained": args.pretrained_value, "epochs": args.epochs, "lr": args.lr,
-            "min_steps": args.min_steps, "batch_size": args.batch_size, "limit_test": args.limit_test,
+            "min_steps": args.min_steps, "leak": getattr(args, "leak", None), "batch_size": args.batch_size, "limit_test": args.limit_test,
             "template": args.template, "image_dir": args.image_dir}
 
 
@@ -583,7 +596,8 @@ def run_protocol(args) -> dict:
     if not args.resume:
         runs_path.write_text("")
 
-    base = load_backbone(args.backbone, args.pretrained_value, device=device, seed=0)
+    quick_gelu = {"auto": None, "on": True, "off": False}[getattr(args, "quick_gelu", "auto")]
+    base = load_backbone(args.backbone, args.pretrained_value, device=device, seed=0, quick_gelu=quick_gelu)
     preprocess = PreprocessConfig.from_dict(base.preprocess)
     total = len(datasets) * len(args.shots) * len(args.seeds) * len(args.methods)
     bar = tqdm(total=total, desc="runs", unit="run", disable=args.quiet, dynamic_ncols=True)
@@ -627,7 +641,7 @@ def run_protocol(args) -> dict:
                         runs.append({k: v for k, v in done[key].items() if k != "setup"})
                         bar.update()
                         continue
-                    config = run_config(method, len(ds.classnames), seed, ds.template, args)
+                    config = run_config(method, len(ds.classnames), seed, ds.template, args, ds.name, shots)
                     backbone = dataclasses.replace(base, model=copy.deepcopy(base.model))
                     torch.manual_seed(seed)
                     step_bar = tqdm(desc="tune", unit="step", leave=False, disable=args.quiet, dynamic_ncols=True)
@@ -651,7 +665,7 @@ def run_protocol(args) -> dict:
                                         f"(e.g. {short[0]!r}); drawn with replacement as CoOp does")
                     run = {"dataset": ds.name, "shots": shots, "seed": seed, "method": method, "accuracy": accuracy,
                            "sparsity": result.sparsity, "steps": result.steps, "epochs": result.epochs,
-                           "learning_rate": config.learning_rate, "n_train": len(chosen), "n_test": len(ds.test),
+                           "learning_rate": config.learning_rate, "leak": config.leak, "n_train": len(chosen), "n_test": len(ds.test),
                            "elapsed_s": round(result.elapsed_s, 2), "warnings": warnings}
                     runs.append(run)
                     record(run)
@@ -664,8 +678,10 @@ def run_protocol(args) -> dict:
 
     rows = summarize(runs, zero_shot)
     recipe = (f"epochs {args.epochs or '30 (10 at >= 500 classes)'}, lr {args.lr or '8e-5 (3e-5 at >= 500 classes)'}, "
-              f"batch {args.batch_size}, min_steps {args.min_steps}"
-              + (" (paper recipe)" if not (args.epochs or args.lr or args.min_steps) else " (NOT the paper recipe)"))
+              f"batch {args.batch_size}, min_steps {args.min_steps}, GDR leak "
+              f"{args.leak if args.leak is not None else '0.3 at 16 shots (1.0 on ImageNet/SUN397/Food101 and below 16)'}"
+              + (" (paper recipe)" if not (args.epochs or args.lr or args.min_steps or args.leak is not None)
+                 else " (NOT the paper recipe)"))
     report = {
         "protocol": "CoOp few-shot: K shots per class drawn with random.Random(seed) as Dassl's "
                     "generate_fewshot_dataset, tuned with the official recipe, scored on the full test split; "
@@ -717,6 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="Override the paper's epochs (30; 10 at >= 500 classes).")
     p.add_argument("--lr", type=float, help="Override the paper's learning rate (8e-5; 3e-5 at >= 500 classes).")
     p.add_argument("--min-steps", type=int, default=0, help="Step floor (0 = the paper recipe).")
+    p.add_argument("--leak", type=float, help="GDR's lambda for every run (default: the official per-dataset value, "
+                                              "0.3 at 16 shots except ImageNet/SUN397/Food101, else 1.0).")
+    p.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto",
+                   help="QuickGELU activations (OpenAI weights need them); auto detects OpenAI checkpoints.")
     p.add_argument("--limit-test", type=int, help="Score on a fixed random subset of N test images (quick runs; "
                                                   "results are then not comparable with the paper).")
     p.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)),
@@ -744,6 +764,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             problems.append(f"--{flag.replace('_', '-')}={value} must be >= 1")
     if args.min_steps < 0 or args.workers < 0:
         problems.append("--min-steps and --workers must be >= 0")
+    if args.leak is not None and not 0.0 <= args.leak <= 1.0:
+        problems.append(f"--leak={args.leak} must be in [0, 1]")
     if args.lr is not None and args.lr <= 0:
         problems.append(f"--lr={args.lr} must be > 0")
     if not (args.datasets and args.shots and args.seeds and args.methods):

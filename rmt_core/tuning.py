@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -34,9 +33,41 @@ class Progress:
     train_accuracy: float
     sparsity: float
     elapsed_s: float
+    eta_seconds: float | None = None  # see StepTimer
+    eta_basis: str = ""  # "post-flip" (measured) | "pre-flip estimate" | "" (no step measured yet)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class StepTimer:
+    """ETA from the measured time per step *after masks flip*.
+
+    Before any mask flips, GDR has no teacher to run and steps are cheaper; averaging them in made early ETAs
+    far too low. Once a mask has flipped, the ETA is the mean of the last ``window`` post-flip steps times the
+    steps left. Before that it is the pre-flip mean times ``PRE_FLIP_FACTOR`` for GDR methods (the teacher
+    forward pass they will add), labelled as an estimate.
+    """
+
+    PRE_FLIP_FACTOR = 1.4
+
+    def __init__(self, uses_gdr: bool, window: int = 20):
+        self.uses_gdr, self.window = uses_gdr, window
+        self.pre: list[float] = []
+        self.post: list[float] = []
+
+    def record(self, seconds: float, flipped_before_step: bool) -> None:
+        (self.post if flipped_before_step else self.pre).append(seconds)
+
+    def eta(self, steps_left: int) -> tuple[float | None, str]:
+        if self.post:
+            recent = self.post[-self.window:]
+            return steps_left * sum(recent) / len(recent), "post-flip"
+        if self.pre:
+            recent = self.pre[-self.window:]
+            factor = self.PRE_FLIP_FACTOR if self.uses_gdr else 1.0
+            return steps_left * factor * sum(recent) / len(recent), "pre-flip estimate"
+        return None, ""
 
 
 @dataclass
@@ -83,10 +114,10 @@ def zero_shot_logits(model, images: torch.Tensor, text_features: torch.Tensor) -
 
 
 def plan_schedule(n_images: int, config: TuneConfig) -> tuple[int, int, int]:
-    """(steps per epoch, epochs, total steps), raising epochs until ``min_steps`` optimizer steps run."""
-    per_epoch = max(1, math.ceil(n_images / config.batch_size))
-    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch)) if config.min_steps else config.epochs
-    return per_epoch, epochs, per_epoch * epochs
+    """(steps per epoch, epochs, total steps), raising epochs until ``min_steps`` optimizer steps run
+    (TuneConfig.schedule has the whole report)."""
+    plan = config.schedule(n_images)
+    return plan["steps_per_epoch"], plan["epochs"], plan["total_steps"]
 
 
 def _vjp(logits: torch.Tensor, scores: list[torch.Tensor], vectors: torch.Tensor) -> list[torch.Tensor]:
@@ -177,12 +208,10 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
     masks = attach_masks(model, config.method, config.mask_init, config.threshold, config.mask_conv1)
     scores = [m.scores for m in masks.values()]
     optimizer = torch.optim.Adam(scores, lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=0.0)
-    per_epoch, epochs, total = plan_schedule(len(images), config)
+    plan = config.schedule(len(images))
+    epochs, total = plan["epochs"], plan["total_steps"]
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    warnings: list[str] = []
-    if epochs > config.epochs:
-        warnings.append(f"{len(images)} images give {per_epoch} step(s) per epoch; epochs raised from "
-                        f"{config.epochs} to {epochs} so that {total} >= min_steps={config.min_steps} optimizer steps run")
+    warnings: list[str] = [plan["warning"]] if plan["warning"] else []
     transform = train_transform(backbone.preprocess, config.augment)
     generator = torch.Generator().manual_seed(config.seed)
     gdr_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
@@ -190,6 +219,7 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
     model.train()  # no dropout in CLIP; train mode keeps MHA off its inference fast path
     history: list[dict] = []
     started = time.monotonic()
+    timer = StepTimer(config.uses_gdr)
     step = 0
     current_sparsity = sparsity(masks)  # read once per step, after the update; the next step reuses it
     for epoch in range(1, epochs + 1):
@@ -202,14 +232,19 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
                 batch = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)
             y = targets_t[idx].to(device)
+            step_started = time.monotonic()
+            flipped_before = current_sparsity > 0
             logits, loss_ce = train_step(model, masks, batch, y, text_features, optimizer, config, gdr_generator,
                                          any_flipped=current_sparsity > 0)
             scheduler.step()
             step += 1
             current_sparsity = sparsity(masks)
+            timer.record(time.monotonic() - step_started, flipped_before)
+            eta, basis = timer.eta(total - step)
             record = Progress(step=step, total_steps=total, epoch=epoch, epochs=epochs, loss=float(loss_ce.detach()),
                               train_accuracy=float((logits.argmax(1) == y).float().mean()),
-                              sparsity=current_sparsity, elapsed_s=time.monotonic() - started)
+                              sparsity=current_sparsity, elapsed_s=time.monotonic() - started,
+                              eta_seconds=None if eta is None else round(eta, 2), eta_basis=basis)
             history.append(record.to_dict())
             if progress is not None:
                 progress(record)

@@ -229,3 +229,16 @@ def test_paper_reference_is_labelled_and_uses_table3():
     assert "65.23 | 83.96" in text and "1 of the paper's 11" in text
     zs, ramt = zip(*evaluation.PAPER_TABLE3.values())
     assert (round(np.mean(zs), 2), round(np.mean(ramt), 2)) == (65.23, 83.96)
+
+
+def test_paper_protocol_uses_the_official_gdr_leak_per_dataset_and_shots():
+    from rmt_core.evaluation import official_leak, parse_args, run_config
+
+    assert official_leak("OxfordPets", 16) == 0.3 and official_leak("dtd", 16) == 0.3
+    assert official_leak("ImageNet", 16) == official_leak("SUN397", 16) == official_leak("food-101", 16) == 1.0
+    assert official_leak("OxfordPets", 8) == 1.0
+    args = parse_args(["--datasets", "OxfordPets"])
+    assert run_config("r-amt", 37, 1, "a photo of a {}.", args, "OxfordPets", 16).leak == 0.3
+    assert run_config("r-amt", 1000, 1, "a photo of a {}.", args, "ImageNet", 16).leak == 1.0
+    forced = parse_args(["--datasets", "OxfordPets", "--leak", "0.5"])
+    assert run_config("r-amt", 37, 1, "a photo of a {}.", forced, "OxfordPets", 16).leak == 0.5

@@ -116,3 +116,47 @@ def test_batched_gradients_equal_the_losses_autograd_gradients(temperature):
     for a, b in zip(got_ce + got_kl, list(want_ce) + list(want_kl)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))  # float32 sums
     assert any(gk.abs().max() > 0 for gk in got_kl)
+
+
+def test_schedule_reports_epochs_min_steps_and_total_with_the_warning():
+    config = TuneConfig(epochs=30, batch_size=32, min_steps=300)
+    plan = config.schedule(40)
+    assert (plan["steps_per_epoch"], plan["epochs_requested"], plan["epochs"], plan["total_steps"]) == (2, 30, 150, 300)
+    assert plan["raised_by_min_steps"] and plan["min_steps"] == 300
+    assert "epochs raised by min_steps" in plan["warning"] and "150 epochs = 300 steps" in plan["warning"]
+    assert "30 epochs would be 60 steps" in plan["warning"]
+    big = config.schedule(3200)
+    assert (big["epochs"], big["total_steps"], big["raised_by_min_steps"], big["warning"]) == (30, 3000, False, None)
+    # per-class upload counts: the holdout (20% of classes with >= 5 images) does not train
+    per_class = TuneConfig(holdout=0.2).schedule([10, 10, 3])
+    assert (per_class["n_holdout"], per_class["n_train"]) == (4, 19)
+    assert plan_schedule(40, config) == (2, 150, 300)
+
+
+def test_eta_uses_post_flip_step_times_not_the_cheaper_pre_flip_average():
+    from rmt_core.tuning import StepTimer
+
+    timer = StepTimer(uses_gdr=True)
+    assert timer.eta(10) == (None, "")
+    for _ in range(50):
+        timer.record(0.1, flipped_before_step=False)
+    eta, basis = timer.eta(100)
+    assert basis == "pre-flip estimate" and eta == pytest.approx(100 * 0.1 * StepTimer.PRE_FLIP_FACTOR)
+    for _ in range(5):
+        timer.record(0.3, flipped_before_step=True)
+    eta, basis = timer.eta(100)
+    assert basis == "post-flip" and eta == pytest.approx(30.0)  # the overall mean (0.12/step) would say 12 s
+
+
+def test_progress_reports_an_eta_that_reaches_zero():
+    samples = colour_task(n_per_class=2)
+    backbone = tiny()
+    text = encode_class_texts(backbone, ["blue", "green", "red"], "a photo of a {}.")
+    config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=6, batch_size=3,
+                        learning_rate=2e-3)
+    seen = []
+    tune(backbone, [i for i, _ in samples], [0, 0, 1, 1, 2, 2], text, config, progress=seen.append)
+    assert all(p.eta_seconds is not None and p.eta_seconds >= 0 for p in seen)
+    assert seen[-1].eta_seconds == 0
+    assert seen[0].eta_basis == "pre-flip estimate"
+    assert any(p.eta_basis == "post-flip" for p in seen)  # lr 2e-3 flips a mask after ~3 steps
