@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from rmt_core.store import ClassifierRecord, JobRecord
+from rmt_service.store import ClassifierRecord, JobRecord
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ClassifierStatus = Literal["queued", "running", "ready", "failed", "cancelled"]
@@ -95,8 +95,8 @@ class ClassifierPublic(BaseModel):
     @classmethod
     def from_record(cls, record: ClassifierRecord, job: JobRecord | None, manifest: dict[str, Any] | None,
                     files: list[str]) -> "ClassifierPublic":
-        if manifest is not None:
-            status = "ready"
+        if manifest is not None and (job is None or job.status not in ("queued", "running")):
+            status = "ready"  # (a preview version while the job runs leaves the status to the job)
         elif job is None:
             status = "failed"
         elif job.status == "succeeded":  # succeeded but the model is gone: should not happen
@@ -127,6 +127,7 @@ class ClassifierList(BaseModel):
     total: int
     limit: int
     offset: int
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page; null on the last page.")
 
 
 class Prediction(BaseModel):
