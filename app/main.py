@@ -19,7 +19,7 @@ from .limits import BodySizeLimit
 from .metrics import Metrics, MetricsMiddleware
 from .openapi import install_openapi
 from .queue import JobQueue
-from .routers import classifiers, classify, docs, health, jobs
+from .routers import classifiers, classify, docs, export, health, jobs
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     install_error_handlers(app)
     for router in (health.router, classifiers.router, classify.router, jobs.router):
         app.include_router(router)
+    app.include_router(export.router)
     app.include_router(docs.router)
     docs.mount_docs_assets(app)
     install_openapi(app)

@@ -1,0 +1,113 @@
+"""GET /v1/classifiers/{id}/export: a portable zip bundle that runs anywhere with numpy + onnxruntime + Pillow.
+
+The bundle holds model.onnx (the self-contained baked model), labels.txt (one label per output, in order),
+preprocess.json (resize, crop and normalisation), manifest.json and a README.md whose example script is
+run by the tests against the server's own answers.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from ..deps import StoreDep, TenantDep
+from .classifiers import _ERRORS, _ready_model, owned_classifier
+
+router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
+
+EXAMPLE = '''\
+import json, sys
+import numpy as np, onnxruntime as ort
+from PIL import Image
+
+pre = json.load(open("preprocess.json")); labels = open("labels.txt", encoding="utf-8").read().splitlines()
+(h, w), resample = pre["size"], getattr(Image.Resampling, pre["interpolation"].upper())
+img = Image.open(sys.argv[1]).convert("RGB"); W, H = img.size
+if pre["resize_mode"] == "squash": img = img.resize((w, h), resample)
+else:  # shortest side to h, then a centre crop
+    img = img.resize((h, int(h * H / W)) if W <= H else (int(h * W / H), h), resample)
+    left, top = round((img.width - w) / 2), round((img.height - h) / 2); img = img.crop((left, top, left + w, top + h))
+x = ((np.asarray(img, np.float32) / 255 - pre["mean"]) / pre["std"]).transpose(2, 0, 1)[None].astype(np.float32)
+session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+logits = session.run(None, {session.get_inputs()[0].name: x})[0][0]
+p = np.exp(logits - logits.max()); p /= p.sum()
+for i in np.argsort(-p)[:5]: print(f"{labels[i]}\\t{p[i]:.6f}")
+'''
+
+README = """# {name}
+
+A few-shot image classifier exported from the RMT classifier service ({classifier_id}).
+Labels: {labels}. Backbone {backbone} ({pretrained}), method {method}.
+
+| file | what |
+|---|---|
+| `model.onnx` | the model: input `[N, 3, {h}, {w}]` float32 (preprocessed as below), output class logits `[N, {n}]` |
+| `labels.txt` | one label per line, in the order of the model's outputs |
+| `preprocess.json` | resize (`resize_mode`, `interpolation`), crop size and the mean/std to normalise with |
+| `manifest.json` | how it was made: settings, sparsity, validation report |
+
+Softmax over the logits gives the probabilities the service returns. Run it with numpy, onnxruntime and Pillow
+(`pip install numpy onnxruntime pillow`) as `python classify.py photo.jpg`, where `classify.py` is:
+
+```python
+{example}```
+"""
+
+
+def model_onnx_path(model_dir: Path) -> Path:
+    """The self-contained ONNX model of a published classifier."""
+    return model_dir / "model.onnx"
+
+
+def write_bundle(model_dir: Path, classifier_id: str, name: str, out) -> None:
+    """Write the export zip for the published classifier in ``model_dir`` to the file object ``out``."""
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    labels = list(manifest["labels"])
+    preprocess = dict(manifest["preprocess"])
+    h, w = (preprocess["size"], preprocess["size"]) if isinstance(preprocess["size"], int) else preprocess["size"]
+    preprocess.setdefault("interpolation", "bicubic")
+    preprocess.setdefault("resize_mode", "shortest")
+    readme = README.format(name=name or classifier_id, classifier_id=classifier_id, labels=", ".join(labels),
+                           backbone=manifest.get("backbone"), pretrained=manifest.get("pretrained"),
+                           method=manifest.get("method"), h=h, w=w, n=len(labels), example=EXAMPLE)
+    with zipfile.ZipFile(out, "w") as zf:
+        # float weights barely compress: store the model, deflate the small text files
+        zf.write(model_onnx_path(model_dir), "model.onnx", compress_type=zipfile.ZIP_STORED)
+        for arcname, text in (("labels.txt", "\n".join(labels) + "\n"),
+                              ("preprocess.json", json.dumps(preprocess, indent=2) + "\n"),
+                              ("manifest.json", json.dumps(manifest, indent=2) + "\n"),
+                              ("README.md", readme)):
+            zf.writestr(arcname, text, compress_type=zipfile.ZIP_DEFLATED)
+
+
+def _iter_file(handle, chunk: int = 1 << 20):
+    try:
+        while data := handle.read(chunk):
+            yield data
+    finally:
+        handle.close()
+
+
+@router.get("/{classifier_id}/export", response_class=StreamingResponse, responses={
+    **_ERRORS, 200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "model.onnx, labels.txt, preprocess.json, manifest.json, README.md"}})
+async def export_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep) -> StreamingResponse:
+    """A zip to run the classifier anywhere: ONNX model, labels, preprocessing and a numpy example."""
+    record = owned_classifier(store, classifier_id, tenant)
+    model_dir = _ready_model(store, record)
+    # built in a temporary file (unlinked already): the model may be hundreds of MB, never held in memory
+    handle = tempfile.TemporaryFile()
+    try:
+        await run_in_threadpool(write_bundle, model_dir, classifier_id, record.name, handle)
+        size = handle.tell()
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return StreamingResponse(_iter_file(handle), media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{classifier_id}.zip"', "Content-Length": str(size)})
