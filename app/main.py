@@ -19,7 +19,7 @@ from .limits import BodySizeLimit
 from .metrics import Metrics, MetricsMiddleware
 from .openapi import install_openapi
 from .queue import JobQueue
-from .routers import classifiers, classify, docs, export, health, jobs
+from .routers import classifiers, classify, docs, export, health, jobs, ui
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
                                       batch_max_size=settings.batch_max_size,
                                       batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics)
     install_error_handlers(app)
-    for router in (health.router, classifiers.router, classify.router, jobs.router):
+    for router in (health.router, classifiers.router, classify.router, jobs.router, ui.router):
         app.include_router(router)
     app.include_router(export.router)
     app.include_router(docs.router)

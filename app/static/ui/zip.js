@@ -1,0 +1,61 @@
+// Reading a zip in the browser (no library): the central directory gives the names, DecompressionStream
+// ("deflate-raw") inflates the members. Used to turn "one zip, one folder per class" into per-class images
+// the user can look at and prune before uploading. Folder rules match the server's (app/uploads.py).
+
+const IMAGE_EXT = /\.(png|jpe?g|gif|webp|bmp|tiff?)$/i;
+const MIME = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp",
+               bmp: "image/bmp", tif: "image/tiff", tiff: "image/tiff" };
+
+function findEnd(view) {
+  for (let i = view.byteLength - 22; i >= Math.max(0, view.byteLength - 65557); i--) {
+    if (view.getUint32(i, true) === 0x06054b50) return i;
+  }
+  throw new Error("not a zip file (no end-of-directory record)");
+}
+
+async function inflate(bytes) {
+  if (typeof DecompressionStream === "undefined") throw new Error("this browser cannot inflate zip members");
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate-raw"));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
+// [{path: "cat/1.png", parts: ["cat", "1.png"], file: File}] for the image members, hidden files left out.
+export async function readZip(file, maxFiles = 2000) {
+  const buffer = await file.arrayBuffer();
+  const view = new DataView(buffer);
+  const end = findEnd(view);
+  const count = view.getUint16(end + 10, true);
+  let offset = view.getUint32(end + 16, true);
+  if (count === 0xffff || offset === 0xffffffff) throw new Error("zip64 archives are not read in the browser");
+  const decoder = new TextDecoder();
+  const members = [];
+  for (let n = 0; n < count; n++) {
+    if (view.getUint32(offset, true) !== 0x02014b50) throw new Error("corrupt zip directory");
+    const flags = view.getUint16(offset + 8, true), method = view.getUint16(offset + 10, true);
+    const compressed = view.getUint32(offset + 20, true);
+    const nameLen = view.getUint16(offset + 28, true), extraLen = view.getUint16(offset + 30, true);
+    const commentLen = view.getUint16(offset + 32, true), local = view.getUint32(offset + 42, true);
+    const path = decoder.decode(new Uint8Array(buffer, offset + 46, nameLen));
+    offset += 46 + nameLen + extraLen + commentLen;
+    const parts = path.split("/").filter(Boolean);
+    if (path.endsWith("/") || !parts.length || parts[0] === "__MACOSX" || parts.some((p) => p.startsWith("."))) continue;
+    if (!IMAGE_EXT.test(path)) continue;
+    if (flags & 1) throw new Error(`${path} is encrypted`);
+    if (members.length >= maxFiles) throw new Error(`more than ${maxFiles} images in the zip (the server's limit)`);
+    const dataStart = local + 30 + view.getUint16(local + 26, true) + view.getUint16(local + 28, true);
+    const raw = new Uint8Array(buffer, dataStart, compressed);
+    let data;
+    if (method === 0) data = raw;
+    else if (method === 8) data = await inflate(raw);
+    else throw new Error(`${path} uses zip compression method ${method}; use deflate or store`);
+    const ext = path.split(".").pop().toLowerCase();
+    members.push({ path, parts, file: new File([data], parts[parts.length - 1], { type: MIME[ext] || "" }) });
+  }
+  // One wrapper folder around the class folders (a zipped directory) is common: look through it.
+  if (members.length && new Set(members.map((m) => m.parts[0])).size === 1 && members.every((m) => m.parts.length >= 3)) {
+    for (const m of members) m.parts = m.parts.slice(1);
+  }
+  const loose = members.find((m) => m.parts.length < 2);
+  if (loose) throw new Error(`${loose.path} is not inside a class folder; put each class's images in a folder named after the class`);
+  return members;
+}

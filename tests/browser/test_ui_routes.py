@@ -1,0 +1,73 @@
+"""The UI's routes without a browser: what is served, with which headers, and GET /v1/info."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.routers.ui import CSP, UI_DIR
+from rmt_core.config import METHODS
+from tests.service.helpers import FakeQueue, make_settings
+
+MARKUP_SINKS = re.compile(r"\.(innerHTML|outerHTML)\s*=|insertAdjacentHTML|document\.write|\beval\(|new Function\(")
+
+
+@pytest.fixture(autouse=True)
+def _no_developer_env(monkeypatch, tmp_path):
+    for key in [k for k in os.environ if k.startswith("RMT_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no ./.env either
+
+
+@pytest.fixture
+def client(tmp_path):
+    with TestClient(create_app(make_settings(tmp_path / "data"), queue=FakeQueue())) as c:
+        yield c
+
+
+def test_index_and_modules_are_served_with_a_csp_that_forbids_inline_script(client):
+    index = client.get("/")
+    assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+    csp = index.headers["content-security-policy"]
+    assert csp == CSP and "script-src 'self';" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert "frame-ancestors 'none'" in csp and index.headers["x-content-type-options"] == "nosniff"
+    assert "<script type=\"module\" src=\"/ui/app.js\"></script>" in index.text
+    for name in sorted(p.name for p in UI_DIR.glob("*.js")):
+        module = client.get(f"/ui/{name}")
+        assert module.status_code == 200 and module.headers["content-type"].startswith("text/javascript"), name
+        assert not MARKUP_SINKS.search(module.text), f"{name} writes markup"
+    assert client.get("/ui/style.css").headers["content-type"].startswith("text/css")
+
+
+@pytest.mark.parametrize("path", ["/ui/nope.js", "/ui/..%2Fmain.py", "/ui/%2e%2e%2fschemas.py", "/ui/index.htm"])
+def test_only_the_shipped_files_are_served(client, path):
+    response = client.get(path)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_no_inline_script_or_style_in_the_page():
+    html = (UI_DIR / "index.html").read_text()
+    assert "<script>" not in html and "<style" not in html
+    assert not re.search(r"<[^>]+\s(on\w+|style)=", html)
+
+
+def test_docs_keep_working_without_the_ui_csp(client):
+    assert "content-security-policy" not in {k.lower() for k in client.get("/openapi.json").headers}
+
+
+def test_info_lists_what_a_create_may_choose(client):
+    info = client.get("/v1/info").json()
+    assert info["methods"] == list(METHODS) and info["backbones"][0] == info["default_backbone"] == "rmt-world-vit"
+    assert info["defaults"]["epochs"] == 30 and info["defaults"]["method"] == "r-amt"
+    assert info["auth_required"] is False and info["limits"]["max_files"] == 2000
+
+
+def test_info_needs_the_key_when_keys_are_set(tmp_path):
+    settings = make_settings(tmp_path / "data", api_keys="team:k1")
+    with TestClient(create_app(settings, queue=FakeQueue())) as c:
+        assert c.get("/v1/info").status_code == 401
+        assert c.get("/").status_code == 200  # the page itself is public: it asks for the key
+        assert c.get("/v1/info", headers={"Authorization": "Bearer k1"}).json()["auth_required"] is True
