@@ -1,0 +1,66 @@
+"""Temperature scaling, ECE and the default min_score (rmt_core/calibration.py)."""
+import numpy as np
+import pytest
+
+from rmt_core.calibration import (calibrate, cross_fitted_probs, default_min_score, expected_calibration_error,
+                                  fit_temperature, nll, softmax)
+from rmt_core.head import Head
+
+
+def _overconfident(n=3000, classes=5, true_t=3.0, seed=0):
+    """Labels drawn from softmax(z / true_t): logits z are true_t times too sharp."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 4, (n, classes))
+    p = softmax(z / true_t)
+    y = np.array([rng.choice(classes, p=row) for row in p])
+    return z, y
+
+
+def test_fitted_temperature_recovers_the_true_one_and_minimises_nll():
+    z, y = _overconfident(true_t=3.0)
+    t = fit_temperature(z, y)
+    assert t == pytest.approx(3.0, rel=0.1)
+    for other in (t * 0.8, t * 1.25):
+        assert nll(z, y, t) < nll(z, y, other)
+    assert fit_temperature(z[:0], y[:0]) == 1.0
+
+
+def test_ece_by_hand_and_temperature_lowers_it():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y = np.array([0, 1, 0, 0])
+    # bin of 0.9: accuracy 1/2 vs confidence 0.9; bin of 0.6: accuracy 1 vs 0.6 -> 0.5 * 0.4 + 0.5 * 0.4
+    assert expected_calibration_error(probs, y) == pytest.approx(0.4)
+    z, y = _overconfident()
+    before = expected_calibration_error(softmax(z), y)
+    after = expected_calibration_error(cross_fitted_probs(z, y), y)
+    assert before > 0.15 and after < 0.05
+
+
+def test_calibrate_reports_and_never_changes_the_argmax():
+    z, y = _overconfident(n=500)
+    report = calibrate(z, y, want_min_score=True)
+    assert report["ece_after"] < report["ece_before"] and report["nll_after"] < report["nll_before"]
+    assert report["temperature"] > 1 and report["n"] == 500
+    assert 1 / 5 <= report["min_score"] < 1
+    assert np.array_equal(softmax(z / report["temperature"]).argmax(1), z.argmax(1))
+
+
+def test_min_score_keeps_95_percent_of_right_answers_and_rejects_some_wrong_ones():
+    z, y = _overconfident(n=2000, true_t=1.0)
+    probs = softmax(z)
+    chosen = default_min_score(probs, y)
+    top, correct = probs.max(1), probs.argmax(1) == y
+    kept = (top[correct] >= chosen["min_score"] - 1e-4).mean()
+    assert kept == pytest.approx(0.95, abs=0.01) and chosen["kept_correct"] == pytest.approx(kept, abs=0.01)
+    assert chosen["rejected_wrong"] > 0.05  # wrong answers score lower than right ones
+    assert default_min_score(np.full((4, 4), 0.25), np.array([1, 2, 3, 0]))["min_score"] == 0.25  # never below chance
+
+
+def test_head_temperature_divides_the_logits_at_no_extra_cost():
+    rng = np.random.default_rng(0)
+    head = Head.zero_shot(rng.normal(size=(3, 8)), 50.0)
+    feats = rng.normal(size=(4, 8))
+    plain = head.logits(feats)
+    head.temperature = 2.5
+    np.testing.assert_allclose(head.logits(feats), plain / 2.5, rtol=1e-6)
+    assert Head.from_bytes(head.to_bytes()).temperature == 2.5
