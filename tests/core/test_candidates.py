@@ -1,0 +1,127 @@
+"""Candidates and selection (rmt_core/candidates.py): features in, the one classifier to publish out."""
+import numpy as np
+import pytest
+
+from rmt_core.candidates import Candidate, Selection, fit_linear_probe, pick, stratified_folds
+from rmt_core.config import TuneConfig
+from rmt_core.head import Head
+
+C, D = 4, 32
+LABELS = ["a", "b", "c", "d"]
+
+
+def _world(seed=0, informative_text=False):
+    """Class means in feature space; the zero-shot head's text embeddings are unrelated to them unless
+    ``informative_text`` (then they point roughly at the means)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(C, D))
+    text = means + 0.7 * rng.normal(size=(C, D)) if informative_text else rng.normal(size=(C, D))
+    return rng, means, Head.zero_shot(text, 30.0)
+
+
+def _draw(rng, means, n_per, noise=0.9):
+    y = np.repeat(np.arange(C), n_per)
+    return means[y] + noise * rng.normal(size=(len(y), D)), y
+
+
+def _head(name, acc, n=20):
+    return Candidate(name, Head.zero_shot(np.eye(2), 1.0), "mask" in name, acc, n, "holdout")
+
+
+def test_pick_prefers_the_simpler_candidate_within_one_validation_image():
+    cands = [_head("zero-shot", 0.50), _head("head", 0.55), _head("mask", 0.60), _head("mask+head", 0.60)]
+    chosen, why = pick(cands)  # 1/n = 0.05: head is within one image of the best, zero-shot is not
+    assert chosen.name == "head" and "tie" in why
+    clear = [_head("zero-shot", 0.50), _head("head", 0.55), _head("mask", 0.90), _head("mask+head", 0.85)]
+    assert pick(clear)[0].name == "mask"
+    assert pick(clear, "mask+head")[0].name == "mask+head"
+    assert pick([_head("zero-shot", None), _head("head", None)])[0].name == "zero-shot"
+    with pytest.raises(ValueError, match="not built"):
+        pick([_head("zero-shot", 0.5)], "mask")
+
+
+def test_linear_probe_fixes_an_uninformative_text_init_and_strong_decay_stays_zero_shot():
+    rng, means, zs = _world()
+    x, y = _draw(rng, means, 8)
+    xt, yt = _draw(rng, means, 100)
+    fit = fit_linear_probe(x, y, zs)
+    zs_acc = (zs.logits(xt).argmax(1) == yt).mean()
+    probe_acc = (fit.head.logits(xt).argmax(1) == yt).mean()
+    assert probe_acc > zs_acc + 0.3, (zs_acc, probe_acc)
+    assert fit.method == "k-fold" and fit.oof_logits.shape == (len(y), C) and fit.seconds < 10
+    stiff = fit_linear_probe(x, y, zs, weight_decays=[1e4])
+    np.testing.assert_allclose(stiff.head.logits(xt), zs.logits(xt), atol=0.05)  # pulled back to the init
+    assert fit_linear_probe(x[:8], y[:8], zs).method == "leave-one-out"
+
+
+def test_folds_are_stratified_and_seeded():
+    y = np.repeat(np.arange(3), 7)
+    fold = stratified_folds(y, 5, seed=1)
+    assert np.array_equal(fold, stratified_folds(y, 5, seed=1))
+    for c in range(3):
+        assert len(set(fold[y == c])) == 5  # every class spread over every fold
+
+
+def _selection(config=None, seed=0, informative_text=False, n_train=8, n_held=4, on_candidate=None):
+    rng, means, zs = _world(seed, informative_text)
+    x, y = _draw(rng, means, n_train)
+    xh, yh = _draw(rng, means, n_held) if n_held else (None, [])
+    sel = Selection(zs, LABELS, config or TuneConfig(), y, yh, train_indices=list(range(len(y))),
+                    held_indices=list(range(len(y), len(y) + len(yh))), on_candidate=on_candidate)
+    return sel, rng, means, (x, xh)
+
+
+def test_a_destroyed_encoder_loses_to_zero_shot_and_a_clearly_better_one_wins():
+    seen = []
+    sel, rng, means, (x, xh) = _selection(informative_text=True, on_candidate=lambda *a: seen.append(a))
+    sel.add_zero_shot(x, xh)
+    sel.add_head(x, xh)
+    assert [s[0] for s in seen] == ["zero-shot", "head"] and seen[0][2] is False  # previews before tuning
+    noise = np.random.default_rng(9)
+    sel.add_masked(noise.normal(size=x.shape), noise.normal(size=xh.shape))  # what lr=10 leaves of an encoder
+    chosen, report = sel.finish()
+    assert chosen.name in ("zero-shot", "head") and not chosen.uses_mask
+    assert report["published_accuracy"] >= report["zero_shot_accuracy"]
+    assert any("tuned below zero-shot" in w for w in report["warnings"])
+
+    sel, rng, means, (x, xh) = _selection(seed=1)
+    sel.add_zero_shot(x, xh)
+    sel.add_head(x, xh)
+    # the tuned encoder separates the classes perfectly (features = scaled text embeddings of the true class)
+    clean = lambda n: np.repeat(sel.zero_shot.W, n, axis=0) + 0.01 * rng.normal(size=(C * n, D))  # noqa: E731
+    sel.add_masked(clean(8), clean(4))
+    chosen, report = sel.finish()
+    assert chosen.uses_mask and report["published"] == "mask" and report["published_accuracy"] == 1.0
+
+
+def test_report_has_every_field_with_consistent_values():
+    sel, rng, means, (x, xh) = _selection(TuneConfig(unknown=True), informative_text=True)
+    sel.add_zero_shot(x, xh)
+    sel.add_head(x, xh)
+    chosen, report = sel.finish(["NO MASK FLIPPED: ..."])
+    for key in ("n_holdout", "zero_shot_accuracy", "tuned_accuracy", "published", "published_accuracy", "candidates",
+                "validated_by", "warnings", "ece_before", "ece_after", "temperature", "min_score",
+                "per_class_accuracy", "misclassified", "confusion_matrix"):
+        assert key in report, key
+    assert report["n_holdout"] == 16 and report["validated_by"] == {"method": "holdout", "n": 16}
+    assert {r["name"] for r in report["candidates"]} == {"zero-shot", "head"}
+    assert report["published_accuracy"] == max(r["accuracy"] for r in report["candidates"]) or "tie" in report["why"]
+    assert report["temperature"] == chosen.head.temperature > 0 and 0 < report["min_score"] < 1
+    assert "NO MASK FLIPPED: ..." in report["warnings"]
+    conf = np.array(report["confusion_matrix"])
+    assert conf.sum() == 16 and np.trace(conf) / 16 == pytest.approx(report["published_accuracy"])
+    assert len(report["misclassified"]) == 16 - np.trace(conf)
+    assert all(32 <= m["index"] < 48 and m["true"] != m["predicted"] for m in report["misclassified"])
+
+
+def test_without_a_holdout_heads_are_cross_validated_and_masks_are_not_tuned():
+    sel, rng, means, (x, _) = _selection(n_train=3, n_held=0)
+    assert not sel.wants_masks and sel.validation.method == "k-fold"  # 12 images > LOO_MAX
+    sel.add_zero_shot(x)
+    head = sel.add_head(x)
+    assert head.method == "k-fold" and head.n == 12
+    chosen, report = sel.finish()
+    assert chosen.name in ("zero-shot", "head") and report["tuned_accuracy"] is None
+    assert any("too few images to validate" in w for w in report["warnings"])
+    pinned, _, _, _ = _selection(TuneConfig(select="mask"), n_train=3, n_held=0)
+    assert pinned.wants_masks
