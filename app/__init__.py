@@ -1,1 +1,1 @@
-"""FastAPI service: routers over the ClassifierStore, a job queue and a classifier cache."""
+"""FastAPI service: routers over the store (rmt_service), a job queue and a classifier cache."""

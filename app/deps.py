@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from rmt_service.settings import Settings
-from rmt_core.store import ClassifierStore
+from rmt_service.store import Store
 
 from .classifier_cache import ClassifierCache
 from .errors import ApiError
@@ -22,7 +22,7 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> ClassifierStore:
+def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
@@ -63,7 +63,7 @@ def get_tenant(request: Request,
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[ClassifierStore, Depends(get_store)]
+StoreDep = Annotated[Store, Depends(get_store)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 CacheDep = Annotated[ClassifierCache, Depends(get_cache)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

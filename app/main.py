@@ -11,7 +11,8 @@ from fastapi import FastAPI
 
 from rmt_core import __version__
 from rmt_service.settings import Settings
-from rmt_core.store import ClassifierStore
+from rmt_service.migrate import prepare, wait_until_ready
+from rmt_service.store import Store
 
 from .classifier_cache import ClassifierCache
 from .errors import install_error_handlers
@@ -27,7 +28,11 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
     """A ready-to-serve app over ``settings.data_dir``; ``queue`` replaces the broker producer (tests)."""
     settings = settings or Settings()
-    store = ClassifierStore(settings.data_dir)
+    store = Store(settings)
+    if settings.database_migrate:  # once per start; replicas serialise on a database lock
+        prepare(settings, store.db)
+    else:
+        wait_until_ready(store.db)
     tenant_keys = settings.tenant_keys()  # a malformed key list stops startup, not the first request
     metrics = Metrics(store)
 
@@ -36,6 +41,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         yield
         app.state.cache.close()
         app.state.queue.close()
+        app.state.store.close()
 
     # docs_url/redoc_url None: FastAPI's pages load Swagger UI from a CDN; routers/docs.py serves them offline
     app = FastAPI(title="RMT classifier service", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,

@@ -7,27 +7,33 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rmt_core.store import JOB_STATUSES, ClassifierStore
+from rmt_service.store import JOB_STATUSES, Store
 
 
 class _JobsCollector:
-    """Jobs by status, counted from the store at scrape time (the store is the truth, not this process)."""
+    """Jobs by status from the database at scrape time (the records are the truth, not this process).
 
-    def __init__(self, store: ClassifierStore):
+    One read of the five-row job_counts table, kept by the job state machine: a scrape costs the same
+    with ten jobs or ten million.
+    """
+
+    def __init__(self, store: Store):
         self.store = store
 
     def collect(self):
-        family = GaugeMetricFamily("rmt_jobs", "Tuning jobs in the data directory, by status.", labels=["status"])
-        counts = dict.fromkeys(JOB_STATUSES, 0)
-        for job in self.store.iter_jobs():
-            counts[job.status] = counts.get(job.status, 0) + 1
-        for status, count in counts.items():
-            family.add_metric([status], count)
+        family = GaugeMetricFamily("rmt_jobs", "Tuning jobs in the records database, by status.", labels=["status"])
+        try:
+            counts = self.store.job_counts()
+        except Exception:  # database down: the scrape still answers (without this family's values)
+            counts = {}
+        for status in JOB_STATUSES:
+            if status in counts:
+                family.add_metric([status], counts[status])
         yield family
 
 
 class Metrics:
-    def __init__(self, store: ClassifierStore):
+    def __init__(self, store: Store):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("rmt_http_requests", "HTTP requests.", ["method", "route", "status"], registry=r)

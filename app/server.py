@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
     check_bind(args.host, settings)
+    from rmt_service.migrate import prepare
+
+    prepare(settings)  # schema at head (and a file-store data dir imported) before any worker starts
     embedded = not settings.broker_url
     worker = None
     if args.worker == "yes" or (args.worker == "auto" and embedded):

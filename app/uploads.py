@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rmt_core.config import TuneConfig
 from rmt_core.images import InvalidImage, open_image
 from rmt_service.settings import Settings
-from rmt_core.store import Sample
+from rmt_service.store import Sample
 
 from .errors import ApiError
 

@@ -19,6 +19,7 @@ from .config import METHODS, TuneConfig
 DISPATCH = {
     "serve": ("app.server", "Run the HTTP API (and, with the embedded broker, a worker)."),
     "worker": ("worker.main", "Run a Celery tuning worker."),
+    "migrate": ("rmt_service.migrate", "Create or upgrade the service's records database (once per deploy)."),
     "eval": ("rmt_core.evaluation", "CoOp few-shot protocol: K shots x seeds, accuracy table."),
 }
 

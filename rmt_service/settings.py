@@ -19,6 +19,9 @@ class Settings(BaseSettings):
         description="Records database (SQLAlchemy URL). Empty = SQLite file data_dir/rmt.sqlite; "
         "postgresql+psycopg://user:pass@host/db at scale.",
     )
+    database_migrate: bool = Field(
+        True, description="The API brings the database schema to head at start (under a database lock, so "
+                          "replicas do not race); false where a one-shot `rmt migrate` step owns it.")
     broker_url: str = Field(
         "",
         description="Celery broker. Empty = embedded local broker (SQLite under data_dir); "

@@ -8,8 +8,9 @@ import sys
 
 from celery import signals
 
+from rmt_service.migrate import wait_until_ready
 from rmt_service.settings import Settings
-from rmt_core.store import ClassifierStore
+from rmt_service.store import Store
 
 from .celery_app import QUEUE, TUNE_TASK, create_celery
 from .recovery import RecoveryThread
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = Settings(**overrides)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = ClassifierStore(settings.data_dir)
+    store = Store(settings)  # the main process's (the sweep's); each pool process opens its own
+    wait_until_ready(store.db)  # the API or `rmt migrate` brings the schema to head; workers never migrate
     app = create_celery(settings)
     register_tasks(app)
 
@@ -46,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     def _start_sweep(**_: object) -> None:
         sweeper.start()
 
+    @signals.worker_process_init.connect(weak=False)
+    def _fresh_connections(**_: object) -> None:
+        store.db.engine.dispose(close=False)  # never share the parent's pooled connections after fork
+
     @signals.worker_shutdown.connect(weak=False)
     def _stop_sweep(**_: object) -> None:
         sweeper.stop()
 
-    log.info("worker on %s, data in %s", _redacted(settings.effective_broker_url), settings.data_dir)
+    log.info("worker on %s, records in %s, blobs in %s", _redacted(settings.effective_broker_url),
+             _redacted(settings.effective_database_url), settings.data_dir)
     app.worker_main([
         "worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency), "--pool", "prefork",
         "--queues", QUEUE, "--hostname", args.hostname or f"rmt-{os.getpid()}@%h", "--without-gossip",

@@ -1,11 +1,15 @@
-"""The tune task: receives a job id, re-reads the store, tunes through rmt_core, publishes atomically.
+"""The tune task: receives a job id, claims the job, tunes through rmt_core, publishes a version.
 
 Idempotent under redelivery (acks_late): a job that is finished, or running under a live lease, is
-left alone; a published model is never rebuilt; a job whose worker died is taken over. The lease is
-renewed by a heartbeat thread, so a long step (loading a backbone, exporting) never looks like a crash.
+left alone; a classifier with a published final version is never rebuilt; a job whose lease expired
+(its worker died or froze) is taken over. The lease is renewed every second by a heartbeat thread, so
+a long step (loading a backbone, exporting) never looks like a crash, and the publish commits only
+while this worker still holds the lease (one job, one publish).
 """
 from __future__ import annotations
 
+import errno
+import inspect
 import logging
 import threading
 import time
@@ -15,11 +19,11 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from rmt_core.config import TuneConfig
+from rmt_service.jobs import new_owner
 from rmt_service.settings import Settings
-from rmt_core.store import ClassifierStore, JobRecord, StoreError
+from rmt_service.store import Store, StoreError
 
 from .celery_app import TUNE_TASK
-from .leases import lease_dead, new_owner
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +31,20 @@ PROGRESS_WRITE_INTERVAL_S = 0.5
 
 
 class _Heartbeat(threading.Thread):
-    """Renews the lease while the job runs; notices a cancel request or a lost lease."""
+    """Renews the lease while the job runs; notices a cancel request, a lost lease or a deleted job."""
 
-    def __init__(self, store: ClassifierStore, job_id: str, owner: str, lease_s: float):
+    def __init__(self, store: Store, job_id: str, owner: str, lease_s: float):
         super().__init__(name=f"lease-{job_id}", daemon=True)
-        self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
+        self.store, self.job_id, self.owner = store, job_id, owner
         self.interval = min(1.0, lease_s / 4)
         self.stop_requested = threading.Event()  # cancel asked, lease lost, or job deleted
         self.reason = ""
         self._done = threading.Event()
 
     def beat(self) -> None:
-        def renew(job: JobRecord) -> bool:
-            if job.status != "running" or job.lease_owner != self.owner:
-                self.reason = "lease_lost"
-                return False
-            if job.cancel_requested:
-                self.reason = "cancelled"
-            job.lease_expires_at = time.time() + self.lease_s
-            return True
-
-        if self.store.update_job(self.job_id, renew) is None:
-            self.reason = "deleted"
-        if self.reason:
+        state = self.store.heartbeat(self.job_id, self.owner)
+        if state != "ok":
+            self.reason = state
             self.stop_requested.set()
 
     def run(self) -> None:
@@ -64,93 +59,47 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def _claim(store: ClassifierStore, settings: Settings, job_id: str, owner: str) -> tuple[str, JobRecord | None]:
-    """Take the job if nobody live holds it. Returns (outcome, record): run | done | held | failed | missing."""
-    outcome = {"value": "run"}
-
-    def mutate(job: JobRecord) -> bool:
-        now = time.time()
-        if job.is_terminal:
-            outcome["value"] = "done"
-            return False
-        if job.status == "running" and not lease_dead(job, now):
-            outcome["value"] = "held"
-            return False
-        if job.cancel_requested:
-            job.status, job.finished_at, job.lease_owner, job.lease_expires_at = "cancelled", now, None, None
-            outcome["value"] = "done"
-            return True
-        if job.attempts >= settings.job_max_attempts:
-            job.status, job.finished_at, job.lease_owner, job.lease_expires_at = "failed", now, None, None
-            job.error = {"code": "worker_lost",
-                         "message": f"the worker running this job stopped {job.attempts} time(s) (crash, kill or "
-                                    f"out of memory); giving up after {settings.job_max_attempts} attempts"}
-            outcome["value"] = "failed"
-            return True
-        job.status, job.attempts = "running", job.attempts + 1
-        job.lease_owner, job.lease_expires_at = owner, now + settings.job_lease_seconds
-        job.started_at = job.started_at or now
-        job.error = None
-        return True
-
-    record = store.update_job(job_id, mutate)
-    return ("missing", None) if record is None else (outcome["value"], record)
-
-
-def _finish(store: ClassifierStore, job_id: str, owner: str, status: str,
-            error: dict[str, str] | None = None, progress: dict[str, Any] | None = None) -> None:
-    def mutate(job: JobRecord) -> bool:
-        if job.is_terminal or job.lease_owner != owner:
-            return False  # someone else took over; their outcome stands
-        job.status, job.error, job.finished_at = status, error, time.time()
-        job.lease_owner, job.lease_expires_at = None, None
-        if progress is not None:
-            job.progress = progress
-        return True
-
-    store.update_job(job_id, mutate)
-
-
-def _progress_writer(store: ClassifierStore, job_id: str, owner: str) -> Callable[[Any], None]:
+def _progress_writer(store: Store, job_id: str, owner: str) -> Callable[[Any], None]:
     last = {"t": 0.0}
 
     def report(progress: Any) -> None:
         values = progress.to_dict()
         step, total = values.get("step") or 0, values.get("total_steps") or 0
-        elapsed = values.get("elapsed_s") or 0.0
-        values["eta_seconds"] = round(elapsed / step * (total - step), 1) if step and total >= step else None
+        if "eta_seconds" not in values:
+            elapsed = values.get("elapsed_s") or 0.0
+            values["eta_seconds"] = round(elapsed / step * (total - step), 1) if step and total >= step else None
         now = time.monotonic()
         if now - last["t"] < PROGRESS_WRITE_INTERVAL_S and step != total:
             return
         last["t"] = now
-
-        def mutate(job: JobRecord) -> bool:
-            if job.status != "running" or job.lease_owner != owner:
-                return False
-            job.progress = values
-            return True
-
-        store.update_job(job_id, mutate)
+        store.set_progress(job_id, owner, values)
 
     return report
 
 
-def run_tune_job(store: ClassifierStore, settings: Settings, job_id: str) -> str:
+def _build_kwargs(build_classifier: Callable, store: Store) -> dict[str, Any]:
+    """Optional arguments the installed pipeline takes (the shared bases live on the blob volume)."""
+    params = inspect.signature(build_classifier).parameters
+    return {"bases_dir": store.bases_dir} if "bases_dir" in params else {}
+
+
+def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
     """Run one job to an end state (or leave it to whoever holds it). Returns the outcome, for logs and tests."""
     from rmt_core.pipeline import TuningCancelled, build_classifier  # torch: only in the process that tunes
 
     owner = new_owner()
-    outcome, job = _claim(store, settings, job_id, owner)
+    outcome, job = store.claim(job_id, owner)
     if outcome != "run" or job is None:
         log.info("job %s: %s, nothing to do", job_id, outcome)
         return outcome
     classifier = store.get_classifier(job.classifier_id)
     if classifier is None:
-        _finish(store, job_id, owner, "failed", {"code": "classifier_deleted",
-                                                 "message": "the classifier was deleted before tuning finished"})
+        store.finish_job(job_id, owner, "failed", {"code": "classifier_deleted",
+                                                   "message": "the classifier was deleted before tuning finished"})
         return "failed"
-    if store.model_dir(job.classifier_id) is not None:  # published by an attempt that died right after
-        _finish(store, job_id, owner, "succeeded")
+    current = store.current_version(job.classifier_id)
+    if current is not None and current.final:  # published, then the record of it was lost: nothing to redo
+        store.finish_job(job_id, owner, "succeeded")
         return "succeeded"
 
     heartbeat = _Heartbeat(store, job_id, owner, settings.job_lease_seconds)
@@ -162,38 +111,45 @@ def run_tune_job(store: ClassifierStore, settings: Settings, job_id: str) -> str
         log.info("job %s: tuning %s (%d images, %d classes, attempt %d)", job_id, job.classifier_id,
                  len(samples), len(classifier.labels), job.attempts)
         build_classifier(samples, config, build_dir, progress=_progress_writer(store, job_id, owner),
-                         should_stop=heartbeat.stop_requested.is_set, device=settings.device)
+                         should_stop=heartbeat.stop_requested.is_set, device=settings.device,
+                         **_build_kwargs(build_classifier, store))
         heartbeat.beat()  # one last look: cancelled or taken over during export?
         if heartbeat.stop_requested.is_set():
             raise TuningCancelled(heartbeat.reason)
-        try:
-            store.publish(job.classifier_id, build_dir)
-        except StoreError:
-            if store.model_dir(job.classifier_id) is None:
-                raise
-            log.info("job %s: model already published by another attempt", job_id)
-        _finish(store, job_id, owner, "succeeded")
+        # Blob first, then one transaction: version row + job succeeded, only while we hold the lease.
+        store.publish_version(job.classifier_id, build_dir, job_id=job_id, owner=owner, final=True)
         return "succeeded"
     except TuningCancelled:
         if heartbeat.reason == "cancelled":
-            _finish(store, job_id, owner, "cancelled")
+            store.finish_job(job_id, owner, "cancelled")
             return "cancelled"
         log.warning("job %s: stopped (%s)", job_id, heartbeat.reason or "cancelled")
         return heartbeat.reason or "cancelled"
     except SoftTimeLimitExceeded:
-        _finish(store, job_id, owner, "failed", {
+        store.finish_job(job_id, owner, "failed", {
             "code": "time_limit",
             "message": f"tuning ran past the {settings.job_time_limit_seconds}s limit (RMT_JOB_TIME_LIMIT_SECONDS); "
                        "use fewer epochs or images"})
         return "failed"
+    except StoreError as exc:
+        if heartbeat.reason or store.get_classifier(job.classifier_id) is None:
+            log.warning("job %s: not published (%s)", job_id, exc)
+            store.finish_job(job_id, owner, "failed", {"code": "classifier_deleted",
+                                                       "message": "the classifier was deleted during tuning"})
+            return heartbeat.reason or "failed"
+        log.exception("job %s: publishing failed", job_id)
+        store.finish_job(job_id, owner, "failed", {"code": "publish_failed",
+                                                   "message": "the tuned classifier could not be stored; retry"})
+        return "failed"
     except Exception as exc:
         log.exception("job %s failed", job_id)
         if store.get_classifier(job.classifier_id) is None:
-            _finish(store, job_id, owner, "failed", {"code": "classifier_deleted",
-                                                     "message": "the classifier was deleted during tuning"})
+            error = {"code": "classifier_deleted", "message": "the classifier was deleted during tuning"}
+        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            error = {"code": "no_space", "message": "no space left on the data volume; free space and retry"}
         else:
-            _finish(store, job_id, owner, "failed", {"code": "tuning_failed",
-                                                     "message": f"{type(exc).__name__}: {exc}"})
+            error = {"code": "tuning_failed", "message": f"{type(exc).__name__}: {exc}"}
+        store.finish_job(job_id, owner, "failed", error)
         return "failed"
     finally:
         heartbeat.finish()
@@ -207,16 +163,16 @@ class TuneTask(Task):
     acks_late = True
     reject_on_worker_lost = True
     ignore_result = True
-    _store: ClassifierStore | None = None
+    _store: Store | None = None
 
     @property
     def settings(self) -> Settings:
         return self.app.rmt_settings
 
     @property
-    def store(self) -> ClassifierStore:
-        if self._store is None:
-            self._store = ClassifierStore(self.settings.data_dir)
+    def store(self) -> Store:
+        if self._store is None:  # in the pool process (after fork): its own engine and connections
+            self._store = Store(self.settings)
         return self._store
 
     def run(self, job_id: str) -> str:

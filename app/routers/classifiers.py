@@ -1,13 +1,11 @@
 """/v1/classifiers: create (upload + queue tuning), list, read, delete, download artifacts."""
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from rmt_core.store import ARTIFACT_NAMES, ClassifierRecord, ClassifierStore, JobRecord
+from rmt_service.store import ClassifierRecord, ClassifierView, QuotaExceeded, Store
 
 from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
@@ -33,21 +31,29 @@ _MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "applicatio
           ".rmtm": "application/octet-stream"}
 
 
-def classifier_public(store: ClassifierStore, record: ClassifierRecord) -> ClassifierPublic:
-    job = store.get_job(record.job_id)
-    model = store.model_dir(record.classifier_id)
-    manifest, files = None, []
-    if model is not None:
-        manifest = json.loads((model / "manifest.json").read_text())
-        files = [name for name in ARTIFACT_NAMES if (model / name).is_file()]
-    return ClassifierPublic.from_record(record, job, manifest, files)
+def public(view: ClassifierView) -> ClassifierPublic:
+    version = view.version
+    manifest = version.manifest if version is not None else None
+    return ClassifierPublic.from_record(view.classifier, view.job, manifest, list(version.files) if version else [])
 
 
-def owned_classifier(store: ClassifierStore, classifier_id: str, tenant: str) -> ClassifierRecord:
+def classifier_public(store: Store, record: ClassifierRecord) -> ClassifierPublic:
+    view = store.view(record.classifier_id)
+    if view is None:
+        raise ApiError(404, "not_found", f"no classifier {record.classifier_id!r}")
+    return public(view)
+
+
+def owned_classifier(store: Store, classifier_id: str, tenant: str) -> ClassifierRecord:
     record = store.get_classifier(classifier_id, tenant)
     if record is None:
         raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
     return record
+
+
+def _too_many(active: int, limit: int) -> ApiError:
+    return ApiError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is {limit}. "
+                                          "Wait for one to finish.", headers={"Retry-After": "30"})
 
 
 @router.post("", status_code=202, response_model=ClassifierCreated, openapi_extra=_CREATE_BODY,
@@ -55,13 +61,15 @@ def owned_classifier(store: ClassifierStore, classifier_id: str, tenant: str) ->
 async def create_classifier(request: Request, response: Response, settings: SettingsDep, store: StoreDep,
                             queue: QueueDep, tenant: TenantDep, metrics: MetricsDep) -> ClassifierCreated:
     """Upload example images and queue the tuning job that turns them into a classifier."""
-    active = await run_in_threadpool(store.count_active_jobs, tenant)
+    active = await run_in_threadpool(store.count_active_jobs, tenant)  # early answer, before the upload
     if active >= settings.max_queued_jobs:
-        raise ApiError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is "
-                                             f"{settings.max_queued_jobs}. Wait for one to finish.",
-                       headers={"Retry-After": "30"})
+        raise _too_many(active, settings.max_queued_jobs)
     parsed = await parse_create(request, settings)
-    record, job = await run_in_threadpool(store.create_classifier, tenant, parsed.name, parsed.samples, parsed.config)
+    try:  # the authoritative check: quota and create in one transaction
+        record, job = await run_in_threadpool(store.create_classifier, tenant, parsed.name, parsed.samples,
+                                              parsed.config)
+    except QuotaExceeded as exc:
+        raise _too_many(exc.active, exc.limit) from None
     try:
         await run_in_threadpool(queue.enqueue, job.job_id)
     except BrokerUnavailable:
@@ -76,31 +84,39 @@ async def create_classifier(request: Request, response: Response, settings: Sett
 
 @router.get("", response_model=ClassifierList, responses=_ERRORS)
 def list_classifiers(store: StoreDep, tenant: TenantDep, limit: int = Query(50, ge=1, le=500),
-                     offset: int = Query(0, ge=0)) -> ClassifierList:
-    """The caller's classifiers, newest first."""
-    records, total = store.list_classifiers(tenant, limit=limit, offset=offset)
-    return ClassifierList(items=[classifier_public(store, r) for r in records], total=total, limit=limit,
-                          offset=offset)
+                     cursor: str | None = Query(None, max_length=200,
+                                                description="next_cursor of the previous page (keyset pagination)."),
+                     offset: int = Query(0, ge=0, le=10_000, description="Deprecated: use cursor.")
+                     ) -> ClassifierList:
+    """The caller's classifiers, newest first; follow next_cursor for the next page."""
+    try:
+        views, total, next_cursor = store.list_classifiers(tenant, limit=limit, cursor=cursor, offset=offset)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    return ClassifierList(items=[public(v) for v in views], total=total, limit=limit, offset=offset,
+                          next_cursor=next_cursor)
 
 
 @router.get("/{classifier_id}", response_model=ClassifierPublic, responses=_ERRORS)
 def read_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep) -> ClassifierPublic:
     """One classifier: labels, settings, status, sparsity, artifact sizes, validation report."""
-    return classifier_public(store, owned_classifier(store, classifier_id, tenant))
+    view = store.view(classifier_id, tenant)
+    if view is None:
+        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
+    return public(view)
 
 
 @router.delete("/{classifier_id}", status_code=204, responses=_ERRORS)
-def delete_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep, cache: CacheDep) -> Response:
-    """Delete a classifier, its images and artifacts; its job is cancelled if still running."""
-    record = owned_classifier(store, classifier_id, tenant)
-
-    store.update_job(record.job_id, JobRecord.request_cancel)
-    cache.evict(classifier_id)
-    store.delete_classifier(classifier_id)
+async def delete_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep, cache: CacheDep) -> Response:
+    """Delete a classifier, its images and artifacts; a running job stops at its next heartbeat."""
+    if not await run_in_threadpool(store.delete_classifier, classifier_id, tenant):
+        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
+    cache.evict(classifier_id)  # on the event loop, which owns the cache
     return Response(status_code=204)
 
 
-def _ready_model(store: ClassifierStore, record: ClassifierRecord):
+def _ready_model(store: Store, record: ClassifierRecord):
+    """The current version's artifact directory, or 409 while there is none."""
     model = store.model_dir(record.classifier_id)
     if model is None:
         job = store.get_job(record.job_id)
@@ -121,11 +137,13 @@ def download_model(classifier_id: str, store: StoreDep, tenant: TenantDep) -> Fi
 
 @router.get("/{classifier_id}/artifacts/{name}", response_class=FileResponse, responses=_ERRORS)
 def download_artifact(classifier_id: str, name: str, store: StoreDep, tenant: TenantDep) -> FileResponse:
-    """A published artifact: manifest.json, report.json, model.onnx, mask.rmtm, confusion.png, curve.png."""
+    """A published artifact of the current version: manifest.json, report.json, the mask, the head, pictures."""
     record = owned_classifier(store, classifier_id, tenant)
     _ready_model(store, record)
-    path = store.artifact_path(classifier_id, name)
+    version = store.current_version(classifier_id)
+    path = store.artifact_path(classifier_id, name, version)
     if path is None:
-        raise ApiError(404, "not_found", f"no artifact {name!r}; available: {', '.join(ARTIFACT_NAMES)}")
+        available = ", ".join(version.files) if version is not None else ""
+        raise ApiError(404, "not_found", f"no artifact {name!r}; available: {available}")
     return FileResponse(path, media_type=_MEDIA.get(path.suffix, "application/octet-stream"),
                         filename=f"{classifier_id}-{name}")

@@ -36,8 +36,8 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
                    top_k: int = Query(5, ge=1, le=1000, description="Labels returned per image.")
                    ) -> ClassifyResponse:
     """Classify one image (`file`) or a batch (`files`) with a ready classifier."""
-    record = owned_classifier(store, classifier_id, tenant)
-    model_dir = _ready_model(store, record)
+    # The records database is read in the threadpool: never a blocking query on the event loop.
+    model_dir = await run_in_threadpool(lambda: _ready_model(store, owned_classifier(store, classifier_id, tenant)))
     form = await read_form(request, settings, max_files=settings.max_files)
     try:
         single, batch = form.getlist("file"), form.getlist("files")

@@ -1,10 +1,7 @@
 """/v1/jobs: follow a tuning job, or cancel it."""
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Response
-
-from rmt_core.store import JobRecord
 
 from ..deps import StoreDep, TenantDep
 from ..errors import ApiError
@@ -26,10 +23,7 @@ def read_job(job_id: str, store: StoreDep, tenant: TenantDep) -> JobPublic:
 @router.delete("/{job_id}", response_model=JobPublic, responses=_ERRORS)
 def cancel_job(job_id: str, response: Response, store: StoreDep, tenant: TenantDep) -> JobPublic:
     """Cancel a queued job at once, or ask a running one to stop (it ends as "cancelled" within seconds)."""
-    if store.get_job(job_id, tenant) is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
-
-    job = store.update_job(job_id, JobRecord.request_cancel)
+    job = store.cancel_job(job_id, tenant)  # one conditional update; nothing waits on a lock
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
     if job.status in ("succeeded", "failed"):

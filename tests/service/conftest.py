@@ -1,4 +1,9 @@
-"""Fixtures for the service tests: isolated settings, an app over a temp data dir, a tuned classifier."""
+"""Fixtures for the service tests: isolated settings over SQLite and PostgreSQL, an app, a tuned classifier.
+
+Every test that takes ``settings`` (or ``client``/``store``) runs twice: on SQLite in its data dir and on
+PostgreSQL (a schema of its own in a throwaway database). Where PostgreSQL cannot be reached or started,
+that leg is skipped with the reason, which pytest's ``-ra`` prints in the summary.
+"""
 from __future__ import annotations
 
 import os
@@ -7,10 +12,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from rmt_service.migrate import prepare
 from rmt_service.settings import Settings
-from rmt_core.store import ClassifierStore
+from rmt_service.store import Store
 from tests.service.helpers import FakeQueue, make_settings, upload_parts
+from tests.service.pg import Postgres
 from worker.tasks import run_tune_job
+
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +31,29 @@ def _no_developer_env(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    server = Postgres(tmp_path_factory.mktemp("pg")).start()
+    yield server
+    server.stop()
+
+
+def _database_url(backend: str, postgres: Postgres) -> str:
+    if backend == "sqlite":
+        return ""
+    if postgres.skip_reason:
+        pytest.skip(postgres.skip_reason)
+    return postgres.new_schema()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request, postgres) -> str:
+    return _database_url(request.param, postgres)
+
+
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    return make_settings(tmp_path / "data")
+def settings(tmp_path, database_url) -> Settings:
+    return make_settings(tmp_path / "data", database_url=database_url)
 
 
 @pytest.fixture
@@ -39,19 +68,27 @@ def client(settings, queue):
 
 
 @pytest.fixture
-def store(settings) -> ClassifierStore:
-    return ClassifierStore(settings.data_dir)
+def store(settings):
+    prepare(settings)
+    s = Store(settings)
+    yield s
+    s.close()
 
 
-@pytest.fixture(scope="session")
-def tuned(tmp_path_factory):
+@pytest.fixture(scope="session", params=BACKENDS)
+def tuned(request, tmp_path_factory, postgres):
     """One classifier created over HTTP and tuned in-process (real pipeline, tiny backbone), shared read-only."""
-    settings = make_settings(tmp_path_factory.mktemp("tuned") / "data")
+    settings = make_settings(tmp_path_factory.mktemp("tuned") / "data",
+                             database_url=_database_url(request.param, postgres))
     queue = FakeQueue()
     with TestClient(create_app(settings, queue=queue)) as c:
         files, data = upload_parts(per_class=5)
         created = c.post("/v1/classifiers", files=files, data=data).json()
-    outcome = run_tune_job(ClassifierStore(settings.data_dir), settings, created["job_id"])
+    store = Store(settings)
+    try:
+        outcome = run_tune_job(store, settings, created["job_id"])
+    finally:
+        store.close()
     assert outcome == "succeeded"
     return {"settings": settings, **created}
 

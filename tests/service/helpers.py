@@ -80,6 +80,20 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def count_rows(settings: Settings, table: str) -> int:
+    """Rows in one table of the records database behind ``settings`` (tests' 'nothing was stored')."""
+    from sqlalchemy import text
+
+    from rmt_service.db import Database
+
+    db = Database(settings.effective_database_url)
+    try:
+        with db.read() as conn:
+            return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+    finally:
+        db.dispose()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +115,8 @@ def pretty(response) -> str:
 
 
 def make_settings(data_dir, **overrides) -> Settings:
+    """Test settings; ``database_url`` "" = SQLite in the data dir (pass a PostgreSQL URL for that leg)."""
     values = {"data_dir": data_dir, "job_lease_seconds": 5, "max_queued_jobs": 5, "api_keys": "",
-              "api_keys_file": None, "broker_url": ""}
+              "api_keys_file": None, "broker_url": "", "database_url": ""}
     values.update(overrides)
     return Settings(_env_file=None, **values)

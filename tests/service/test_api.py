@@ -9,7 +9,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from tests.service.helpers import COLORS, TINY_CONFIG, image_bytes, make_settings, upload_parts, zip_bytes
+from tests.service.helpers import (COLORS, TINY_CONFIG, count_rows, image_bytes, make_settings, upload_parts,
+                                   zip_bytes)
 
 
 def _error(response, status: int, code: str | None = None) -> dict:
@@ -23,8 +24,10 @@ def _error(response, status: int, code: str | None = None) -> dict:
 
 def _nothing_stored(settings, queue) -> None:
     assert queue.sent == []
-    assert list((settings.data_dir / "classifiers").iterdir()) == []
-    assert list((settings.data_dir / "jobs").iterdir()) == []
+    assert count_rows(settings, "classifiers") == 0 and count_rows(settings, "jobs") == 0
+    assert count_rows(settings, "uploads") == 0
+    blobs = settings.data_dir / "blobs"
+    assert list((blobs / "uploads").iterdir()) == [] and list((blobs / "tmp").iterdir()) == []
 
 
 # ------------------------------------------------------------------ create: the happy paths
@@ -46,7 +49,7 @@ def test_create_with_files_queues_a_job(client, queue, settings):
     assert clf["labels"] == ["green", "red"] and clf["n_images"] == 6
     assert clf["backbone"] == "rmt-tiny-vit" and clf["method"] == "r-amt" and clf["config"]["epochs"] == 1
 
-    stored = sorted(p.name for p in (settings.data_dir / "classifiers" / body["classifier_id"] / "uploads").iterdir())
+    stored = sorted(p.name for p in (settings.data_dir / "blobs" / "uploads" / body["classifier_id"]).iterdir())
     assert stored == [f"{i:05d}.png" for i in range(6)]  # generated names, never the client's
 
 
@@ -79,8 +82,12 @@ def test_list_is_paginated_newest_first(client):
         ids.append(client.post("/v1/classifiers", files=files, data=data).json()["classifier_id"])
     page = client.get("/v1/classifiers", params={"limit": 2}).json()
     assert page["total"] == 3 and [c["classifier_id"] for c in page["items"]] == ids[::-1][:2]
-    rest = client.get("/v1/classifiers", params={"limit": 2, "offset": 2}).json()
-    assert [c["classifier_id"] for c in rest["items"]] == ids[:1]
+    assert page["next_cursor"]
+    rest = client.get("/v1/classifiers", params={"limit": 2, "cursor": page["next_cursor"]}).json()
+    assert [c["classifier_id"] for c in rest["items"]] == ids[:1] and rest["next_cursor"] is None
+    old_style = client.get("/v1/classifiers", params={"limit": 2, "offset": 2}).json()
+    assert [c["classifier_id"] for c in old_style["items"]] == ids[:1]
+    _error(client.get("/v1/classifiers", params={"cursor": "not-a-cursor"}), 422, "invalid_request")
     _error(client.get("/v1/classifiers", params={"limit": 0}), 422, "invalid_request")
 
 
@@ -275,12 +282,14 @@ def test_classify_one_and_a_batch(tuned_client, tuned):
 def test_classify_matches_the_downloaded_model(tuned_client, tuned):
     """What the API answers is what the ONNX file computes (same preprocessing, same weights)."""
     from rmt_core.runtime import OnnxClassifier
-    from rmt_core.store import ClassifierStore
+    from rmt_service.store import Store
 
     download = tuned_client.get(f"/v1/classifiers/{tuned['classifier_id']}/model.onnx")
     assert download.status_code == 200 and download.headers["content-type"] == "application/octet-stream"
     session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
-    model_dir = ClassifierStore(tuned["settings"].data_dir).model_dir(tuned["classifier_id"])
+    store = Store(tuned["settings"])
+    model_dir = store.model_dir(tuned["classifier_id"])
+    store.close()
     reference = OnnxClassifier(model_dir, providers="cpu")
     img = image_bytes(COLORS["green"], size=(64, 48))
     x = reference.preprocess(Image.open(io.BytesIO(img)).convert("RGB"))[None]
@@ -319,14 +328,15 @@ def test_top_k_larger_than_labels_returns_all(tuned_client, tuned):
     assert len(r.json()["predictions"]) == 2
 
 
-def test_delete_removes_everything(client, queue, settings, tuned):
+def test_delete_removes_everything(client, queue, settings):
     files, data = upload_parts(per_class=1)
     created = client.post("/v1/classifiers", files=files, data=data).json()
     assert client.delete(f"/v1/classifiers/{created['classifier_id']}").status_code == 204
     _error(client.get(f"/v1/classifiers/{created['classifier_id']}"), 404)
     _error(client.get(f"/v1/jobs/{created['job_id']}"), 404)
     _error(client.delete(f"/v1/classifiers/{created['classifier_id']}"), 404)
-    assert list((settings.data_dir / "classifiers").iterdir()) == []
+    assert count_rows(settings, "classifiers") == 0 and count_rows(settings, "uploads") == 0
+    assert list((settings.data_dir / "blobs" / "uploads").iterdir()) == []
 
 
 def test_health_metrics_and_docs(tuned_client, tuned):

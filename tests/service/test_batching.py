@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from app.classifier_cache import ClassifierCache, MicroBatcher
-from rmt_core.store import ClassifierStore
+from rmt_service.store import Store
 
 
 class _SlowModel:
@@ -86,8 +86,9 @@ def test_a_failing_batch_fails_its_requests_only():
 
 
 def test_lru_keeps_at_most_capacity_sessions(tuned, tmp_path):
-    store = ClassifierStore(tuned["settings"].data_dir)
+    store = Store(tuned["settings"])
     source = store.model_dir(tuned["classifier_id"])
+    store.close()
     dirs = []
     for i in range(4):
         shutil.copytree(source, tmp_path / f"m{i}")
