@@ -60,7 +60,9 @@ function report(exc) {
   console.error(exc);
   if (banner) banner.remove();
   const text = exc instanceof ApiError
-    ? exc.status === 401 ? "An API key is needed to use this server." : `${exc.message}`
+    ? exc.status === 401
+      ? apiKey.get() ? `The API key was not accepted (${exc.message}).` : "An API key is needed to use this server."
+      : `${exc.message}`
     : `Something went wrong: ${exc.message}`;
   const actions = [];
   if (exc instanceof ApiError && exc.status === 401) {

@@ -64,7 +64,7 @@ export class TrainingChart {
       ctx.fillText(`${100 - i * 25}%`, pad.left + plotW + 6, y + 4);
     }
     ctx.textAlign = "center";
-    ctx.fillText(`step (of ${maxStep})`, pad.left + plotW / 2, height - 6);
+    ctx.fillText(this.totalSteps ? `step (of ${this.totalSteps})` : "step", pad.left + plotW / 2, height - 6);
     if (!pts.length) {
       ctx.fillText("waiting for the first step…", pad.left + plotW / 2, pad.top + plotH / 2);
       return;

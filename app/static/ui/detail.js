@@ -50,7 +50,7 @@ export function detailView(main, ctx, id) {
   function renderHeader() {
     title.textContent = clf.name || clf.classifier_id;
     replace(headStatus, badge(clf.status));
-    replace(labels, clf.labels.map((l) => h("li", { class: "chip" }, l)));
+    replace(labels, clf.labels.map((l) => h("li", { class: "chip", title: l }, l)));
     const rows = [["Id", clf.classifier_id], ["Images", clf.n_images], ["Method", clf.method],
       ["Backbone", clf.backbone], ["Created", when(clf.created_at)]];
     if (clf.ready_at) rows.push(["Ready", when(clf.ready_at)]);
@@ -211,15 +211,18 @@ export function detailView(main, ctx, id) {
 
   function confusionTable(matrix, names) {
     const max = Math.max(1, ...matrix.map((row) => Math.max(...row.map((value) => Number(value) || 0))));
-    return h("div", { class: "scroll" }, h("table", { class: "confusion", id: "confusion" },
-      h("caption", {}, "Rows: true class. Columns: predicted class. Cells: held-out images."),
+    const cell = (value, i, j) => {
+      const td = h("td", { class: i === j ? "diag" : value ? "off" : null }, num(Number(value)));
+      td.style.setProperty("--strength", String((Number(value) || 0) / max));  // CSSOM, allowed under the CSP
+      return td;
+    };
+    const table = h("table", { class: "confusion", id: "confusion", "aria-describedby": "confusion-help" },
       h("thead", {}, h("tr", {}, h("td", {}), names.map((n) => h("th", { scope: "col" }, n)))),
       h("tbody", {}, matrix.map((row, i) => h("tr", {}, h("th", { scope: "row" }, names[i] ?? `class ${i}`),
-        row.map((value, j) => {
-          const cell = h("td", { class: i === j ? "diag" : value ? "off" : null }, num(Number(value)));
-          cell.style.setProperty("--strength", String((Number(value) || 0) / max));  // CSSOM, allowed under the CSP
-          return cell;
-        }))))));
+        row.map((value, j) => cell(value, i, j))))));
+    return h("div", { class: "scroll" },
+      h("p", { class: "muted small", id: "confusion-help" }, "Rows: true class. Columns: predicted class. Cells: held-out images."),
+      table);
   }
 
   function misclassified(item) {
@@ -319,7 +322,8 @@ export function detailView(main, ctx, id) {
 
     const section = h("section", { class: "card", id: "try", "aria-labelledby": "try-title" },
       h("h2", { id: "try-title" }, "Try it"), zone, note, h("div", { class: "try-result" }, preview, results));
-    return { section, classify, close: () => { stopCamera(); document.removeEventListener("paste", onPaste); } };
+    const ready = () => { if (/^Not ready/.test(note.textContent)) note.textContent = "The model is ready: try that image again."; };
+    return { section, classify, ready, close: () => { stopCamera(); document.removeEventListener("paste", onPaste); } };
   }
 
   // --- use it --------------------------------------------------------------------------------------
@@ -373,6 +377,7 @@ export function detailView(main, ctx, id) {
     }
     try { renderJob(await api.job(clf.job_id)); } catch { training.hidden = true; }
     if (clf.status === "ready") {
+      tryIt.ready();
       await renderReport();
       renderUse();
     } else if (clf.error) {

@@ -17,7 +17,7 @@ export function listView(main, ctx) {
     body);
 
   function labelChips(labels) {
-    const shown = labels.slice(0, MAX_CHIPS).map((l) => h("li", { class: "chip" }, l));
+    const shown = labels.slice(0, MAX_CHIPS).map((l) => h("li", { class: "chip", title: l }, l));
     if (labels.length > MAX_CHIPS) shown.push(h("li", { class: "chip more" }, `+${labels.length - MAX_CHIPS} more`));
     return h("ul", { class: "chips", "aria-label": `${labels.length} classes` }, shown);
   }
