@@ -1,12 +1,19 @@
-"""ClassifierStore: generated names, atomic create/publish, tenant ownership, job compare-and-set."""
+"""The store over SQLite and PostgreSQL: generated names, atomic create/publish, tenants, quota, the job state
+machine's conditional updates, keyset pages, blob collection, migrations under concurrency."""
 from __future__ import annotations
 
 import json
 import threading
 
 import pytest
+from sqlalchemy import func, select, update
 
-from rmt_core.store import ClassifierStore, JobRecord, Sample, StoreError, write_json_atomic
+from rmt_service import jobs as jobsm
+from rmt_service.blobs import BlobError
+from rmt_service.db import Database, db_now, job_counts, jobs
+from rmt_service.migrate import current_revision, head_revision, upgrade_database
+from rmt_service.store import QuotaExceeded, Sample, Store, StoreError
+from tests.service.helpers import count_rows
 
 
 def _samples():
@@ -14,112 +21,312 @@ def _samples():
             Sample(b"x", "dog", "/../../x", "x")]
 
 
-def test_create_uses_generated_names_only(tmp_path):
-    store = ClassifierStore(tmp_path / "data")
+def _build(store: Store, classifier_id: str, manifest: dict | None = None, **files: bytes):
+    build = store.new_build_dir(classifier_id)
+    if manifest is not None:
+        (build / "manifest.json").write_text(json.dumps(manifest))
+    for name, data in files.items():
+        (build / name).write_bytes(data)
+    return build
+
+
+def _counts_match(store: Store) -> None:
+    with store.db.read() as conn:
+        actual = {r.status: r.n for r in conn.execute(select(jobs.c.status, func.count().label("n"))
+                                                       .group_by(jobs.c.status))}
+    assert store.job_counts() == {s: actual.get(s, 0) for s in jobsm.JOB_STATUSES}
+
+
+def test_create_uses_generated_names_only(store, tmp_path):
     record, job = store.create_classifier("acme", "pets", _samples(), {"method": "r-amt"})
-    directory = store.classifier_dir(record.classifier_id)
-    assert sorted(p.name for p in (directory / "uploads").iterdir()) == ["00000.png", "00001.jpg", "00002.img"]
+    directory = store.blobs.path(store.blobs.uploads_dir_key(record.classifier_id))
+    assert sorted(p.name for p in directory.iterdir()) == ["00000.png", "00001.jpg", "00002.img"]
     assert [label for _, label in store.samples(record.classifier_id)] == ["cat", "dog", "dog"]
     assert record.labels == ["cat", "dog"] and job.status == "queued" and job.tenant == "acme"
     assert not (tmp_path / "etc").exists()
-    assert list(store.tmp_dir.iterdir()) == []  # staging renamed away
+    assert list(store.blobs.tmp.iterdir()) == []  # staging renamed away
+    _counts_match(store)
 
 
-def test_ids_are_checked_before_they_touch_a_path(tmp_path):
-    store = ClassifierStore(tmp_path / "data")
+def test_ids_are_checked_before_they_touch_a_path(store):
     for bad in ("../x", "clf_../../etc", "clf_" + "g" * 24, "", "job_" + "0" * 24):
-        assert store.get_classifier(bad) is None
+        assert store.get_classifier(bad) is None and store.view(bad) is None
         assert store.model_dir(bad) is None
+        assert not store.delete_classifier(bad)
         with pytest.raises(StoreError):
-            store.classifier_dir(bad)
-    assert store.get_job("../../etc/passwd") is None
+            store.new_build_dir(bad)
+    assert store.get_job("../../etc/passwd") is None and store.cancel_job("x; DROP TABLE jobs") is None
+    for key in ("../x", "uploads/../../etc", "versions/.hidden", "other/x", "uploads/a/b/c"):
+        with pytest.raises(BlobError):
+            store.blobs.path(key)
 
 
-def test_tenants_see_only_their_own(tmp_path):
-    store = ClassifierStore(tmp_path / "data")
+def test_tenants_see_only_their_own(store):
     a, job_a = store.create_classifier("a", "", _samples(), {})
     b, _ = store.create_classifier("b", "", _samples(), {})
     assert store.get_classifier(a.classifier_id, "b") is None and store.get_job(job_a.job_id, "b") is None
+    assert store.cancel_job(job_a.job_id, "b") is None and store.get_job(job_a.job_id).status == "queued"
+    assert not store.delete_classifier(a.classifier_id, "b")
     assert store.get_classifier(a.classifier_id, "a").classifier_id == a.classifier_id
-    assert [r.classifier_id for r in store.list_classifiers("b")[0]] == [b.classifier_id]
-    assert store.count_active_jobs("a") == 1 and store.count_active_jobs(None) == 2
+    page, total, _ = store.list_classifiers("b")
+    assert [v.classifier.classifier_id for v in page] == [b.classifier_id] and total == 1
+    assert store.count_active_jobs("a") == 1
 
 
-def test_publish_is_all_or_nothing_and_never_replaces(tmp_path):
-    store = ClassifierStore(tmp_path / "data")
-    record, _ = store.create_classifier("t", "", _samples(), {})
-    cid = record.classifier_id
-    build = store.new_build_dir(cid)
-    (build / "model.onnx").write_bytes(b"half")
-    with pytest.raises(StoreError, match="incomplete"):
-        store.publish(cid, build)  # no manifest yet: refused
-    assert store.model_dir(cid) is None
-    write_json_atomic(build / "manifest.json", {"labels": ["cat", "dog"]})
-    assert store.publish(cid, build) == store.classifier_dir(cid) / "model"
-    assert store.model_dir(cid) is not None and not build.exists()
-    second = store.new_build_dir(cid)
-    write_json_atomic(second / "manifest.json", {"labels": ["other"]})
-    with pytest.raises(StoreError, match="already"):
-        store.publish(cid, second)
-    assert json.loads((store.model_dir(cid) / "manifest.json").read_text())["labels"] == ["cat", "dog"]
-    with pytest.raises(StoreError):
-        store.publish(cid, tmp_path)  # not a build dir of this store
+def test_quota_check_and_create_are_one_step(store):
+    """Eight concurrent creates against a quota of three: exactly three get in."""
+    results = []
 
+    def create():
+        try:
+            store.create_classifier("busy", "", _samples(), {}, max_active_jobs=3)
+            results.append("ok")
+        except QuotaExceeded:
+            results.append("quota")
 
-def test_publish_after_delete_fails_cleanly(tmp_path):
-    store = ClassifierStore(tmp_path / "data")
-    record, job = store.create_classifier("t", "", _samples(), {})
-    build = store.new_build_dir(record.classifier_id)
-    write_json_atomic(build / "manifest.json", {"labels": []})
-    assert store.delete_classifier(record.classifier_id)
-    assert store.get_job(job.job_id) is None
-    with pytest.raises(StoreError, match="no longer exists"):
-        store.publish(record.classifier_id, build)
-    assert not store.delete_classifier(record.classifier_id)
-
-
-def test_update_job_is_a_compare_and_set(tmp_path):
-    store = ClassifierStore(tmp_path / "data")
-    _, job = store.create_classifier("t", "", _samples(), {})
-    winners = []
-
-    def claim(name):
-        def mutate(j: JobRecord):
-            if j.status != "queued":
-                return False
-            j.status, j.lease_owner = "running", name
-            winners.append(name)
-        store.update_job(job.job_id, mutate)
-
-    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(8)]
+    threads = [threading.Thread(target=create) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(winners) == 1 and store.get_job(job.job_id).lease_owner == winners[0]
-    assert store.update_job("job_" + "0" * 24, lambda j: None) is None
+    assert sorted(results) == ["ok"] * 3 + ["quota"] * 5
+    assert store.count_active_jobs("busy") == 3 and store.list_classifiers("busy")[1] == 3
+    assert len(list((store.blobs.root / "uploads").iterdir())) == 3  # refused creates left no blobs
+    store.set_quota("busy", 4)
+    store.create_classifier("busy", "", _samples(), {})
+    with pytest.raises(QuotaExceeded):
+        store.create_classifier("busy", "", _samples(), {})
 
 
-def test_failed_create_leaves_nothing(tmp_path, monkeypatch):
-    store = ClassifierStore(tmp_path / "data")
-    import rmt_core.store as mod
-
-    def broken_rename(src, dst):
-        raise OSError("disk full")
-    monkeypatch.setattr(mod.os, "rename", broken_rename)
-    with pytest.raises(OSError):
+def test_failed_create_leaves_nothing(store, settings, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+    monkeypatch.setattr(jobsm, "insert", broken)
+    with pytest.raises(RuntimeError):
         store.create_classifier("t", "", _samples(), {})
     monkeypatch.undo()
-    assert list(store.classifiers_dir.iterdir()) == [] and list(store.jobs_dir.iterdir()) == []
-    assert list(store.tmp_dir.iterdir()) == []
+    assert count_rows(settings, "classifiers") == 0 and count_rows(settings, "uploads") == 0
+    assert list((store.blobs.root / "uploads").iterdir()) == [] and list(store.blobs.tmp.iterdir()) == []
 
 
-def test_cleanup_tmp_removes_only_old_leftovers(tmp_path):
-    store = ClassifierStore(tmp_path / "data")
+def test_publish_is_all_or_nothing_and_one_per_job(store):
+    record, job = store.create_classifier("t", "", _samples(), {})
+    cid = record.classifier_id
+    assert store.claim(job.job_id, "w1")[0] == "run"
+    build = _build(store, cid, None, **{"head.npz": b"half"})
+    with pytest.raises(StoreError, match="incomplete"):
+        store.publish_version(cid, build, job_id=job.job_id, owner="w1")  # no manifest yet: refused
+    assert store.model_dir(cid) is None and store.get_job(job.job_id).status == "running"
+    (build / "manifest.json").write_text(json.dumps({"labels": ["cat", "dog"], "candidate": "mask+head"}))
+    version = store.publish_version(cid, build, job_id=job.job_id, owner="w1")
+    assert version.candidate == "mask+head" and version.files == ["head.npz", "manifest.json"]
+    assert store.model_dir(cid) == store.blobs.root / "versions" / version.version_id and not build.exists()
+    assert store.get_job(job.job_id).status == "succeeded"
+    second = _build(store, cid, {"labels": ["other"]})
+    with pytest.raises(StoreError, match="no longer held"):
+        store.publish_version(cid, second, job_id=job.job_id, owner="w1")  # the job already published
+    assert store.current_version(cid).version_id == version.version_id
+    assert sorted(p.name for p in (store.blobs.root / "versions").iterdir()) == [version.version_id]
+    assert store.artifact_path(cid, "head.npz").read_bytes() == b"half"
+    assert store.artifact_path(cid, "../classifier.json") is None and store.artifact_path(cid, "nope") is None
+    _counts_match(store)
+
+
+def test_preview_then_final(store):
+    record, job = store.create_classifier("t", "", _samples(), {})
+    cid = record.classifier_id
+    store.claim(job.job_id, "w")
+    preview = store.publish_version(cid, _build(store, cid, {"labels": []}), final=False, candidate="zero-shot")
+    assert store.current_version(cid).version_id == preview.version_id
+    view = store.view(cid)
+    assert view.version.final is False and view.job.status == "running"
+    final = store.publish_version(cid, _build(store, cid, {"labels": [], "base_id": "b" * 16}),
+                                  job_id=job.job_id, owner="w")
+    assert store.current_version(cid).version_id == final.version_id and final.base_id == "b" * 16
+    late = store.publish_version(cid, _build(store, cid, {"labels": []}), final=False)
+    assert store.current_version(cid).version_id == final.version_id  # a preview never replaces a final
+    assert late.version_id != final.version_id
+
+
+def test_publish_after_delete_fails_cleanly(store):
+    record, job = store.create_classifier("t", "", _samples(), {})
+    store.claim(job.job_id, "w")
+    build = _build(store, record.classifier_id, {"labels": []})
+    assert store.delete_classifier(record.classifier_id)
+    assert store.get_job(job.job_id) is None and store.heartbeat(job.job_id, "w") == "deleted"
+    with pytest.raises(StoreError, match="no longer exists"):
+        store.publish_version(record.classifier_id, build, job_id=job.job_id, owner="w")
+    assert list((store.blobs.root / "versions").iterdir()) == []
+    assert list((store.blobs.root / "uploads").iterdir()) == []
+    assert not store.delete_classifier(record.classifier_id)
+    _counts_match(store)
+
+
+def test_claim_is_a_compare_and_set(store):
+    _, job = store.create_classifier("t", "", _samples(), {})
+    outcomes = []
+    threads = [threading.Thread(target=lambda i=i: outcomes.append(store.claim(job.job_id, f"w{i}")))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [rec.lease_owner for outcome, rec in outcomes if outcome == "run"]
+    assert len(winners) == 1 and sorted(o for o, _ in outcomes) == ["held"] * 7 + ["run"]
+    final = store.get_job(job.job_id)
+    assert final.lease_owner == winners[0] and final.attempts == 1
+    assert store.heartbeat(job.job_id, "someone-else") == "lease_lost"
+    assert store.heartbeat(job.job_id, winners[0]) == "ok"
+    assert store.claim("job_" + "0" * 24, "w")[0] == "missing"
+    _counts_match(store)
+
+
+def test_leases_run_on_the_database_clock(store):
+    _, job = store.create_classifier("t", "", _samples(), {})
+    store.claim(job.job_id, "w")
+    running = store.get_job(job.job_id)
+    now = store.db.now()
+    assert now - 1 < running.started_at <= now
+    assert abs(running.lease_expires_at - running.started_at - store.settings.job_lease_seconds) < 1
+    assert store.cancel_job(job.job_id).status == "running"  # running: asked, not ended
+    assert store.heartbeat(job.job_id, "w") == "cancelled"
+    assert store.finish_job(job.job_id, "w", "cancelled") and not store.finish_job(job.job_id, "w", "failed")
+    _counts_match(store)
+
+
+def _expire(store: Store, job_id: str, attempts: int | None = None, owner: str = "gone") -> None:
+    values = dict(status="running", lease_owner=owner, lease_expires_at=db_now() - 1)
+    if attempts is not None:
+        values["attempts"] = attempts
+    with store.db.write() as conn:
+        old = conn.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one()
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+        jobsm._bump(conn, old, "running")
+
+
+@pytest.mark.parametrize("attempts, cancel, expected", [(1, False, "requeued"), (3, False, "failed"),
+                                                         (1, True, "cancelled")])
+def test_sweep_recovers_expired_leases_exactly_once(store, attempts, cancel, expected):
+    _, job = store.create_classifier("t", "", _samples(), {})
+    store.claim(job.job_id, "gone")
+    _expire(store, job.job_id, attempts)
+    if cancel:
+        store.cancel_job(job.job_id)
+    sent = []
+    counts = store.recover(sent.append)
+    assert counts[expected] == 1
+    final = store.get_job(job.job_id)
+    assert final.lease_owner is None
+    assert final.status == {"requeued": "queued", "failed": "failed", "cancelled": "cancelled"}[expected]
+    if expected == "failed":
+        assert final.error["code"] == "worker_lost" and "attempts" in final.error["message"]
+    assert sent == ([job.job_id] if expected == "requeued" else [])
+    assert store.recover(sent.append)[expected] == 0  # exactly once
+    _counts_match(store)
+
+
+def test_lost_messages_are_resent_within_a_minute_with_backoff(store):
+    assert store.settings.job_resend_seconds <= 60
+    _, job = store.create_classifier("t", "", _samples(), {})
+    sent = []
+    assert store.recover(sent.append)["resent"] == 0  # just created: its message is on its way
+    with store.db.write() as conn:  # as if created job_resend_seconds ago and never picked up
+        conn.execute(update(jobs).values(resend_at=db_now() - 1))
+    assert store.recover(sent.append)["resent"] == 1 and sent == [job.job_id]
+    again = store.get_job(job.job_id)
+    assert again.sends == 2 and again.resend_at - store.db.now() > store.settings.job_resend_seconds  # backoff
+    assert store.recover(sent.append)["resent"] == 0
+    assert jobsm.resend_delay(1, 30) == 30 and jobsm.resend_delay(3, 30) == 120 and jobsm.resend_delay(20, 30) == 600
+
+
+def test_broker_down_during_the_sweep_leaves_the_job_queued(store):
+    _, job = store.create_classifier("t", "", _samples(), {})
+    store.claim(job.job_id, "gone")
+    _expire(store, job.job_id)
+
+    def refuse(_):
+        raise ConnectionError("broker down")
+    assert store.recover(refuse)["requeued"] == 1
+    assert store.get_job(job.job_id).status == "queued"  # re-sent by a later sweep (resend_at)
+
+
+def test_succeeded_jobs_are_pruned_after_retention(store):
+    record, job = store.create_classifier("t", "", _samples(), {})
+    store.claim(job.job_id, "w")
+    store.publish_version(record.classifier_id, _build(store, record.classifier_id, {"labels": []}),
+                          job_id=job.job_id, owner="w")
+    _, failed = store.create_classifier("t", "", _samples(), {})
+    store.claim(failed.job_id, "w")
+    store.finish_job(failed.job_id, "w", "failed", {"code": "x", "message": "y"})
+    assert jobsm.prune(store.db, retention_s=3600) == 0
+    assert jobsm.prune(store.db, retention_s=-1) == 1  # everything is older than "the future"
+    assert store.get_job(job.job_id) is None and store.get_job(failed.job_id).status == "failed"
+    view = store.view(record.classifier_id)
+    assert view.job is None and view.version is not None  # still ready, still served
+    _counts_match(store)
+
+
+def test_keyset_pages_cover_everything_once(store):
+    ids = [store.create_classifier("t", "", _samples(), {}, max_active_jobs=100)[0].classifier_id
+           for _ in range(7)]
+    seen, cursor = [], None
+    while True:
+        page, total, cursor = store.list_classifiers("t", limit=3, cursor=cursor)
+        seen += [v.classifier.classifier_id for v in page]
+        if cursor is None:
+            break
+    assert seen == ids[::-1] and total == 7
+    with pytest.raises(ValueError):
+        store.list_classifiers("t", cursor="bm90IGEgY3Vyc29y")
+
+
+def test_garbage_collection_keeps_what_rows_refer_to(store):
+    record, job = store.create_classifier("t", "", _samples(), {})
+    cid = record.classifier_id
+    store.claim(job.job_id, "w")
+    store.publish_version(cid, _build(store, cid, {"labels": [], "base_id": "base1"}), job_id=job.job_id, owner="w")
+    for kind, name in (("versions", "ver_" + "1" * 24), ("uploads", "clf_" + "2" * 24), ("bases", "base1"),
+                       ("bases", "base2")):
+        (store.blobs.root / kind / name).mkdir()
+        (store.blobs.root / kind / name / "f").write_bytes(b"x")
+    removed = store.collect_garbage(grace_s=0, base_grace_s=0)
+    assert removed["versions"] == 1 and removed["uploads"] == 1 and removed["bases"] == 1
+    assert (store.blobs.root / "bases" / "base1").is_dir() and not (store.blobs.root / "bases" / "base2").exists()
+    assert store.model_dir(cid).is_dir() and all(p.is_file() for p, _ in store.samples(cid))
+    assert store.collect_garbage(grace_s=3600)["versions"] == 0
+
+
+def test_stale_staging_is_cleaned_up(store):
+    import os
+
     record, _ = store.create_classifier("t", "", _samples(), {})
     old = store.new_build_dir(record.classifier_id)
-    import os
     os.utime(old, (1, 1))
     fresh = store.new_build_dir(record.classifier_id)
-    assert store.cleanup_tmp(3600) == 1 and not old.exists() and fresh.exists()
-    store.check_writable()
+    assert store.blobs.cleanup_tmp(3600) == 1 and not old.exists() and fresh.exists()
+    store.check_ready()
+
+
+def test_concurrent_migrations_run_once(database_url, tmp_path, settings):
+    """Replicas starting together: every one returns at head, the schema is created once."""
+    url = settings.effective_database_url
+    errors, threads = [], []
+    for _ in range(4):
+        def run():
+            try:
+                upgrade_database(url)
+            except Exception as exc:  # pragma: no cover - the assertion below shows it
+                errors.append(exc)
+        threads.append(threading.Thread(target=run))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    db = Database(url)
+    try:
+        assert current_revision(db) == head_revision()
+        with db.read() as conn:
+            assert sorted(r.status for r in conn.execute(select(job_counts.c.status))) == sorted(jobsm.JOB_STATUSES)
+    finally:
+        db.dispose()
