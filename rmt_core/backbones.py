@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,40 @@ def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
         if not Path(pretrained).expanduser().is_file():
             raise FileNotFoundError(f"pretrained checkpoint {pretrained!r} does not exist")
         return str(Path(pretrained).expanduser())
+    require_cached_weights(name, pretrained)
     return pretrained
+
+
+def require_cached_weights(name: str, tag: str) -> None:
+    """An open_clip tag is usable only if its weights are already on this machine: nothing is ever downloaded.
+
+    Checked before open_clip is asked (open_clip would retry a hub download for a minute, then raise a
+    traceback), with the Hugging Face hub switched to offline mode for the rest of the process.
+    """
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True  # read at call time; the variable alone is read only at import
+    register_configs()
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name) if name in open_clip.list_models() else []
+        raise ValueError(f"pretrained={tag!r} is neither a checkpoint file, 'builtin', nor an open_clip tag of "
+                         f"{name} (its tags: {', '.join(tags) or 'none'})")
+    cached = None
+    if cfg.get("hf_hub"):
+        try:
+            cached = open_clip.pretrained.download_pretrained(cfg)  # offline: the cached file or an error
+        except Exception:
+            cached = None
+    elif cfg.get("url"):
+        path = Path.home() / ".cache" / "clip" / os.path.basename(cfg["url"])  # open_clip's URL cache
+        cached = str(path) if path.is_file() else None
+    if not cached:
+        raise FileNotFoundError(
+            f"the {name} weights {tag!r} are not on this machine and rmt never downloads: pass a local checkpoint "
+            f"file, e.g. --pretrained /models/{name}-{tag}.bin (README: 'Real CLIP weights, offline'), "
+            f"or use the shipped backbone (--backbone rmt-world-vit --pretrained builtin)")
 
 
 def is_torchscript_archive(path: str | Path) -> bool:

@@ -1,6 +1,7 @@
-"""The `rmt` command: tune, predict, export, info, sample (library) and serve, worker, eval.
+"""The `rmt` command: tune, predict, export, info, sample (library); serve, worker, eval; remote (a client).
 
-Only the subcommand that runs imports its heavy modules: `rmt predict` and `rmt serve` never import torch.
+Only the subcommand that runs imports its heavy modules: `rmt predict` and `rmt serve` never import torch, and
+`rmt remote` needs only httpx.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def cmd_tune(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         return _fail(f"{out} exists; pass --force to replace it")
-    samples = samples_from_folders(args.data)
+    samples, test_samples, test_dir = tune_samples(Path(args.data), samples_from_folders)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     # disable=None: a bar on a terminal, nothing in a log file (tqdm would write every update there)
@@ -70,6 +71,7 @@ def cmd_tune(args) -> int:
         raise
     finally:
         bar.close()
+    normal_permissions(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -79,7 +81,71 @@ def cmd_tune(args) -> int:
     else:
         os.replace(tmp, out)
     _print_info(manifest, out)
+    if test_samples:
+        report = score_test_set(out, test_samples, providers=args.providers)
+        (out / "test.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"test         {report['n_images']} images under {test_dir}: accuracy {report['accuracy']:.1%} "
+              f"(per class in {out / 'test.json'})")
     return 0
+
+
+def normal_permissions(root: Path) -> None:
+    """Folders 0777 and files 0666, less the umask (0755/0644 usually): mkdtemp and atomic writes through
+    mkstemp make 0700/0600, which would leave a classifier that only its creator can read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+SPLIT_NAMES = {"train": ("train",), "test": ("test", "val", "valid", "validation")}
+
+
+def tune_samples(data: Path, from_folders) -> tuple[list, list | None, Path | None]:
+    """(training samples, test samples or None, test folder) from DIR.
+
+    DIR is either one folder per class, or a split tree: DIR/train/<class>/... is tuned on, and
+    DIR/test/<class>/... (or val/) is scored afterwards with the finished classifier.
+    """
+    train_dir = data / "train"
+    if not (train_dir.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in train_dir.iterdir())):
+        return from_folders(data), None, None
+    train = from_folders(train_dir)
+    test_dir = next((data / n for n in SPLIT_NAMES["test"] if (data / n).is_dir()), None)
+    if test_dir is None:
+        return train, None, None
+    test = from_folders(test_dir)
+    unknown = sorted({label for _, label in test} - {label for _, label in train})
+    if unknown:
+        raise ValueError(f"{test_dir} has classes that {train_dir} lacks: {', '.join(unknown)}")
+    return train, test, test_dir
+
+
+def score_test_set(model_dir: Path, samples: list, providers: str = "auto") -> dict:
+    """Accuracy of the finished classifier on held-out test images, overall and per class."""
+    from .images import open_image_file
+
+    clf = open_classifier(model_dir, providers)
+    correct: dict[str, list[int]] = {}
+    rows = []
+    for start in range(0, len(samples), 32):
+        batch = samples[start:start + 32]
+        for (path, label), preds in zip(batch, clf.classify([open_image_file(p) for p, _ in batch], top_k=1)):
+            hit = preds[0]["label"] == label
+            correct.setdefault(label, []).append(int(hit))
+            rows.append({"image": str(path), "label": label, "predicted": preds[0]["label"],
+                         "score": round(preds[0]["score"], 6)})
+    total = sum(sum(v) for v in correct.values())
+    return {"n_images": len(samples), "accuracy": total / len(samples),
+            "per_class": {label: sum(v) / len(v) for label, v in sorted(correct.items())}, "predictions": rows}
+
+
+def open_classifier(model_dir: Path | str, providers: str = "auto"):
+    """The published classifier in ``model_dir``, for ONNX Runtime (no torch)."""
+    from .runtime import OnnxClassifier
+
+    return OnnxClassifier(model_dir, providers=providers)
 
 
 def _print_info(manifest: dict, path: Path) -> None:
@@ -113,21 +179,67 @@ def cmd_info(args) -> int:
 
 def cmd_predict(args) -> int:
     from .images import InvalidImage, open_image_file
-    from .runtime import OnnxClassifier
 
-    clf = OnnxClassifier(args.classifier, providers=args.providers)
-    images = []
-    for name in args.images:
-        try:
-            images.append(open_image_file(name))
-        except (OSError, InvalidImage) as exc:
-            return _fail(str(exc))
-    for name, preds in zip(args.images, clf.classify(images, top_k=args.top_k)):
-        if args.json:
-            print(json.dumps({"image": name, "predictions": preds}))
-        else:
-            print(f"{name}: " + ", ".join(f"{p['label']} {p['score']:.3f}" for p in preds))
+    try:
+        paths = expand_image_args(args.images)
+    except ValueError as exc:
+        return _fail(str(exc))
+    clf = open_classifier(args.classifier, providers=args.providers)
+    fmt = "jsonl" if args.json else args.format
+    writer = PredictionWriter(fmt, sys.stdout)
+    for start in range(0, len(paths), 32):  # a folder of thousands: bounded memory, output as it goes
+        batch = paths[start:start + 32]
+        images = []
+        for path in batch:
+            try:
+                images.append(open_image_file(path))
+            except (OSError, InvalidImage) as exc:
+                return _fail(str(exc))
+        for path, preds in zip(batch, clf.classify(images, top_k=args.top_k)):
+            writer.write(str(path), preds)
     return 0
+
+
+FORMATS = ("table", "csv", "jsonl")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def expand_image_args(names: list[str]) -> list[Path]:
+    """Image files as given, and for a folder its images (sorted, not recursive)."""
+    paths: list[Path] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            if not found:
+                raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
+
+
+class PredictionWriter:
+    """Writes one image's top-k as a table row, CSV rows (image,rank,label,score) or a JSON line."""
+
+    def __init__(self, fmt: str, out):
+        self.fmt, self.out = fmt, out
+        if fmt == "csv":
+            import csv
+
+            self._csv = csv.writer(out, lineterminator="\n")
+            self._csv.writerow(["image", "rank", "label", "score"])
+
+    def write(self, image: str, predictions: list[dict], **extra) -> None:
+        if self.fmt == "jsonl":
+            print(json.dumps({"image": image, **extra, "predictions": predictions}), file=self.out)
+        elif self.fmt == "csv":
+            for rank, p in enumerate(predictions, 1):
+                self._csv.writerow([image, rank, p["label"], f"{p['score']:.6f}"])
+        else:
+            print(f"{image}: " + ", ".join(f"{p['label']} {p['score']:.3f}" for p in predictions), file=self.out)
+        self.out.flush()
 
 
 def cmd_export(args) -> int:
@@ -148,13 +260,208 @@ def cmd_sample(args) -> int:
     return 0
 
 
+# -- rmt remote: the same tasks against a running service, through rmt_client ---------------------------------
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _remote(args):
+    from rmt_client import Client
+
+    return Client(args.url or os.environ.get("RMT_URL") or DEFAULT_URL,
+                  api_key=args.api_key or os.environ.get("RMT_API_KEY") or None, timeout=args.timeout)
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _progress_line(job: dict) -> None:
+    p = job.get("progress") or {}
+    parts = [job["status"]]
+    if p.get("total_steps"):
+        parts.append(f"step {p.get('step')}/{p['total_steps']}")
+    for key, fmt in (("loss", "loss {:.3f}"), ("train_accuracy", "acc {:.2f}"), ("eta_seconds", "eta {:.0f}s")):
+        if p.get(key) is not None:
+            parts.append(fmt.format(p[key]))
+    print("  " + "  ".join(parts), file=sys.stderr, flush=True)
+
+
+def remote_create(args, rmt) -> int:
+    config = {}
+    if args.config:
+        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        config = json.loads(text)
+    for flag, name in (("method", "method"), ("epochs", "epochs")):
+        if getattr(args, flag) is not None:
+            config[name] = getattr(args, flag)
+    created = rmt.create(args.source, name=args.name, config=config or None)
+    if not args.wait:
+        if args.json:
+            _print_json({"classifier_id": created.classifier_id, "job_id": created.job_id, "status": "queued"})
+        else:
+            print(f"created {created.classifier_id} (job {created.job_id}); follow it with "
+                  f"`rmt remote status {created.job_id}`")
+        return 0
+    if not args.json:
+        print(f"created {created.classifier_id} (job {created.job_id}), waiting", file=sys.stderr)
+    job = rmt.wait(created, progress=None if args.json else _progress_line, raise_on_failure=False)
+    classifier = rmt.get(created.classifier_id)
+    if args.json:
+        _print_json({"job": job, "classifier": classifier})
+    else:
+        _print_classifier(classifier)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def _print_classifier(c: dict) -> None:
+    print(f"classifier   {c['classifier_id']} {c.get('name') or ''}".rstrip())
+    print(f"status       {c['status']} (job {c['job_id']})")
+    print(f"labels       {', '.join(c['labels'])}")
+    print(f"backbone     {c.get('backbone')} ({c.get('pretrained')}), method {c.get('method')}")
+    val = c.get("validation") or {}
+    if val.get("tuned_accuracy") is not None:
+        print(f"validation   {val.get('n_holdout')} held-out images: zero-shot {val['zero_shot_accuracy']:.1%} -> "
+              f"tuned {val['tuned_accuracy']:.1%}")
+    if c.get("error"):
+        print(f"error        {c['error']['code']}: {c['error']['message']}")
+
+
+def remote_status(args, rmt) -> int:
+    if args.id.startswith("job_"):
+        job = rmt.job(args.id)
+        if args.json:
+            _print_json(job)
+        else:
+            print(f"job          {job['job_id']} for {job['classifier_id']}")
+            _progress_line(job)
+            if job.get("error"):
+                print(f"error        {job['error']['code']}: {job['error']['message']}")
+        return 0
+    classifier = rmt.get(args.id)
+    if args.json:
+        _print_json(classifier)
+    else:
+        _print_classifier(classifier)
+    return 0
+
+
+def remote_classify(args, rmt) -> int:
+    try:
+        paths = expand_image_args(args.images)
+    except ValueError as exc:
+        return _fail(str(exc))
+    writer = PredictionWriter("jsonl" if args.json else args.format, sys.stdout)
+    for result in rmt.classify(args.classifier, paths, top_k=args.top_k):
+        writer.write(result.get("path") or result.get("filename"), result["predictions"])
+    return 0
+
+
+def remote_list(args, rmt) -> int:
+    items = rmt.list()
+    if args.json:
+        _print_json(items)
+        return 0
+    for c in items:
+        acc = (c.get("validation") or {}).get("tuned_accuracy")
+        print(f"{c['classifier_id']}  {c['status']:9s}  {(c.get('name') or '-')[:24]:24s}  "
+              f"{'' if acc is None else f'{acc:.0%} '}{', '.join(c['labels'])}")
+    if not items:
+        print("no classifiers yet", file=sys.stderr)
+    return 0
+
+
+def remote_delete(args, rmt) -> int:
+    rmt.delete(args.classifier)
+    if args.json:
+        _print_json({"deleted": args.classifier})
+    else:
+        print(f"deleted {args.classifier}")
+    return 0
+
+
+def remote_export(args, rmt) -> int:
+    path = rmt.export(args.classifier, args.out) if args.out.endswith(".zip") else \
+        rmt.download_model(args.classifier, args.out)
+    if args.json:
+        _print_json({"path": str(path), "bytes": path.stat().st_size})
+    else:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_remote(args) -> int:
+    import httpx
+
+    from rmt_client import RmtError
+
+    try:
+        with _remote(args) as rmt:
+            return int(args.remote_func(args, rmt) or 0)
+    except RmtError as exc:
+        return _fail(f"the service answered {exc.status} {exc.code}: {exc.message}", 1)
+    except httpx.TransportError as exc:
+        return _fail(f"cannot reach the service at {args.url or os.environ.get('RMT_URL') or DEFAULT_URL}: {exc} "
+                     "(start one with `rmt serve`, or pass --url)", 1)
+
+
+def _add_remote_parser(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"The service (default: $RMT_URL or {DEFAULT_URL}).")
+    common.add_argument("--api-key", help="API key, if the service has keys (default: $RMT_API_KEY).")
+    common.add_argument("--json", action="store_true", help="Machine-readable output.")
+    common.add_argument("--timeout", type=float, default=120.0, help="Seconds per HTTP request.")
+    remote = sub.add_parser("remote", help="Create, follow and use classifiers on a running service.",
+                            description="Talk to a running `rmt serve` (or a deployment) over HTTP.")
+    rsub = remote.add_subparsers(dest="remote_command", required=True)
+
+    p = rsub.add_parser("create", parents=[common], help="Upload examples and queue tuning.")
+    p.add_argument("source", metavar="DIR|ZIP", help="A folder with one sub-folder per class, or such a zip.")
+    p.add_argument("--name")
+    p.add_argument("--config", help="TuneConfig fields as a JSON object, or a JSON file.")
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--wait", action="store_true", help="Follow the job (progress on stderr) until it ends.")
+    p.set_defaults(remote_func=remote_create)
+
+    p = rsub.add_parser("status", parents=[common], help="A classifier (clf_...) or a job (job_...).")
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(remote_func=remote_status)
+
+    p = rsub.add_parser("classify", parents=[common], help="Classify image files or folders.")
+    p.add_argument("classifier", metavar="CLASSIFIER_ID")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="Image files, or folders of images.")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.set_defaults(remote_func=remote_classify)
+
+    p = rsub.add_parser("list", parents=[common], help="Your classifiers, newest first.")
+    p.set_defaults(remote_func=remote_list)
+
+    p = rsub.add_parser("delete", parents=[common], help="Delete a classifier (cancels its job).")
+    p.add_argument("classifier", metavar="CLASSIFIER_ID")
+    p.set_defaults(remote_func=remote_delete)
+
+    p = rsub.add_parser("export", parents=[common],
+                        help="Download the export bundle (OUT.zip) or the ONNX model (any other name).")
+    p.add_argument("classifier", metavar="CLASSIFIER_ID")
+    p.add_argument("out", metavar="OUT")
+    p.set_defaults(remote_func=remote_export)
+    remote.set_defaults(func=cmd_remote)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tune", help="Tune a classifier from DIR (one folder per class) into --out.")
-    p.add_argument("data", metavar="DIR")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("tune", help="Tune a classifier from DIR (one folder per class) into --out.",
+                       description="Tune a classifier from example images and write it to --out.")
+    p.add_argument("data", metavar="DIR",
+                   help="Example images, one sub-folder per class (DIR/<label>/<image>), or a split tree: "
+                        "DIR/train/<label>/... is tuned on and DIR/test/<label>/... (or val/) is scored "
+                        "afterwards, into OUT/test.json.")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="Classifier folder to write (manifest, mask, model, report); written to a temporary "
+                        "folder beside it, then renamed into place.")
     p.add_argument("--config", help="JSON file with TuneConfig fields (flags override it).")
     for flag, (name, typ) in _TUNE_FLAGS.items():
         help_text = TuneConfig.__dataclass_fields__[name].metadata.get("help", "")
@@ -163,14 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--force", action="store_true", help="Replace --out if it exists.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.add_argument("--providers", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="ONNX Runtime providers for scoring DIR/test.")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("predict", help="Classify images with a tuned classifier (ONNX Runtime, no torch).")
-    p.add_argument("classifier", metavar="OUT")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("classifier", metavar="OUT", help="A classifier folder written by `rmt tune`.")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="Image files, or folders of images.")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--providers", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="table (one line per image), csv (image,rank,label,score) or jsonl.")
+    p.add_argument("--json", action="store_true", help="Same as --format jsonl.")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="Rebuild model.onnx from the base weights and the mask file.")
@@ -189,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-domain", action="store_true", help="Render as in pretraining (zero-shot already works).")
     p.set_defaults(func=cmd_sample)
+
+    _add_remote_parser(sub)
 
     for name, (_, help_text) in DISPATCH.items():
         sub.add_parser(name, help=help_text, add_help=False)

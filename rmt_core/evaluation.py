@@ -570,12 +570,13 @@ def _load_done(path: Path, setup: dict) -> dict[tuple, dict]:
 
 
 def run_protocol(args) -> dict:
-    from .backbones import encode_class_texts, load_backbone
+    from .backbones import encode_class_texts, load_backbone, resolve_pretrained
     from .masking import bake_masks
     from .pipeline import resolve_device
     from .preprocess import PreprocessConfig
     from .tuning import tune
 
+    resolve_pretrained(args.backbone, args.pretrained_value)  # weights missing: say so before reading any data
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

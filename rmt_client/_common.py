@@ -1,0 +1,169 @@
+"""What the sync and async clients share: turning user inputs into multipart parts, and answers into results.
+
+Nothing here does I/O over the network, so both clients stay a thin layer of request calls.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import httpx
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+FINISHED = ("succeeded", "failed", "cancelled")
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+PathLike = Union[str, "os.PathLike[str]"]
+# What create() accepts: a folder with one subfolder per class, a zip with one top-level folder per class,
+# or (image, label) pairs where the image is a path, bytes or a PIL image.
+Samples = Union[PathLike, Iterable[tuple[Any, str]]]
+
+
+class RmtError(Exception):
+    """An error answer from the service: HTTP status, machine-readable code and the service's message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class JobFailed(RmtError):
+    """wait() saw the job end as failed or cancelled; ``job`` is its last state."""
+
+    def __init__(self, job: dict):
+        error = job.get("error") or {}
+        super().__init__(200, error.get("code") or job["status"],
+                         error.get("message") or f"job {job['job_id']} ended {job['status']}")
+        self.job = job
+
+
+@dataclass(frozen=True)
+class Created:
+    classifier_id: str
+    job_id: str
+
+
+def check(response: httpx.Response) -> httpx.Response:
+    """The response if it succeeded, else RmtError with the service's code and message."""
+    if response.is_success:
+        return response
+    try:
+        error = response.json()["error"]
+        code, message = error["code"], error["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", response.text[:500] or response.reason_phrase
+    raise RmtError(response.status_code, code, message)
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images in ``folder`` (not recursive), sorted by name."""
+    return sorted(p for p in folder.iterdir() if _is_image(p))
+
+
+def _image_part(image: Any, index: int) -> tuple[str, bytes, str]:
+    """(file name, bytes, content type) for a path, bytes or a PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        return path.name, path.read_bytes(), "application/octet-stream"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"image-{index}", bytes(image), "application/octet-stream"
+    if hasattr(image, "save") and hasattr(image, "size"):  # a PIL image; PNG keeps its pixels exact
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        name = Path(getattr(image, "filename", "") or f"image-{index}.png").name
+        return name, buf.getvalue(), "image/png"
+    raise TypeError(f"cannot send {type(image).__name__} as an image: give a path, bytes or a PIL image")
+
+
+def create_parts(source: Samples, name: str | None, config: Mapping[str, Any] | None
+                 ) -> tuple[list[tuple[str, tuple[str, bytes, str]]], dict[str, Any]]:
+    """multipart ``files`` and ``data`` for POST /v1/classifiers."""
+    data: dict[str, Any] = {}
+    if name:
+        data["name"] = name
+    if config:
+        data["config"] = json.dumps(dict(config))
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_file() and zipfile.is_zipfile(path):
+            return [("archive", (path.name, path.read_bytes(), "application/zip"))], data
+        if path.is_dir():
+            classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not classes:
+                raise ValueError(f"{path} has no class folders: lay images out as {path}/<label>/<image>")
+            pairs = [(image, folder.name) for folder in classes for image in image_files(folder)]
+        else:
+            raise ValueError(f"{path} is neither a folder of class folders nor a zip file")
+    else:
+        pairs = list(source)
+    if not pairs:
+        raise ValueError("no images to upload")
+    files, labels = [], []
+    for i, (image, label) in enumerate(pairs):
+        files.append(("files", _image_part(image, i)))
+        labels.append(str(label))
+    data["labels"] = labels
+    return files, data
+
+
+def expand_images(images: Any) -> list[Any]:
+    """One image, a folder (its images, sorted) or a list of either, as a flat list."""
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence) or isinstance(images, (bytes,)):
+        images = [images]
+    flat: list[Any] = []
+    for image in images:
+        if isinstance(image, (str, os.PathLike)) and Path(image).is_dir():
+            found = image_files(Path(image))
+            if not found:
+                raise ValueError(f"{image} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            flat.extend(found)
+        else:
+            flat.append(image)
+    if not flat:
+        raise ValueError("no images to classify")
+    return flat
+
+
+def classify_parts(batch: list[Any], offset: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", _image_part(image, offset + i)) for i, image in enumerate(batch)]
+
+
+def classify_results(response: httpx.Response, batch: list[Any]) -> list[dict]:
+    """The service's results for one batch, each with the local path when the image was a file."""
+    results = check(response).json()["results"]
+    out = []
+    for image, result in zip(batch, results):
+        item = dict(result)
+        if isinstance(image, (str, os.PathLike)):
+            item["path"] = str(image)
+        out.append(item)
+    return out
+
+
+def job_id_of(job_or_created: Any) -> str:
+    if isinstance(job_or_created, Created):
+        return job_or_created.job_id
+    if isinstance(job_or_created, Mapping):
+        return job_or_created["job_id"]
+    return str(job_or_created)
+
+
+def part_path(path: PathLike) -> tuple[Path, Path]:
+    """(final path, temporary path) for a download: written under the temporary name, then renamed, so a cut-off
+    download never leaves a file that looks complete."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, out.with_name(f".{out.name}.part")

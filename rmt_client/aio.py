@@ -1,0 +1,133 @@
+"""The asyncio client: the same methods as ``Client``, awaited."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Mapping
+
+import httpx
+
+from ._common import (DEFAULT_URL, FINISHED, Created, JobFailed, PathLike, Samples, auth_headers, check,
+                      classify_parts, classify_results, create_parts, expand_images, job_id_of, part_path)
+
+
+class AsyncClient:
+    """Talks to one RMT classifier service from asyncio code.
+
+    >>> async with AsyncClient("http://127.0.0.1:8000") as rmt:
+    ...     created = await rmt.create("pets/")
+    ...     await rmt.wait(created, progress=print)
+    ...     await rmt.classify(created.classifier_id, ["a.jpg", "b.jpg"])
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=auth_headers(api_key), timeout=timeout,
+                                       transport=transport)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def create(self, source: Samples, *, name: str | None = None,
+                     config: Mapping[str, Any] | None = None) -> Created:
+        """Upload examples and queue tuning (see ``Client.create``)."""
+        files, data = await asyncio.to_thread(create_parts, source, name, config)  # reads image files
+        body = check(await self._http.post("/v1/classifiers", files=files, data=data)).json()
+        return Created(classifier_id=body["classifier_id"], job_id=body["job_id"])
+
+    async def get(self, classifier_id: str) -> dict:
+        return check(await self._http.get(f"/v1/classifiers/{classifier_id}")).json()
+
+    async def list(self, page_size: int = 100) -> list[dict]:
+        return [item async for item in self.iter_classifiers(page_size)]
+
+    async def iter_classifiers(self, page_size: int = 100) -> AsyncIterator[dict]:
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            page = check(await self._http.get("/v1/classifiers", params=params)).json()
+            for item in page["items"]:
+                yield item
+            if page.get("next_cursor"):
+                params = {"limit": page_size, "cursor": page["next_cursor"]}
+            elif "next_cursor" not in page and page["offset"] + len(page["items"]) < page["total"] and page["items"]:
+                params = {"limit": page_size, "offset": page["offset"] + len(page["items"])}
+            else:
+                return
+
+    async def delete(self, classifier_id: str) -> None:
+        check(await self._http.delete(f"/v1/classifiers/{classifier_id}"))
+
+    async def job(self, job: Created | Mapping | str) -> dict:
+        return check(await self._http.get(f"/v1/jobs/{job_id_of(job)}")).json()
+
+    async def cancel(self, job: Created | Mapping | str) -> dict:
+        return check(await self._http.delete(f"/v1/jobs/{job_id_of(job)}")).json()
+
+    async def wait(self, job: Created | Mapping | str, progress: Callable[[dict], Any] | None = None,
+                   poll: float = 1.0, timeout: float | None = None, raise_on_failure: bool = True) -> dict:
+        """Poll until the job has finished (see ``Client.wait``); ``progress`` may be a coroutine function."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            state = await self.job(job)
+            if progress is not None and state != last:
+                outcome = progress(state)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            last = state
+            if state["status"] in FINISHED:
+                if raise_on_failure and state["status"] != "succeeded":
+                    raise JobFailed(state)
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {state['job_id']} still {state['status']} after {timeout} s")
+            await asyncio.sleep(poll)
+
+    async def classify(self, classifier_id: str, images: Any, top_k: int = 5, batch_size: int = 32) -> list[dict]:
+        """Classify one image, a folder, or a list of paths / bytes / PIL images (see ``Client.classify``)."""
+        flat = await asyncio.to_thread(expand_images, images)
+        results: list[dict] = []
+        for start in range(0, len(flat), batch_size):
+            batch = flat[start:start + batch_size]
+            files = await asyncio.to_thread(classify_parts, batch, start)
+            response = await self._http.post(f"/v1/classifiers/{classifier_id}/classify", files=files,
+                                             params={"top_k": top_k})
+            results.extend(classify_results(response, batch))
+        return results
+
+    async def download_model(self, classifier_id: str, path: PathLike) -> Path:
+        return await self._download(f"/v1/classifiers/{classifier_id}/model.onnx", path)
+
+    async def export(self, classifier_id: str, path: PathLike) -> Path:
+        return await self._download(f"/v1/classifiers/{classifier_id}/export", path)
+
+    async def _download(self, url: str, path: PathLike) -> Path:
+        out, tmp = part_path(path)
+        async with self._http.stream("GET", url) as response:
+            if not response.is_success:
+                await response.aread()
+                check(response)
+            try:
+                with open(tmp, "wb") as fh:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        fh.write(chunk)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        os.replace(tmp, out)
+        return out
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False

@@ -1,0 +1,147 @@
+"""The synchronous client: ``Client(url, api_key)``; the async one in ``aio.py`` has the same methods."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import httpx
+
+from ._common import (DEFAULT_URL, FINISHED, Created, JobFailed, PathLike, Samples, auth_headers, check,
+                      classify_parts, classify_results, create_parts, expand_images, job_id_of, part_path)
+
+
+class Client:
+    """Talks to one RMT classifier service.
+
+    >>> with Client("http://127.0.0.1:8000") as rmt:
+    ...     created = rmt.create("pets/", config={"epochs": 30})      # pets/<label>/<image>
+    ...     rmt.wait(created, progress=print)
+    ...     rmt.classify(created.classifier_id, "new_photos/")        # [{"filename", "path", "predictions"}]
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0,
+                 transport: httpx.BaseTransport | None = None):
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=auth_headers(api_key), timeout=timeout,
+                                  transport=transport)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- classifiers ---------------------------------------------------------------------------------------
+    def create(self, source: Samples, *, name: str | None = None,
+               config: Mapping[str, Any] | None = None) -> Created:
+        """Upload examples and queue tuning. ``source``: a folder of class folders, a zip with a folder per
+        class, or (image, label) pairs (image = path, bytes or PIL image)."""
+        files, data = create_parts(source, name, config)
+        body = check(self._http.post("/v1/classifiers", files=files, data=data)).json()
+        return Created(classifier_id=body["classifier_id"], job_id=body["job_id"])
+
+    def get(self, classifier_id: str) -> dict:
+        """A classifier: status, labels, settings, validation report."""
+        return check(self._http.get(f"/v1/classifiers/{classifier_id}")).json()
+
+    def list(self, page_size: int = 100) -> list[dict]:
+        """All of the caller's classifiers, newest first (every page)."""
+        return list(self.iter_classifiers(page_size))
+
+    def iter_classifiers(self, page_size: int = 100) -> Iterator[dict]:
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            page = check(self._http.get("/v1/classifiers", params=params)).json()
+            yield from page["items"]
+            if page.get("next_cursor"):
+                params = {"limit": page_size, "cursor": page["next_cursor"]}
+            elif "next_cursor" not in page and page["offset"] + len(page["items"]) < page["total"] and page["items"]:
+                params = {"limit": page_size, "offset": page["offset"] + len(page["items"])}
+            else:
+                return
+
+    def delete(self, classifier_id: str) -> None:
+        """Delete a classifier, its images and artifacts (its job is cancelled if it still runs)."""
+        check(self._http.delete(f"/v1/classifiers/{classifier_id}"))
+
+    # -- jobs ----------------------------------------------------------------------------------------------
+    def job(self, job: Created | Mapping | str) -> dict:
+        """A job's status and progress (step, total_steps, loss, train_accuracy, sparsity, eta_seconds)."""
+        return check(self._http.get(f"/v1/jobs/{job_id_of(job)}")).json()
+
+    def cancel(self, job: Created | Mapping | str) -> dict:
+        return check(self._http.delete(f"/v1/jobs/{job_id_of(job)}")).json()
+
+    def wait(self, job: Created | Mapping | str, progress: Callable[[dict], Any] | None = None,
+             poll: float = 1.0, timeout: float | None = None, raise_on_failure: bool = True) -> dict:
+        """Poll until the job has finished; ``progress(job)`` sees every new state. Returns the final job.
+
+        Raises JobFailed if it failed or was cancelled (unless ``raise_on_failure=False``), TimeoutError after
+        ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            state = self.job(job)
+            if progress is not None and state != last:
+                progress(state)
+            last = state
+            if state["status"] in FINISHED:
+                if raise_on_failure and state["status"] != "succeeded":
+                    raise JobFailed(state)
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {state['job_id']} still {state['status']} after {timeout} s")
+            time.sleep(poll)
+
+    # -- classify and download -----------------------------------------------------------------------------
+    def classify(self, classifier_id: str, images: Any, top_k: int = 5, batch_size: int = 32) -> list[dict]:
+        """Classify one image, a folder, or a list of paths / bytes / PIL images.
+
+        Returns one result per image, in order: ``{"filename", "predictions": [{"label", "score"}], "path"}``
+        (``path`` only for files).
+        """
+        flat = expand_images(images)
+        results: list[dict] = []
+        for start in range(0, len(flat), batch_size):
+            batch = flat[start:start + batch_size]
+            response = self._http.post(f"/v1/classifiers/{classifier_id}/classify",
+                                       files=classify_parts(batch, start), params={"top_k": top_k})
+            results.extend(classify_results(response, batch))
+        return results
+
+    def download_model(self, classifier_id: str, path: PathLike) -> Path:
+        """The ONNX model, written to ``path``."""
+        return self._download(f"/v1/classifiers/{classifier_id}/model.onnx", path)
+
+    def export(self, classifier_id: str, path: PathLike) -> Path:
+        """The portable bundle (model.onnx, labels.txt, preprocess.json, README.md) as a zip at ``path``."""
+        return self._download(f"/v1/classifiers/{classifier_id}/export", path)
+
+    def _download(self, url: str, path: PathLike) -> Path:
+        out, tmp = part_path(path)
+        with self._http.stream("GET", url) as response:
+            if not response.is_success:
+                response.read()
+                check(response)
+            try:
+                with open(tmp, "wb") as fh:
+                    for chunk in response.iter_bytes(1 << 20):
+                        fh.write(chunk)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        os.replace(tmp, out)
+        return out
+
+    # -- service -------------------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """True when the service answers /readyz with 200 (store writable, broker reachable)."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
