@@ -21,12 +21,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of ``targets`` under softmax(logits / T)."""
+def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0, smoothing: float = 0.0) -> float:
+    """Mean negative log-likelihood of ``targets`` under softmax(logits / T); with ``smoothing`` = e the target
+    is 1 - e on the label and e spread over the other classes."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = z - z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1))
-    return float(np.mean(log_norm - z[np.arange(len(z)), np.asarray(targets)]))
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    rows = np.arange(len(z))
+    on_label = log_p[rows, np.asarray(targets)]
+    if not smoothing:
+        return float(-np.mean(on_label))
+    others = (log_p.sum(axis=1) - on_label) / max(z.shape[1] - 1, 1)
+    return float(-np.mean((1 - smoothing) * on_label + smoothing * others))
 
 
 def fit_temperature(logits: np.ndarray, targets, bounds: tuple[float, float] = T_RANGE, iters: int = 80) -> float:
@@ -34,24 +40,29 @@ def fit_temperature(logits: np.ndarray, targets, bounds: tuple[float, float] = T
 
     NLL is convex in 1/T (a log-sum-exp of functions linear in 1/T minus a linear term), so it is unimodal in
     log T and the search finds the global minimum within the bounds. Returns 1.0 without data.
+
+    The targets are smoothed by 1/(n+2) (Laplace's rule of succession): when every validation answer is right,
+    plain NLL is minimised by T -> 0 (certainty from a handful of images); smoothed, the fitted confidence
+    stays near (n+1)/(n+2). With hundreds of samples the smoothing is negligible.
     """
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets)
     if len(targets) == 0:
         return 1.0
+    smoothing = 1.0 / (len(targets) + 2)
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(logits, targets, math.exp(a)), nll(logits, targets, math.exp(b))
+    fa, fb = nll(logits, targets, math.exp(a), smoothing), nll(logits, targets, math.exp(b), smoothing)
     for _ in range(iters):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = nll(logits, targets, math.exp(a))
+            fa = nll(logits, targets, math.exp(a), smoothing)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = nll(logits, targets, math.exp(b))
+            fb = nll(logits, targets, math.exp(b), smoothing)
     return float(math.exp((lo + hi) / 2))
 
 

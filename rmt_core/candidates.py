@@ -373,3 +373,43 @@ class Selection:
                           "true": self.labels[y[row]], "predicted": self.labels[pred[row]],
                           "score": round(float(probs[row, pred[row]]), 4)})
         return {"per_class_accuracy": per_class, "confusion_matrix": conf.tolist(), "misclassified": wrong}
+
+
+# ------------------------------------------------------------------------------------- one build's run
+@dataclass
+class CandidateRun:
+    published: Candidate
+    validation: dict  # the manifest's "validation"
+    tuning: object | None  # tuning.TuneResult when the mask was tuned, else None
+    selection: Selection
+
+
+def run_candidates(model, zero_shot: Head, labels: list[str], config: TuneConfig, train_batch: np.ndarray,
+                   train_targets: Sequence[int], held_batch: np.ndarray | None, held_targets: Sequence[int],
+                   tune_fn: Callable[[], object], on_candidate: OnCandidate | None = None,
+                   train_indices: Sequence[int] | None = None, held_indices: Sequence[int] | None = None,
+                   extra_warnings: Sequence[str] = (), started: float | None = None) -> CandidateRun:
+    """Every candidate of one build, cheap ones first, and the selection.
+
+    ``model`` is the CLIP model whose image features the heads read; ``*_batch`` are preprocessed images
+    (eval transform); ``tune_fn()`` attaches masks to ``model``, tunes them in place and returns the
+    TuneResult; it is only called when its candidates can be judged or are pinned (``Selection.wants_masks``).
+    ``on_candidate(name, head, uses_mask, accuracy)`` fires as each candidate is ready: zero-shot and the
+    fitted head before tuning starts, so a service can answer with them at once.
+    """
+    selection = Selection(zero_shot, labels, config, train_targets, held_targets, train_indices=train_indices,
+                          held_indices=held_indices, on_candidate=on_candidate,
+                          **({"started": started} if started is not None else {}))
+    has_held = held_batch is not None and len(held_targets) > 0
+    base_train = encode_images(model, train_batch)
+    base_held = encode_images(model, held_batch) if has_held else None
+    selection.add_zero_shot(base_train, base_held)
+    selection.add_head(base_train, base_held)
+    tuning = None
+    warnings = list(extra_warnings)
+    if selection.wants_masks:
+        tuning = tune_fn()
+        warnings += list(getattr(tuning, "warnings", []))
+        selection.add_masked(encode_images(model, train_batch), encode_images(model, held_batch) if has_held else None)
+    chosen, validation = selection.finish(warnings)
+    return CandidateRun(chosen, validation, tuning, selection)

@@ -21,17 +21,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .artifact import atomic_write_bytes, entropy_bound_bytes, load_masks, save_masks
-from .config import TuneConfig
+from .candidates import OnCandidate, has_holdout, run_candidates
+from .config import MIN_PER_CLASS_FOR_HOLDOUT, TuneConfig
+from .head import HEAD_FILE, Head
 from .images import open_image_file
 from .preprocess import PreprocessConfig, preprocess_batch
-from .runtime import MANIFEST, ONNX_FILE, OnnxClassifier
+from .runtime import MANIFEST, ONNX_FILE
 from .tuning import Progress, TuningCancelled  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
 
 MASK_FILE = "mask.rmtm"
 REPORT_FILE = "report.json"
-MIN_PER_CLASS_FOR_HOLDOUT = 5
 
 
 def write_json(path: Path, obj) -> None:
@@ -84,37 +85,65 @@ def accuracy_and_confusion(probs: np.ndarray, targets: Sequence[int], n_classes:
     return float((pred == np.asarray(targets)).mean()), conf
 
 
-def _plot_curve(history: list[dict], path: Path) -> None:
+def _smooth(values: list[float], window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what exists so far)."""
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) < 2:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def _plot_curve(history: list[dict], path: Path, reference: dict[str, float | None] | None = None) -> None:
+    """Loss, train accuracy (raw and smoothed, with held-out reference lines) and sparsity per step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
+    window = max(1, len(steps) // 20)
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
     for axis, key, title in zip(ax, ("loss", "train_accuracy", "sparsity"), ("loss", "train accuracy", "sparsity %")):
-        axis.plot(steps, [h[key] for h in history])
+        values = [h[key] for h in history]
+        if key == "sparsity":
+            axis.plot(steps, values)
+        else:
+            axis.plot(steps, values, alpha=0.3, color="tab:blue", label="per step")
+            axis.plot(steps, _smooth(values, window), color="tab:blue", label=f"mean of {window}")
         axis.set_title(title)
         axis.set_xlabel("step")
+    for (name, value), colour in zip((reference or {}).items(), ("tab:gray", "tab:orange")):
+        if value is not None:
+            ax[1].axhline(value, color=colour, linestyle="--", label=f"{name} {value:.0%}")
+    ax[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def _plot_confusion(conf: np.ndarray, labels: list[str], path: Path) -> None:
+def _plot_confusion(conf: np.ndarray, labels: list[str], path: Path, title: str = "") -> None:
+    """Row-normalised confusion matrix (share of each true class), counts in the cells."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(2 + 0.5 * n, 1.5 + 0.5 * n))
-    ax.imshow(conf, cmap="Blues")
+    rows = conf.sum(axis=1, keepdims=True)
+    share = np.divide(conf, rows, out=np.zeros(conf.shape, dtype=float), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * n, 2 + 0.5 * n))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), [label[:20] for label in labels], rotation=60, ha="right")
     ax.set_yticks(range(n), [label[:20] for label in labels])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=8)
+            ax.text(j, i, f"{share[i, j]:.0%}\n({conf[i, j]})", ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.6 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -126,12 +155,52 @@ def _head_for(backbone, text_features):
     return ClassifierHead(backbone.model.visual, text_features, float(backbone.model.logit_scale.detach().exp()))
 
 
+def _published_model(visual, head: Head):
+    """image -> the published Head's logits, as one torch module (what model.onnx computes)."""
+    import torch
+    from torch import nn
+
+    class PublishedModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = visual
+            for name in ("W", "b", "cache_keys", "cache_values"):
+                value = getattr(head, name)
+                self.register_buffer(name, None if value is None else torch.from_numpy(value.copy()))
+
+        def forward(self, image):
+            f = self.visual(image)
+            f = f / f.norm(dim=-1, keepdim=True)
+            out = head.scale * f @ self.W.T + self.b
+            if head.has_cache:
+                out = out + head.cache_alpha * torch.exp(-head.cache_beta * (1 - f @ self.cache_keys.T)) @ self.cache_values
+            return out / head.temperature
+
+    return PublishedModel()
+
+
+def _drop_masks(model) -> None:
+    """Remove tuned masks without baking them: the original weights come back (an unpublished mask)."""
+    from torch.nn.utils import parametrize
+
+    from .masking import _owner, find_masks
+
+    for name in list(find_masks(model)):
+        owner, attr = _owner(model, name)
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+
+
 def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path | str,
                      progress: Callable[[Progress], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None, device: str = "auto") -> dict:
+                     should_stop: Callable[[], bool] | None = None, device: str = "auto",
+                     on_candidate: OnCandidate | None = None) -> dict:
     """Tune a classifier from ``samples`` = [(image path or PIL image, label), ...] into ``out_dir``.
 
-    Returns the manifest. Raises TuningCancelled, ValueError (bad input), ExportParityError.
+    Candidates (zero-shot, a head fitted on frozen features, the mask-tuned encoder, a head on it) are
+    judged on validation data and the best is published (rmt_core.candidates); ``on_candidate(name, head,
+    uses_mask, accuracy)`` is called as each is ready, zero-shot and the head before tuning starts, so a
+    service can publish previews. Returns the manifest. Raises TuningCancelled, ValueError (bad input),
+    ExportParityError.
     """
     import torch
 
@@ -145,32 +214,45 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = validate_samples(samples)
     index = {label: i for i, label in enumerate(labels)}
-    train, held = split_holdout(samples, config.holdout, config.seed)
+    counts = [sum(1 for _, label in samples if label == name) for name in labels]
+    # a holdout only when every class can spare images; otherwise every image trains and heads are k-folded
+    train, held = split_holdout(samples, config.holdout, config.seed) if has_holdout(counts, config) else (list(samples), [])
+    position = {id(sample): i for i, sample in enumerate(samples)}
     device = resolve_device(device)
     torch.manual_seed(config.seed)
 
-    backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed)
+    backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
+                             quick_gelu=config.quick_gelu_setting)
     preprocess = PreprocessConfig.from_dict(backbone.preprocess)
     text_features = encode_class_texts(backbone, labels, config.prompt_template)
+    zero_shot = Head.zero_shot(text_features.cpu().numpy(), float(backbone.model.logit_scale.detach().exp()),
+                               prompt_template=config.prompt_template)
 
-    held_batch = held_targets = None
-    zero_shot_acc = None
-    if held:
-        held_batch = preprocess_batch([_load(x) for x, _ in held], preprocess)
-        held_targets = [index[label] for _, label in held]
-        with torch.no_grad():
-            from .tuning import class_logits
-            zs = class_logits(backbone.model, torch.from_numpy(held_batch).to(device), text_features)
-        zero_shot_acc, _ = accuracy_and_confusion(zs.softmax(-1).cpu().numpy(), held_targets, len(labels))
+    train_images = [_load(x) for x, _ in train]
+    train_targets = [index[label] for _, label in train]
+    held_batch = preprocess_batch([_load(x) for x, _ in held], preprocess) if held else None
+    held_targets = [index[label] for _, label in held]
 
-    result = tune(backbone, [_load(x) for x, _ in train], [index[label] for _, label in train], text_features,
-                  config, progress=progress, should_stop=should_stop, device=device)
+    def tune_masks():
+        return tune(backbone, train_images, train_targets, text_features, config, progress=progress,
+                    should_stop=should_stop, device=device)
 
-    bits = mask_bits(backbone.model)
-    mask_bytes = save_masks(out_dir / MASK_FILE, bits, {"backbone": config.backbone, "method": config.method})
-    bake_masks(backbone.model)
+    run = run_candidates(backbone.model, zero_shot, labels, config, preprocess_batch(train_images, preprocess),
+                         train_targets, held_batch, held_targets, tune_masks, on_candidate=on_candidate,
+                         train_indices=[position[id(s)] for s in train], held_indices=[position[id(s)] for s in held],
+                         extra_warnings=[], started=started)
+    result, published = run.tuning, run.published
+    head_bytes = published.head.save(out_dir / HEAD_FILE)
+
+    bits = mask_bits(backbone.model) if published.uses_mask else {}
+    mask_bytes = 0
+    if published.uses_mask:
+        mask_bytes = save_masks(out_dir / MASK_FILE, bits, {"backbone": config.backbone, "method": config.method})
+        bake_masks(backbone.model)
+    else:
+        _drop_masks(backbone.model)
     backbone.model.cpu()
-    head = _head_for(backbone, text_features.cpu())
+    head = _published_model(backbone.model.visual, published.head)
     export_onnx(head, out_dir / ONNX_FILE)
     parity_batch = torch.from_numpy(held_batch[:4]) if held_batch is not None else None
     parity = check_parity(head, out_dir / ONNX_FILE, parity_batch, atol=config.parity_atol, seed=config.seed)
@@ -182,30 +264,39 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         "method": config.method,
         "config": config.to_dict(),
         "preprocess": preprocess.to_dict(),
-        "sparsity": result.sparsity,
+        "candidate": published.name,
+        "head": published.head.summary(),
+        "head_bytes": head_bytes,
+        "quick_gelu": backbone.quick_gelu,
+        "sparsity": result.sparsity if published.uses_mask else 0.0,
+        "tuned_sparsity": result.sparsity if result is not None else None,
         "mask_entries": int(sum(b.size for b in bits.values())),
         "mask_bytes": mask_bytes,
-        "mask_entropy_bound_bytes": round(entropy_bound_bytes(bits), 1),
+        "mask_entropy_bound_bytes": round(entropy_bound_bytes(bits), 1) if bits else 0.0,
         "onnx_bytes": (out_dir / ONNX_FILE).stat().st_size,
         "parity_max_abs_diff": parity,
         "n_train": len(train),
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "warnings": result.warnings,
+        "schedule": config.schedule(len(train)),
+        "steps": result.steps if result is not None else 0,
+        "epochs": result.epochs if result is not None else 0,
+        "warnings": run.validation["warnings"],
         "validation": None,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     write_json(out_dir / MANIFEST, manifest)  # the runtime reads it; validation is added below
 
-    report = {"history": result.history, "validation": None}
-    if held:
-        clf = OnnxClassifier(out_dir, providers="cpu")
-        tuned_acc, conf = accuracy_and_confusion(clf.run(held_batch), held_targets, len(labels))
-        validation = {"n_holdout": len(held), "zero_shot_accuracy": zero_shot_acc, "tuned_accuracy": tuned_acc}
-        manifest["validation"] = validation
-        report["validation"] = {**validation, "confusion_matrix": conf.tolist(), "labels": labels}
-        _plot_confusion(conf, labels, out_dir / "confusion.png")
-    _plot_curve(result.history, out_dir / "curve.png")
+    history = result.history if result is not None else []
+    validation = run.validation
+    report = {"history": history, "validation": {**validation, "labels": labels}}
+    manifest["validation"] = {k: v for k, v in validation.items() if k not in ("confusion_matrix", "calibration")}
+    if validation.get("confusion_matrix") is not None and validation["published_accuracy"] is not None:
+        _plot_confusion(np.asarray(validation["confusion_matrix"]), labels, out_dir / "confusion.png",
+                        title=f"{published.name}: accuracy {validation['published_accuracy']:.1%} "
+                              f"({validation['validated_by']['method']}, n={validation['validated_by']['n']})")
+    if history:
+        _plot_curve(history, out_dir / "curve.png", reference={
+            "zero-shot (held out)": validation.get("zero_shot_accuracy"),
+            "tuned (held out)": validation.get("tuned_accuracy")})
     manifest["elapsed_s"] = round(time.monotonic() - started, 2)
     write_json(out_dir / REPORT_FILE, report)
     write_json(out_dir / MANIFEST, manifest)
@@ -221,11 +312,16 @@ def rebuild_onnx(model_dir: Path | str, out_path: Path | str | None = None, devi
     model_dir = Path(model_dir)
     manifest = json.loads((model_dir / MANIFEST).read_text())
     config = TuneConfig.from_dict(manifest["config"])
-    bits, _ = load_masks(model_dir / MASK_FILE)
-    backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed)
-    apply_mask_bits(backbone.model, bits)
-    text_features = encode_class_texts(backbone, manifest["labels"], config.prompt_template)
-    head = _head_for(backbone, text_features)
+    backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
+                             quick_gelu=manifest.get("quick_gelu", config.quick_gelu_setting))
+    if (model_dir / MASK_FILE).is_file():  # a published candidate without a mask has no mask file
+        bits, _ = load_masks(model_dir / MASK_FILE)
+        apply_mask_bits(backbone.model, bits)
+    if (model_dir / HEAD_FILE).is_file():
+        head = _published_model(backbone.model.visual, Head.load(model_dir / HEAD_FILE))
+    else:  # classifiers built before heads existed: the zero-shot head
+        text_features = encode_class_texts(backbone, manifest["labels"], config.prompt_template)
+        head = _head_for(backbone, text_features)
     out_path = Path(out_path) if out_path else model_dir / ONNX_FILE
     export_onnx(head, out_path)
     check_parity(head, out_path, atol=config.parity_atol)

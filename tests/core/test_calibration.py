@@ -64,3 +64,12 @@ def test_head_temperature_divides_the_logits_at_no_extra_cost():
     head.temperature = 2.5
     np.testing.assert_allclose(head.logits(feats), plain / 2.5, rtol=1e-6)
     assert Head.from_bytes(head.to_bytes()).temperature == 2.5
+
+
+def test_perfect_validation_does_not_drive_the_temperature_to_certainty():
+    z = np.array([[4.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 3.0], [6.0, 0.0, 1.0]])
+    y = np.array([0, 1, 2, 0])
+    t = fit_temperature(z, y)
+    top = softmax(z / t).max(1)
+    assert 0.5 < top.mean() < 0.97  # about (n+1)/(n+2) = 5/6, not 1.0
+    assert calibrate(z, y, want_min_score=True)["min_score"] < 1

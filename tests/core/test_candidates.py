@@ -125,3 +125,54 @@ def test_without_a_holdout_heads_are_cross_validated_and_masks_are_not_tuned():
     assert any("too few images to validate" in w for w in report["warnings"])
     pinned, _, _, _ = _selection(TuneConfig(select="mask"), n_train=3, n_held=0)
     assert pinned.wants_masks
+
+
+# ------------------------------------------------------------------ build_classifier (a small real run)
+def _build(tmp_path, name, **overrides):
+    from rmt_core.pipeline import build_classifier
+    from tests.core.toys import colour_task
+
+    samples = colour_task(n_per_class=6)
+    settings = dict(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=12, batch_size=8,
+                    learning_rate=1e-3, holdout=0.34, augment=False)
+    events = []
+    manifest = build_classifier(samples, TuneConfig(**{**settings, **overrides}), tmp_path / name,
+                                progress=lambda p: events.append(("step", p.step)),
+                                on_candidate=lambda *a: events.append(("candidate", *a)))
+    return samples, manifest, events
+
+
+def test_a_destructive_learning_rate_loses_to_zero_shot_and_previews_come_first(tmp_path):
+    samples, manifest, events = _build(tmp_path, "wrecked", learning_rate=10.0, unknown=True)
+    v = manifest["validation"]
+    rows = {r["name"]: r for r in v["candidates"]}
+    assert set(rows) == {"zero-shot", "head", "mask", "mask+head"}
+    assert manifest["tuned_sparsity"] > 10  # lr=10 switches off a large share of the encoder
+    assert v["published"] in ("zero-shot", "head") and manifest["candidate"] == v["published"]
+    assert v["published_accuracy"] >= v["zero_shot_accuracy"] and manifest["sparsity"] == 0.0
+    assert not (tmp_path / "wrecked" / "mask.rmtm").exists()  # an unpublished mask is not shipped
+    # previews: zero-shot, then the fitted head, both before the first tuning step
+    kinds = [e[1] if e[0] == "candidate" else "step" for e in events]
+    assert kinds[:2] == ["zero-shot", "head"] and kinds[2] == "step"
+    assert isinstance(events[0][2], Head) and events[0][3] is False
+    # the report: every field, the published model's numbers
+    for key in ("n_holdout", "zero_shot_accuracy", "tuned_accuracy", "published_accuracy", "validated_by", "warnings",
+                "ece_before", "ece_after", "temperature", "min_score", "per_class_accuracy", "misclassified"):
+        assert key in v, key
+    assert v["validated_by"] == {"method": "holdout", "n": 6}
+    assert v["tuned_accuracy"] == pytest.approx(rows["mask"]["accuracy"], abs=1e-4)
+    assert 0 < v["min_score"] < 1 and v["temperature"] == manifest["head"]["temperature"]
+    for wrong in v["misclassified"]:
+        assert samples[wrong["index"]][1] == wrong["true"] != wrong["predicted"]
+    published = Head.load(tmp_path / "wrecked" / "head.npz")
+    assert published.temperature == v["temperature"]
+    assert (tmp_path / "wrecked" / "confusion.png").is_file() and (tmp_path / "wrecked" / "curve.png").is_file()
+
+
+def test_when_tuning_clearly_helps_a_tuned_candidate_is_published(tmp_path):
+    """Random-init CLIP: the class text embeddings say nothing about colours (zero-shot near chance); fitted
+    candidates reach ~100% on the holdout and one of them is published."""
+    _, manifest, _ = _build(tmp_path, "good", min_steps=40)
+    v = manifest["validation"]
+    assert v["published"] != "zero-shot" and v["published_accuracy"] >= v["zero_shot_accuracy"] + 0.3
+    assert v["published_accuracy"] == max(r["accuracy"] for r in v["candidates"]) or "tie" in v["why"]

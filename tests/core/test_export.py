@@ -66,7 +66,7 @@ def test_parity_check_catches_a_wrong_model(tmp_path):
 def test_build_classifier_writes_a_complete_directory_and_mask_rebuilds_it(tmp_path):
     samples = colour_task(n_per_class=6)
     config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=12, batch_size=8,
-                        learning_rate=1e-3, holdout=0.34)
+                        learning_rate=1e-3, holdout=0.34, select="mask")  # pinned: the mask path is under test
     manifest = build_classifier(samples, config, tmp_path / "clf")
     files = {p.name for p in (tmp_path / "clf").iterdir()}
     assert {"manifest.json", "mask.rmtm", "model.onnx", "report.json", "curve.png", "confusion.png"} <= files
