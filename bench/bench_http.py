@@ -38,7 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rmt_core.runtime import OnnxClassifier  # noqa: E402
-from rmt_core.store import ClassifierStore, Sample, write_json_atomic  # noqa: E402
+from rmt_core.artifact import atomic_write_bytes  # noqa: E402
+from rmt_service.migrate import prepare  # noqa: E402
+from rmt_service.settings import Settings  # noqa: E402
+from rmt_service.store import Sample, Store  # noqa: E402
 
 LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BOUNDARY = "rmtbenchboundary"
@@ -67,7 +70,7 @@ def build_model(work: Path) -> Path:
                 "config": {"backbone": "ViT-B-32", "method": "r-amt"}, "preprocess": backbone.preprocess,
                 "sparsity": 0.0, "mask_bytes": 0, "onnx_bytes": (tmp / "model.onnx").stat().st_size,
                 "parity_max_abs_diff": None, "validation": None, "warnings": ["benchmark model (random init)"]}
-    write_json_atomic(tmp / "manifest.json", manifest)
+    atomic_write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
     tmp.rename(model_dir)
     print(f"exported ViT-B-32 classifier in {time.monotonic() - started:.0f}s", flush=True)
     return model_dir
@@ -77,7 +80,9 @@ def populate(data_dir: Path, model_dir: Path, n: int) -> list[str]:
     """n published classifiers in a fresh store; their model files are hard links (disk), each loads
     as its own ORT session (memory)."""
     shutil.rmtree(data_dir, ignore_errors=True)
-    store = ClassifierStore(data_dir)
+    settings = Settings(_env_file=None, data_dir=data_dir)
+    prepare(settings)
+    store = Store(settings)
     ids = []
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, "PNG")
@@ -87,11 +92,8 @@ def populate(data_dir: Path, model_dir: Path, n: int) -> list[str]:
         build = store.new_build_dir(record.classifier_id)
         for name in ("model.onnx", "manifest.json"):
             os.link(model_dir / name, build / name)
-        store.publish(record.classifier_id, build)
-
-        def done(j):
-            j.status, j.finished_at = "succeeded", time.time()
-        store.update_job(job.job_id, done)
+        store.claim(job.job_id, "bench")
+        store.publish_version(record.classifier_id, build, job_id=job.job_id, owner="bench")
         ids.append(record.classifier_id)
     return ids
 

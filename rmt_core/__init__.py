@@ -17,8 +17,6 @@ Modules (torch is imported only by the tuning/export side):
     tuning     the tuning loop (progress callback)
     export     ONNX export of the baked classifier + parity check
     pipeline   build_classifier: tune -> bake -> export -> report, into one directory
-    store      ClassifierStore: the on-disk layout shared by the API and the worker
-    settings   Settings: service configuration (RMT_* env vars)
     world      a generated captioned image world (no torch): the data of the builtin backbone and the demo
     evaluation `rmt eval`: CoOp's few-shot protocol
     cli        the `rmt` command

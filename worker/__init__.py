@@ -1,1 +1,1 @@
-"""Celery worker: thin tasks over rmt_core (tuning) and rmt_core.store (state)."""
+"""Celery worker: thin tasks over rmt_core (tuning) and rmt_service.store (records and blobs)."""

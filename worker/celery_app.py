@@ -1,8 +1,8 @@
 """The one Celery configuration, built from Settings (the API uses it to send, the worker to consume).
 
-Messages carry only a job id (JSON); all state is in the ClassifierStore. Jobs are long and run one at a
-time per process: acks_late + reject_on_worker_lost + prefetch 1, so a job whose worker dies goes back to
-the queue instead of being lost. Results are never stored in a backend: the job record is the result.
+Messages carry only a job id (JSON); all state is in the records database (rmt_service.store). Jobs are
+long and run one at a time per process: acks_late + reject_on_worker_lost + prefetch 1, so a job whose
+worker dies goes back to the queue instead of being lost. Results are never stored in a backend: the job record is the result.
 """
 from __future__ import annotations
 

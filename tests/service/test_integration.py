@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from rmt_core.store import ClassifierStore
+from rmt_service.store import Store
 from tests.service.helpers import (COLORS, TINY_CONFIG, free_port, image_bytes, make_settings, service_env,
                                    upload_parts, wait_for)
 from tests.service.procs import Child, RedisServer, rmt, start_worker, wait_job
@@ -86,12 +86,14 @@ def test_redis_flow_create_poll_classify_download_delete(api, worker):
 
 
 def test_kill_9_the_process_running_the_job(api, worker, data_dir):
-    """The pool process dies mid-job: Celery re-queues the message (reject_on_worker_lost) and the next
-    attempt takes over at once because the lease's owner process is gone."""
+    """The pool process dies mid-job: its lease stops being renewed, and once it expires (4 s here, on the
+    database clock) the sweep re-queues the job and the next attempt finishes it."""
     created = _create(api, config={"min_steps": 40})
     job = wait_for(lambda: (lambda j: j if (j["progress"] or {}).get("step") else None)(_job(api, created["job_id"])),
                    60, what="job to report progress")
-    owner = ClassifierStore(data_dir).get_job(created["job_id"]).lease_owner
+    store = Store(make_settings(data_dir))
+    owner = store.get_job(created["job_id"]).lease_owner
+    store.close()
     pid = int(owner.split(":")[1])
     assert pid != worker.pid  # the prefork child, not the worker's main process
     import os
