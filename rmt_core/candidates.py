@@ -3,10 +3,11 @@
 Every build can publish one of four candidates over one shared frozen base (simplest first):
 
     zero-shot   CLIP's own head (class text embeddings) on the base encoder's features
-    head        a linear probe fitted on the base features in well under a second (numpy), initialised
-                from the class text embeddings and pulled back toward them (weight decay toward the init)
+    head        a head fitted on the base features in about a second (numpy): a linear probe initialised
+                from the class text embeddings and pulled back toward them (weight decay toward the init),
+                or Tip-Adapter's training-free cache model, whichever scores better out of fold
     mask        the zero-shot head on the mask-tuned encoder's features (the configured method)
-    mask+head   the linear probe fitted on the mask-tuned encoder's features
+    mask+head   the fitted head on the mask-tuned encoder's features (the paper's Table 3 combination)
 
 Validation. When every class has at least MIN_PER_CLASS_FOR_HOLDOUT images, a seeded per-class holdout is
 set aside before anything is fitted and all four candidates are scored on it. Otherwise every image trains,
@@ -167,6 +168,61 @@ def fit_linear_probe(features: np.ndarray, targets: Sequence[int], zero_shot: He
                     seconds=time.monotonic() - started)
 
 
+# ---------------------------------------------------------------------------------- Tip-Adapter cache
+TIP_ALPHAS = (0.003, 0.01, 0.03, 0.1, 0.3)  # times the logit scale: Tip-Adapter's alpha=1 at CLIP's scale 100
+TIP_BETAS = (1.0, 3.0, 5.5, 10.0, 20.0)
+
+
+def _cache_logits(f_query: np.ndarray, f_keys: np.ndarray, onehot: np.ndarray, beta: float) -> np.ndarray:
+    return np.exp(-beta * (1.0 - f_query @ f_keys.T)) @ onehot
+
+
+def fit_tip_adapter(features: np.ndarray, targets: Sequence[int], zero_shot: Head, seed: int = 0,
+                    alphas: Sequence[float] = TIP_ALPHAS, betas: Sequence[float] = TIP_BETAS) -> ProbeFit:
+    """Tip-Adapter's training-free cache model (Zhang et al., 2022): zero-shot logits plus
+    alpha * exp(-beta * (1 - f @ K.T)) @ V with K the normalised training features and V their one-hot labels.
+
+    alpha and beta are chosen by out-of-fold accuracy (then NLL): each fold is scored with a cache built from
+    the other folds only.
+    """
+    started = time.monotonic()
+    y = np.asarray(targets, dtype=int)
+    f = _normalise(features)
+    c = zero_shot.n_classes
+    onehot = np.eye(c)[y]
+    z0 = zero_shot.scale * f @ zero_shot.W.T.astype(np.float64) + zero_shot.b
+    method, k = validation_folds(len(y))
+    fold = np.arange(len(y)) if method == "leave-one-out" else stratified_folds(y, k, seed)
+    k = int(fold.max()) + 1
+    best = None
+    for beta in betas:
+        cache = np.zeros((len(y), c))
+        for j in range(k):
+            held, train = fold == j, fold != j
+            if train.any():
+                cache[held] = _cache_logits(f[held], f[train], onehot[train], beta)
+        for alpha in alphas:
+            oof = z0 + alpha * zero_shot.scale * cache
+            key = ((oof.argmax(1) == y).mean(), -nll(oof, y))
+            if best is None or key > best[0]:
+                best = (key, alpha, beta, oof)
+    _, alpha, beta, oof = best
+    head = Head(W=zero_shot.W, b=zero_shot.b, scale=zero_shot.scale, cache_keys=f.astype(np.float32),
+                cache_values=onehot.astype(np.float32), cache_alpha=alpha * zero_shot.scale, cache_beta=beta,
+                kind="tip-adapter", meta={"alpha": alpha * zero_shot.scale, "beta": beta, "n_fit": int(len(y))})
+    return ProbeFit(head=head, weight_decay=0.0, oof_logits=oof, folds=k, method=method,
+                    seconds=time.monotonic() - started)
+
+
+def fit_best_head(features: np.ndarray, targets: Sequence[int], zero_shot: Head, seed: int = 0) -> ProbeFit:
+    """The linear probe or the Tip-Adapter cache, whichever scores better out of fold on these samples (the
+    probe on ties: it does not keep the training features)."""
+    y = np.asarray(targets, dtype=int)
+    fits = [fit_linear_probe(features, y, zero_shot, seed), fit_tip_adapter(features, y, zero_shot, seed)]
+    return max(fits, key=lambda fit: ((fit.oof_logits.argmax(1) == y).mean(), -nll(fit.oof_logits, y),
+                                      fit.head.kind == "linear-probe"))
+
+
 # --------------------------------------------------------------------------------------- selection
 @dataclass
 class Candidate:
@@ -289,7 +345,7 @@ class Selection:
         return self._add(self._scored("zero-shot", head, False, head.logits(feats).astype(np.float64), method))
 
     def _head_candidate(self, name: str, uses_mask: bool, train_features, held_features) -> Candidate:
-        fit = fit_linear_probe(train_features, self.train_targets, self.zero_shot, seed=self.config.seed)
+        fit = fit_best_head(train_features, self.train_targets, self.zero_shot, seed=self.config.seed)
         if self.holdout:
             return self._scored(name, fit.head, uses_mask, fit.head.logits(held_features).astype(np.float64),
                                 "holdout")
@@ -302,7 +358,7 @@ class Selection:
         """The mask-tuned encoder's features: the zero-shot head on them ("mask") and a probe on them."""
         if not self.can_judge_masks:
             head = copy.deepcopy(self.zero_shot)
-            fit = fit_linear_probe(train_features, self.train_targets, self.zero_shot, seed=self.config.seed)
+            fit = fit_best_head(train_features, self.train_targets, self.zero_shot, seed=self.config.seed)
             return [self._add(Candidate("mask", head, True)), self._add(Candidate("mask+head", fit.head, True))]
         zs = copy.deepcopy(self.zero_shot)
         mask = self._scored("mask", zs, True, zs.logits(held_features).astype(np.float64), "holdout")

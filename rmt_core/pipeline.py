@@ -280,6 +280,8 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         "steps": result.steps if result is not None else 0,
         "epochs": result.epochs if result is not None else 0,
         "warnings": run.validation["warnings"],
+        # classify's default threshold for "unknown" (config.unknown); None = always answer a label
+        "min_score": run.validation.get("min_score") if config.unknown else None,
         "validation": None,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }

@@ -176,3 +176,21 @@ def test_when_tuning_clearly_helps_a_tuned_candidate_is_published(tmp_path):
     v = manifest["validation"]
     assert v["published"] != "zero-shot" and v["published_accuracy"] >= v["zero_shot_accuracy"] + 0.3
     assert v["published_accuracy"] == max(r["accuracy"] for r in v["candidates"]) or "tie" in v["why"]
+
+
+def test_tip_adapter_cache_is_a_head_and_its_out_of_fold_choice_is_honest():
+    from rmt_core.candidates import fit_best_head, fit_tip_adapter
+
+    rng, means, zs = _world(seed=2)
+    x, y = _draw(rng, means, 6)
+    xt, yt = _draw(rng, means, 100)
+    fit = fit_tip_adapter(x, y, zs)
+    head = fit.head
+    assert head.kind == "tip-adapter" and head.cache_keys.shape == (len(y), D) and head.has_cache
+    assert (head.logits(xt).argmax(1) == yt).mean() > (zs.logits(xt).argmax(1) == yt).mean() + 0.2
+    f = xt / np.linalg.norm(xt, axis=1, keepdims=True)  # the Head formula, written out
+    want = zs.scale * f @ zs.W.T + head.cache_alpha * np.exp(-head.cache_beta * (1 - f @ head.cache_keys.T)) @ head.cache_values
+    np.testing.assert_allclose(head.logits(xt), want, rtol=1e-4, atol=1e-3)
+    best = fit_best_head(x, y, zs)
+    assert best.head.kind in ("linear-probe", "tip-adapter")
+    assert (best.oof_logits.argmax(1) == y).mean() >= (fit.oof_logits.argmax(1) == y).mean()
