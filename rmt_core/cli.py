@@ -157,9 +157,14 @@ def _print_info(manifest: dict, path: Path) -> None:
     print(f"mask file    {manifest['mask_bytes']} B (entropy bound {manifest['mask_entropy_bound_bytes']} B), "
           f"model.onnx {manifest['onnx_bytes'] / 1e6:.1f} MB, parity {manifest['parity_max_abs_diff']:.2g}")
     val = manifest.get("validation")
-    if val:
+    if val and val.get("tuned_accuracy") is not None:
         print(f"validation   {val['n_holdout']} held-out images: zero-shot {val['zero_shot_accuracy']:.1%} -> "
               f"tuned {val['tuned_accuracy']:.1%}")
+    if val and val.get("published"):
+        acc = val.get("published_accuracy")
+        by = val.get("validated_by") or {}
+        print(f"published    {val['published']}" + (f" {acc:.1%} ({by.get('method')}, n={by.get('n')})" if acc is not None
+                                                   else " (not validated)") + f": {val.get('why', '')}")
     for warning in manifest.get("warnings", []):
         print(f"warning      {warning}")
 

@@ -15,7 +15,10 @@ from app.queue import BrokerUnavailable
 from rmt_service.settings import Settings
 
 # The tiny random-init backbone (32 px) and the fewest steps: a job takes seconds on a CPU.
-TINY_CONFIG = {"backbone": "rmt-tiny-vit", "pretrained": None, "epochs": 1, "min_steps": 2, "batch_size": 8}
+# select="mask": these tests read the mask artifacts of a real (tiny) run; which candidate wins on its own is
+# tested in tests/core/test_candidates.py
+TINY_CONFIG = {"backbone": "rmt-tiny-vit", "pretrained": None, "epochs": 1, "min_steps": 2, "batch_size": 8,
+               "select": "mask"}
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
