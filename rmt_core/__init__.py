@@ -14,7 +14,9 @@ Modules (torch is imported only by the tuning/export side):
     backbones  open_clip model loading (configs registered from model_configs/, builtin weights)
     masking    BinaryMask parametrization, attach_masks / bake_masks / sparsity
     gdr        Gradient Dropout Regularity
-    tuning     the tuning loop (progress callback)
+    tuning     the tuning loop (progress callback with a post-flip ETA)
+    candidates zero-shot / fitted head / mask / mask+head, validated; the best is published (numpy heads)
+    calibration temperature scaling, ECE, the default min_score for "unknown" (no torch: numpy)
     export     ONNX export of the baked classifier + parity check
     pipeline   build_classifier: tune -> bake -> export -> report, into one directory
     world      a generated captioned image world (no torch): the data of the builtin backbone and the demo
