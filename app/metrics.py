@@ -10,6 +10,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rmt_service.store import JOB_STATUSES, Store
 
 
+# Label values come from this set only: a client inventing methods (or paths: those are "unmatched") cannot
+# grow the registry.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class _JobsCollector:
     """Jobs by status from the database at scrape time (the records are the truth, not this process).
 
@@ -73,5 +78,6 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], template, str(status["code"])).inc()
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            self.metrics.requests.labels(method, template, str(status["code"])).inc()
             self.metrics.latency.labels(template).observe(time.perf_counter() - start)

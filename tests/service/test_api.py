@@ -351,3 +351,20 @@ def test_health_metrics_and_docs(tuned_client, tuned):
     assert tuned_client.get("/docs").status_code == 200
     paths = tuned_client.get("/openapi.json").json()["paths"]
     assert "multipart/form-data" in paths["/v1/classifiers"]["post"]["requestBody"]["content"]
+
+
+def test_metrics_cardinality_is_bounded(client):
+    import random
+    import string
+
+    rng = random.Random(0)
+    for i in range(40):
+        method = "".join(rng.choice(string.ascii_uppercase) for _ in range(6))
+        client.request(method, f"/v1/{rng.random()}/x{i}")
+        client.get(f"/nothing/{i}")
+    text = client.get("/metrics").text
+    lines = [line for line in text.splitlines() if line.startswith("rmt_http_requests_total{")]
+    methods = {line.split('method="')[1].split('"')[0] for line in lines}
+    routes = {line.split('route="')[1].split('"')[0] for line in lines}
+    assert methods <= {"GET", "POST", "DELETE", "other"} and "other" in methods
+    assert routes <= {"unmatched", "/metrics"}
