@@ -66,7 +66,7 @@ class WorkerProcess:
     """A `rmt worker` child, restarted if it dies while the server runs."""
 
     def __init__(self, data_dir: str, log_level: str):
-        self.argv = [sys.executable, "-m", "worker", "--data-dir", data_dir, "--loglevel", log_level]
+        self.argv = [sys.executable, "-m", "worker", "--data-dir", data_dir, "--loglevel", log_level, "--quiet"]
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)

@@ -5,8 +5,10 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from celery import signals
+from celery.exceptions import SecurityWarning
 
 from rmt_service.migrate import wait_until_ready
 from rmt_service.settings import Settings
@@ -26,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Jobs run at once (each is a process; one per GPU is right).")
     parser.add_argument("--loglevel", default="info")
     parser.add_argument("--hostname", default=None, help="Celery node name (default: rmt-<pid>@<host>).")
+    parser.add_argument("--quiet", action="store_true",
+                        help="No Celery start-up banner and no warning about running as root (`rmt serve` starts "
+                             "its worker so: the server already says where it serves and stores).")
     return parser
 
 
@@ -58,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("worker on %s, records in %s, blobs in %s", _redacted(settings.effective_broker_url),
              _redacted(settings.effective_database_url), settings.data_dir)
+    if args.quiet:  # Celery warns on every start as root; a local `rmt serve` on a dev machine often is root
+        warnings.filterwarnings("ignore", category=SecurityWarning)
     app.worker_main([
+        *(["--quiet"] if args.quiet else []),  # a celery option, before the subcommand
         "worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency), "--pool", "prefork",
         "--queues", QUEUE, "--hostname", args.hostname or f"rmt-{os.getpid()}@%h", "--without-gossip",
         "--without-mingle",

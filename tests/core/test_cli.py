@@ -41,17 +41,29 @@ def child_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tuned_split(tmp_path_factory):
-    """`rmt tune` on a train/test tree (tiny random backbone), under umask 022."""
+    """`rmt tune` on a train/test tree (tiny random backbone) as a user runs it, under umask 022, with its
+    output going to pipes (a log file, a CI job), not a terminal."""
     root = tmp_path_factory.mktemp("cli")
     write_images(root / "data" / "train", 6, seed=0)
     write_images(root / "data" / "test", 3, seed=1)
+    flags = [f for f in TINY_FLAGS if f != "--quiet"]  # the progress bar must hide itself off a terminal
     old = os.umask(0o022)
     try:
-        code = cli.main(["tune", str(root / "data"), "--out", str(root / "runs" / "clf"), *TINY_FLAGS])
+        run = subprocess.run([sys.executable, "-m", "rmt_core.cli", "tune", "data", "--out", "runs/clf", *flags],
+                             cwd=root, env=child_env(), capture_output=True, text=True, timeout=300)
     finally:
         os.umask(old)
-    assert code == 0
+    assert run.returncode == 0, run.stderr[-3000:]
+    (root / "tune.stdout").write_text(run.stdout)
+    (root / "tune.stderr").write_text(run.stderr)
     return root
+
+
+def test_tune_output_off_a_terminal_has_no_progress_bar_escapes(tuned_split):
+    stderr = (tuned_split / "tune.stderr").read_text()
+    assert "\r" not in stderr and "\x1b[" not in stderr and "it/s" not in stderr and "step/s" not in stderr
+    stdout = (tuned_split / "tune.stdout").read_text()
+    assert "classifier   runs/clf" in stdout and "test         6 images under data/test: accuracy" in stdout
 
 
 def test_tune_on_a_train_test_tree_scores_the_test_split(tuned_split, capsys):

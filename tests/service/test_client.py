@@ -183,3 +183,13 @@ def test_rmt_remote_commands(server, class_folders, tmp_path):
     gone = _remote(server, "status", cid)
     assert gone.returncode == 1 and gone.stderr.startswith("rmt: error: the service answered 404 not_found")
     assert "Traceback" not in gone.stderr
+
+
+def test_embedded_server_log_is_quiet(server):
+    """No Celery banner, no SecurityWarning (these tests run as root) and no terminal escapes in `rmt serve`'s
+    log; runs last in this module, after jobs ran through the embedded worker."""
+    log = server["child"].log_path.read_text(errors="replace")
+    assert "rmt.serve: serving on" in log and " ready." in log  # it is the log of a working server
+    for noise in ("[queues]", "-------------- ", ".> transport:", "[tasks]", "SecurityWarning",
+                  "superuser privileges", "\x1b["):
+        assert noise not in log, noise
