@@ -194,3 +194,17 @@ def test_tip_adapter_cache_is_a_head_and_its_out_of_fold_choice_is_honest():
     best = fit_best_head(x, y, zs)
     assert best.head.kind in ("linear-probe", "tip-adapter")
     assert (best.oof_logits.argmax(1) == y).mean() >= (fit.oof_logits.argmax(1) == y).mean()
+
+
+def test_config_select_unknown_and_quick_gelu_are_validated():
+    assert TuneConfig().select == "auto" and TuneConfig().unknown is False and TuneConfig().quick_gelu == "auto"
+    assert TuneConfig.from_dict({"select": "mask+head", "unknown": True}).select == "mask+head"
+    with pytest.raises(ValueError, match="select='best'"):
+        TuneConfig(select="best")
+    assert TuneConfig.from_dict({"quick_gelu": True}).quick_gelu_setting is True
+    assert TuneConfig.from_dict({"quick_gelu": "off"}).quick_gelu_setting is False
+    assert TuneConfig().quick_gelu_setting is None
+    with pytest.raises(ValueError, match="quick_gelu"):
+        TuneConfig(quick_gelu="maybe")
+    with pytest.raises(ValueError, match="unknown"):
+        TuneConfig.from_dict({"unknown": "yes"})
