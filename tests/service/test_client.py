@@ -185,6 +185,28 @@ def test_rmt_remote_commands(server, class_folders, tmp_path):
     assert "Traceback" not in gone.stderr
 
 
+def test_readme_client_snippet_runs(server, class_folders, tmp_path):
+    """The README's Python client example, run as written against the server (its toy settings swapped in)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**Python client.**"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    for old, new in (('"http://127.0.0.1:8000"', repr(server["url"])), ("api_key=None", f"api_key={API_KEY!r}"),
+                     ('config={"epochs": 30}', f"config={TINY_CONFIG!r}")):
+        assert snippet.count(old) == 1, old
+        snippet = snippet.replace(old, new)
+    assert class_folders == tmp_path / "pets"  # the snippet's "pets/"
+    (tmp_path / "new_photos").mkdir()
+    (tmp_path / "new_photos" / "n.png").write_bytes(image_bytes(COLORS["red"], seed=4))
+    (tmp_path / "snippet.py").write_text(snippet)
+    run = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                         env=service_env(PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "succeeded" in run.stdout and "n.png {'label': " in run.stdout
+    assert zipfile.is_zipfile(tmp_path / "pets.zip")
+
+
 def test_embedded_server_log_is_quiet(server):
     """No Celery banner, no SecurityWarning (these tests run as root) and no terminal escapes in `rmt serve`'s
     log; runs last in this module, after jobs ran through the embedded worker."""
