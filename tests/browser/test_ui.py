@@ -9,6 +9,7 @@ import io
 import json
 import random
 import re
+import zipfile
 from urllib.parse import urlparse
 
 import onnx
@@ -62,7 +63,8 @@ def drop_files(page, selector: str, files: list[dict]) -> None:
     page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
 
 
-def create_over_http(server, labels: tuple[str, str], per_class: int = 5, name: str = "", key: str | None = None) -> dict:
+def create_over_http(server, labels: tuple[str, str], per_class: int = 5, name: str = "", key: str | None = None,
+                     config: dict | None = None) -> dict:
     files, sent = [], []
     for label, kind in zip(labels, ("red", "green")):
         for f in payloads(kind, per_class):
@@ -70,7 +72,7 @@ def create_over_http(server, labels: tuple[str, str], per_class: int = 5, name: 
             sent.append(label)
     with server.http(key) as http:
         response = http.post("/v1/classifiers", files=files,
-                             data={"labels": sent, "name": name, "config": json.dumps(TINY_CONFIG)})
+                             data={"labels": sent, "name": name, "config": json.dumps({**TINY_CONFIG, **(config or {})})})
         assert response.status_code == 202, response.text
         return response.json()
 
@@ -246,15 +248,19 @@ def test_api_key_prompt_then_everything_works(serve_with_key, ui):
     page.get_by_role("link", name="keyed").wait_for()
     ui.shot("key-accepted-list")
 
+    wait_ready(serve_with_key, created["classifier_id"], key=API_KEY)
     page.get_by_role("link", name="keyed").click()
-    page.locator("#clf-status .badge").wait_for()
+    page.locator("#snippet-curl").wait_for()
     assert page.evaluate("() => sessionStorage.getItem('rmt.apiKey')") == API_KEY
     api_requests = [r for r in ui.requests if "/v1/" in r.url]
     assert api_requests and all(API_KEY not in r.url for r in ui.requests)
     authorised = [r for r in api_requests if r.headers.get("authorization") == f"Bearer {API_KEY}"]
     assert any(f"/v1/classifiers/{created['classifier_id']}" in r.url for r in authorised)
-    assert "Authorization: Bearer $RMT_API_KEY" in page.locator("#snippet-curl").inner_text() or \
-        page.locator("#use").is_hidden()
+    assert "Authorization: Bearer $RMT_API_KEY" in page.locator("#snippet-curl").inner_text()
+    assert 'api_key=os.environ["RMT_API_KEY"]' in page.locator("#snippet-python").inner_text()
+    with page.expect_download() as got:  # a download behind auth: fetch with the header, then a blob URL
+        page.get_by_role("button", name="Download ONNX model").click()
+    onnx.checker.check_model(onnx.load(got.value.path()))
     ui.shot("key-detail")
 
     # A reload keeps the key (session storage of this tab): no second prompt.
@@ -274,3 +280,63 @@ def test_docs_load_with_no_request_leaving_the_machine(serve, ui):
     outside = [r.url for r in ui.requests
                if urlparse(r.url).scheme in ("http", "https", "ws", "wss") and urlparse(r.url).hostname != "127.0.0.1"]
     assert not outside, f"/docs asked other hosts: {outside}"
+
+
+def test_watch_a_long_job_live_then_cancel_it(serve, ui):
+    # 5 images per class leave a holdout, so the mask is tuned (and judged); many steps make a job to watch
+    created = create_over_http(serve, ("red", "green"), per_class=5, name="long job", config={"min_steps": 3000})
+    page = ui.page
+    page.goto(f"{serve.base}/#/c/{created['classifier_id']}")
+    page.wait_for_function("() => { const m = /^Step (\\d+) of (\\d+)/.exec(document.querySelector('#job-progress-text').textContent);"
+                           " return m && +m[1] >= 3 && +m[2] >= 3000; }", timeout=60_000)
+    assert re.search(r"about .+ left", page.locator("#job-progress-text").inner_text())
+    assert page.locator("#job-stats").inner_text().count("–") < 3  # loss and accuracy are numbers now
+    ui.shot("training-live")
+    page.get_by_role("button", name="Cancel training").click()
+    page.locator("#clf-status .badge-cancelled").wait_for(timeout=30_000)
+    assert page.locator("#cancel-button").is_hidden()
+    steps = re.match(r"Step (\d+) of (\d+)", page.locator("#job-progress-text").inner_text())
+    assert steps and int(steps[1]) < int(steps[2])
+    assert page.locator("#report").is_hidden() and page.locator("#use").is_hidden()
+    ui.shot("cancelled")
+    with serve.http() as http:
+        assert http.get(f"/v1/jobs/{created['job_id']}").json()["status"] == "cancelled"
+        http.delete(f"/v1/classifiers/{created['classifier_id']}")
+
+
+def test_a_zip_fills_the_classes_and_the_form_explains_mistakes(serve, ui):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:  # a zipped folder: pets/<class>/<image>
+        for i, f in enumerate(payloads("red", 3)):
+            zf.writestr(f"pets/cat/{i}.png", f["buffer"])
+        for i, f in enumerate(payloads("green", 2)):
+            zf.writestr(f"pets/dog/{i}.png", f["buffer"], compress_type=zipfile.ZIP_STORED)
+        zf.writestr("pets/dog/.DS_Store", b"junk")
+        zf.writestr("__MACOSX/pets/cat/._0.png", b"junk")
+    page = ui.page
+    page.goto(serve.base + "/#/new")
+    page.set_input_files("#zip-input", files=[{"name": "pets.zip", "mimeType": "application/zip", "buffer": buf.getvalue()}])
+    page.get_by_text("pets.zip: 5 images in 2 classes.").wait_for()
+    names = page.locator(".class-name")
+    assert [names.nth(i).input_value() for i in range(names.count())] == ["cat", "dog"]  # the empty defaults went
+    assert page.locator(".class-card").nth(0).locator(".thumb img").count() == 3
+    assert page.locator(".class-card").nth(1).locator(".thumb img").count() == 2
+    page.wait_for_function("() => [...document.querySelectorAll('.thumb img')].every((i) => i.complete && i.naturalWidth > 0)")
+    ui.shot("zip-loaded")
+
+    names.nth(1).fill("cat")
+    page.get_by_role("button", name="Train").click()
+    assert "both called" in page.get_by_role("alert").inner_text()
+    names.nth(1).fill("dog")
+    page.get_by_role("button", name="Add a class").click()
+    page.locator(".class-name").nth(2).fill("bird")
+    page.get_by_role("button", name="Train").click()
+    assert 'Class "bird" has no images yet.' in page.get_by_role("alert").inner_text()
+    page.get_by_role("button", name="Remove this class").nth(2).click()
+    page.get_by_text("Advanced settings").click()
+    page.fill("#cfg-extra", "{not json")
+    page.get_by_role("button", name="Train").click()
+    assert "not valid JSON" in page.get_by_role("alert").inner_text()
+    ui.shot("form-errors")
+    with serve.http() as http:
+        assert http.get("/v1/classifiers").json()["total"] == 0  # nothing was sent

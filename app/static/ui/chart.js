@@ -44,10 +44,12 @@ export class TrainingChart {
     const pad = { left: 48, right: 48, top: 12, bottom: 28 };
     const plotW = width - pad.left - pad.right, plotH = height - pad.top - pad.bottom;
     const pts = this.points;
-    const maxStep = Math.max(this.totalSteps || 0, pts.length ? pts[pts.length - 1].step : 1, 1);
+    // the x axis spans the steps seen so far (a live run of 3000 steps is not a sliver at the left edge)
+    const minStep = pts.length ? pts[0].step : 0;
+    const maxStep = Math.max(pts.length ? pts[pts.length - 1].step : 1, minStep + 1);
     const losses = pts.map((p) => p.loss).filter((v) => typeof v === "number" && isFinite(v));
     const lossMax = losses.length ? Math.max(...losses) * 1.1 || 1 : 1;
-    const x = (step) => pad.left + (step / maxStep) * plotW;
+    const x = (step) => pad.left + ((step - minStep) / (maxStep - minStep)) * plotW;
     const yLeft = (v) => pad.top + plotH - (v / lossMax) * plotH;
     const yRight = (v) => pad.top + plotH - v * plotH;
 
@@ -63,6 +65,11 @@ export class TrainingChart {
       ctx.textAlign = "left";
       ctx.fillText(`${100 - i * 25}%`, pad.left + plotW + 6, y + 4);
     }
+    ctx.textAlign = "center";
+    ctx.textAlign = "left";
+    if (pts.length) ctx.fillText(String(minStep), pad.left, height - 6);
+    ctx.textAlign = "right";
+    if (pts.length) ctx.fillText(String(maxStep), pad.left + plotW, height - 6);
     ctx.textAlign = "center";
     ctx.fillText(this.totalSteps ? `step (of ${this.totalSteps})` : "step", pad.left + plotW / 2, height - 6);
     if (!pts.length) {

@@ -60,6 +60,10 @@ export function detailView(main, ctx, id) {
   // --- training ------------------------------------------------------------------------------------
   function renderJob(job) {
     const p = job.progress || {};
+    if (clf && !FINISHED.has(job.status) && clf.status !== job.status) {  // the header follows the live job
+      clf.status = job.status;
+      replace(headStatus, badge(job.status));
+    }
     replace(jobStatus, "Job ", badge(job.status), job.cancel_requested && !FINISHED.has(job.status) ? " (cancelling…)" : "",
       job.model ? ` · preview model: ${job.model}` : "");
     if (p.total_steps) { bar.max = p.total_steps; bar.value = p.step || 0; }
