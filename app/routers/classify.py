@@ -58,6 +58,10 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
         await form.close()
     try:
         entry = await cache.get(classifier_id, model_dir)
+        loaded_from = getattr(entry.classifier, "model_dir", model_dir)
+        if loaded_from != model_dir:  # a newer version (a final after a preview) was published since it loaded
+            cache.evict(classifier_id)
+            entry = await cache.get(classifier_id, model_dir)
     except (OSError, ValueError, RuntimeError) as exc:  # unreadable or incompatible artifact
         raise ApiError(500, "model_load_failed", f"classifier {classifier_id} could not be loaded: {exc}") from None
     arrays = await run_in_threadpool(_prepare, blobs, entry.classifier, settings)

@@ -368,3 +368,41 @@ def test_metrics_cardinality_is_bounded(client):
     routes = {line.split('route="')[1].split('"')[0] for line in lines}
     assert methods <= {"GET", "POST", "DELETE", "other"} and "other" in methods
     assert routes <= {"unmatched", "/metrics"}
+
+
+def test_classify_serves_the_current_version(client, settings, tuned):
+    """A preview is served while the job runs; once the final version is published the next request loads it."""
+    import shutil
+
+    from rmt_service.store import Store
+
+    source = Store(tuned["settings"])
+    tuned_dir = source.model_dir(tuned["classifier_id"])
+    source.close()
+    files, data = upload_parts(per_class=1)
+    created = client.post("/v1/classifiers", files=files, data=data).json()
+    cid = created["classifier_id"]
+    store = Store(settings)
+    try:
+        assert store.claim(created["job_id"], "w")[0] == "run"
+
+        def publish(final: bool):
+            build = store.new_build_dir(cid)
+            for path in tuned_dir.iterdir():
+                shutil.copy(path, build / path.name)
+            return store.publish_version(cid, build, final=final, job_id=created["job_id"] if final else None,
+                                         owner="w")
+
+        preview = publish(False)
+        url = f"/v1/classifiers/{cid}/classify"
+        one = {"file": ("r.png", image_bytes(COLORS["red"]), "image/png")}
+        assert client.post(url, files=one).status_code == 200
+        assert client.get(f"/v1/classifiers/{cid}").json()["status"] == "running"
+        cache = client.app.state.cache
+        assert cache._entries[cid].classifier.model_dir == store.blobs.path(preview.blob_key)
+        final = publish(True)
+        assert client.post(url, files=one).status_code == 200
+        assert cache._entries[cid].classifier.model_dir == store.blobs.path(final.blob_key)
+        assert client.get(f"/v1/classifiers/{cid}").json()["status"] == "ready"
+    finally:
+        store.close()
