@@ -12,15 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from rmt_core import __version__
 from rmt_core.config import METHODS, TuneConfig
+from rmt_service.store import StoreError
 
-from ..deps import SettingsDep, TenantDep
+from ..deps import SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import ErrorBody
+from .classifiers import owned_classifier
 
 UI_DIR = Path(__file__).resolve().parent.parent / "static" / "ui"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -28,6 +32,8 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "form-action 'self'; frame-ancestors 'none'")
 UI_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
               "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+_IMAGE_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp",
+                "TIFF": "image/tiff"}
 _MEDIA = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 # Only the files that ship, looked up by name: a request path is never joined onto the directory.
@@ -96,3 +102,30 @@ def read_info(request: Request, settings: SettingsDep, _tenant: TenantDep) -> Se
         limits=UploadLimits(max_files=settings.max_files, max_image_bytes=settings.max_image_bytes,
                             max_upload_bytes=settings.max_upload_bytes, max_classes=settings.max_classes,
                             max_label_length=settings.max_label_length))
+
+
+def _image_type(path: Path) -> str:
+    try:
+        with Image.open(path) as img:  # reads the header only
+            return _IMAGE_TYPES.get(img.format or "", "application/octet-stream")
+    except Exception:  # decoded at upload, so this is a damaged blob: let the browser refuse it
+        return "application/octet-stream"
+
+
+@router.get("/v1/classifiers/{classifier_id}/samples/{index}", response_class=FileResponse, tags=["classifiers"],
+            responses={code: {"model": ErrorBody} for code in (401, 404)})
+async def read_sample(classifier_id: str, index: int, store: StoreDep, tenant: TenantDep) -> FileResponse:
+    """One uploaded image by its position in the upload (``validation.misclassified[].index`` names them)."""
+    owned_classifier(store, classifier_id, tenant)
+    try:
+        samples = await run_in_threadpool(store.samples, classifier_id)
+    except StoreError:  # deleted meanwhile
+        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}") from None
+    if not 0 <= index < len(samples):
+        raise ApiError(404, "not_found", f"classifier {classifier_id} has images 0-{len(samples) - 1}, not {index}")
+    path = samples[index][0]
+    media = await run_in_threadpool(_image_type, path)
+    # an upload is the tenant's own data, but never let a browser treat it as a page
+    return FileResponse(path, media_type=media, headers={"Content-Security-Policy": "default-src 'none'; sandbox",
+                                                         "X-Content-Type-Options": "nosniff",
+                                                         "Cache-Control": "private, max-age=3600"})

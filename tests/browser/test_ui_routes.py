@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.routers.ui import CSP, UI_DIR
 from rmt_core.config import METHODS
-from tests.service.helpers import FakeQueue, make_settings
+from tests.service.helpers import FakeQueue, make_settings, upload_parts
 
 MARKUP_SINKS = re.compile(r"\.(innerHTML|outerHTML)\s*=|insertAdjacentHTML|document\.write|\beval\(|new Function\(")
 
@@ -71,3 +71,19 @@ def test_info_needs_the_key_when_keys_are_set(tmp_path):
         assert c.get("/v1/info").status_code == 401
         assert c.get("/").status_code == 200  # the page itself is public: it asks for the key
         assert c.get("/v1/info", headers={"Authorization": "Bearer k1"}).json()["auth_required"] is True
+
+
+def test_an_uploaded_image_is_served_to_its_owner_only(tmp_path):
+    settings = make_settings(tmp_path / "data", api_keys="team:k1,other:k2")
+    with TestClient(create_app(settings, queue=FakeQueue())) as c:
+        files, data = upload_parts(per_class=2)
+        created = c.post("/v1/classifiers", files=files, data=data, headers={"Authorization": "Bearer k1"}).json()
+        url = f"/v1/classifiers/{created['classifier_id']}/samples"
+        third = c.get(f"{url}/2", headers={"Authorization": "Bearer k1"})
+        assert third.status_code == 200 and third.headers["content-type"] == "image/png"
+        assert third.content == files[2][1][1]  # upload order: the report's misclassified[].index points here
+        assert "sandbox" in third.headers["content-security-policy"] and third.headers["x-content-type-options"] == "nosniff"
+        assert c.get(f"{url}/4", headers={"Authorization": "Bearer k1"}).status_code == 404
+        assert c.get(f"{url}/-1", headers={"Authorization": "Bearer k1"}).status_code == 404
+        assert c.get(f"{url}/0", headers={"Authorization": "Bearer k2"}).status_code == 404  # another tenant's
+        assert c.get(f"{url}/0").status_code == 401

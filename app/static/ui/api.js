@@ -93,5 +93,6 @@ export const api = {
   report: (id) => getJSON(`/v1/classifiers/${enc(id)}/artifacts/report.json`),
   artifactPath: (id, name) => `/v1/classifiers/${enc(id)}/artifacts/${enc(name)}`,
   modelPath: (id) => `/v1/classifiers/${enc(id)}/model.onnx`,
+  samplePath: (id, index) => `/v1/classifiers/${enc(id)}/samples/${index}`,
   exportPath: (id) => `/v1/classifiers/${enc(id)}/export`,
 };

@@ -135,15 +135,19 @@ export function detailView(main, ctx, id) {
 
     const published = fv.published ?? fv.published_candidate;
     const accuracy = fv.published_accuracy ?? fv.tuned_accuracy;
+    const isNum = (x) => typeof x === "number" && isFinite(x);
     const summary = [
       ["Published model", published ?? (clf.method ? `mask-tuned (${clf.method})` : null)],
-      ["Held-out accuracy", accuracy !== undefined ? pct(accuracy, 1) : null],
-      ["Zero-shot accuracy", fv.zero_shot_accuracy !== undefined ? pct(fv.zero_shot_accuracy, 1) : null],
-      ["Tuned accuracy", fv.tuned_accuracy !== undefined && fv.published_accuracy !== undefined ? pct(fv.tuned_accuracy, 1) : null],
-      ["Validated on", fv.n_holdout ? `${fv.n_holdout} held-out images` : null],
-      ["Validation", typeof fv.scheme === "string" ? fv.scheme : typeof fv.validated_by === "string" ? fv.validated_by : null],
-      ["Calibration error (ECE)", typeof fv.ece === "number" ? num(fv.ece) : null],
-      ["Masked weights", typeof clf.sparsity === "number" ? pct(clf.sparsity, 3) : null],
+      ["Validation accuracy", isNum(accuracy) ? pct(accuracy, 1) : null],
+      ["Zero-shot accuracy", isNum(fv.zero_shot_accuracy) ? pct(fv.zero_shot_accuracy, 1) : null],
+      ["Mask-tuned accuracy", isNum(fv.tuned_accuracy) && published !== undefined && published !== "mask" ? pct(fv.tuned_accuracy, 1) : null],
+      ["Held-out images", fv.n_holdout || null],
+      ["Validation", validatedBy(fv.validated_by)],
+      ["Why this model", typeof fv.why === "string" ? fv.why : null],
+      ["Calibration error (ECE)", isNum(fv.ece_after)
+        ? `${num(fv.ece_after)} after temperature scaling${isNum(fv.ece_before) ? ` (${num(fv.ece_before)} before)` : ""}` : null],
+      ["Default min score", isNum(fv.min_score) ? pct(fv.min_score, 1) : null],
+      ["Masked weights", isNum(clf.sparsity) ? pct(clf.sparsity, 3) : null],
       ["Mask size", clf.artifacts && clf.artifacts.mask_bytes ? bytes(clf.artifacts.mask_bytes) : null],
     ].filter(([, value]) => value !== null && value !== undefined);
 
@@ -157,9 +161,10 @@ export function detailView(main, ctx, id) {
     const candidates = candidateRows(fv.candidates, published);
     if (candidates.length) {
       children.push(h("h3", {}, "Candidates"), h("table", { id: "candidates" },
-        h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Candidate"), h("th", { scope: "col" }, "Accuracy"), h("th", { scope: "col" }, "Published"))),
+        h("thead", {}, h("tr", {}, ["Candidate", "Accuracy", "Judged by", "Published"].map((t) => h("th", { scope: "col" }, t)))),
         h("tbody", {}, candidates.map((c) => h("tr", { class: c.published ? "published" : null },
-          h("th", { scope: "row" }, c.name), h("td", {}, pct(c.accuracy, 1)), h("td", {}, c.published ? "✓ published" : ""))))));
+          h("th", { scope: "row" }, c.name), h("td", {}, pct(c.accuracy, 1)), h("td", {}, c.how || "–"),
+          h("td", {}, c.published ? "✓ published" : ""))))));
     }
 
     const matrix = fv.confusion_matrix;
@@ -194,10 +199,17 @@ export function detailView(main, ctx, id) {
     report.hidden = false;
   }
 
+  function validatedBy(v) {
+    if (typeof v === "string") return v;
+    if (!v || typeof v !== "object" || !v.method) return null;
+    return `${v.method}${v.n ? ` on ${v.n} images` : ""}${v.folds ? `, ${v.folds} folds` : ""}`;
+  }
+
   function candidateRows(raw, published) {
     if (!raw) return [];
     const rows = Array.isArray(raw)
-      ? raw.map((c) => (typeof c === "object" && c ? { name: c.name ?? c.candidate ?? "?", accuracy: c.accuracy ?? c.score, published: c.published } : null)).filter(Boolean)
+      ? raw.map((c) => (typeof c === "object" && c ? { name: c.name ?? c.candidate ?? "?", accuracy: c.accuracy ?? c.score,
+        published: c.published, how: validatedBy({ method: c.method, n: c.n }) } : null)).filter(Boolean)
       : Object.entries(raw).map(([name, value]) => ({ name, accuracy: typeof value === "object" && value ? value.accuracy ?? value.score : value }));
     for (const r of rows) r.published = r.published ?? (published !== undefined && r.name === published);
     return rows;
@@ -230,12 +242,12 @@ export function detailView(main, ctx, id) {
   }
 
   function misclassified(item) {
-    const truth = item.label ?? item.true_label ?? item.target ?? "?";
+    const truth = item.true ?? item.label ?? item.true_label ?? "?";
     const guess = item.predicted ?? item.prediction ?? item.predicted_label ?? "?";
     const caption = h("figcaption", {}, h("span", {}, `is ${truth}`), h("br"), h("span", {}, `said ${guess}`),
       typeof item.score === "number" ? ` (${pct(item.score)})` : "");
     const figure = h("li", { class: "thumb" }, h("figure", {}, caption));
-    const path = item.url ?? item.image_url ?? (item.artifact ? api.artifactPath(id, item.artifact) : null) ?? (item.image ? api.artifactPath(id, item.image) : null);
+    const path = item.url ?? (Number.isInteger(item.index) ? api.samplePath(id, item.index) : null);
     if (typeof path === "string" && path.startsWith("/")) {
       imageURL(path).then((url) => {
         if (alive) figure.firstChild.prepend(h("img", { src: track(url), alt: `held-out ${truth} image classified as ${guess}` }));
