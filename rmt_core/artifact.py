@@ -1,17 +1,18 @@
-"""The mask file: the per-task source of truth, a few bits per masked-out weight (numpy only).
+"""The mask file: the per-task source of truth, one bit per maskable weight, compressed (numpy + stdlib).
 
-A mask is a long run of ones (kept weights) with rare zeros. All mask tensors are concatenated in
-name order and the gaps between consecutive minority symbols are Golomb-Rice coded with the
-parameter k that minimises the size. A Rice code of a geometric gap length is within a few percent of
-the Bernoulli entropy n*H(p), so the file stays close to the information the mask really holds.
-Quotients (unary) and remainders (k bits each) live in two bit streams so both directions are
-vectorised.
+All mask tensors are concatenated in name order, packed eight to a byte (``numpy.packbits``) and
+compressed with LZMA. Real tuned masks are not i.i.d. (whole rows and heads flip together), so a
+general-purpose compressor beats a hand-written Golomb-Rice coder of the gaps on them; see
+bench/RESULTS-layout.md for the measurement that retired that coder.
 
-Layout:  b"RMTM" | u32 header length | header JSON | quotient bits | remainder bits | u32 CRC32 of all before.
+Layout (RMT2):  b"RMT2" | lzma(u32 header length | header JSON | packbits(bits)) | u32 CRC32 of all before.
+(The header, which names every tensor, is compressed with the bits: it is ~10% of a small mask's file.)
+Old files (b"RMTM", Rice-coded gaps) still load through ``decode_masks``; nothing writes them any more.
 """
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import os
 import struct
@@ -21,69 +22,78 @@ from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"RMTM"
-VERSION = 1
+MAGIC = b"RMT2"
+VERSION = 2
+LEGACY_MAGIC = b"RMTM"
+MASK_FILE = "mask.rmt"
 
 
 class MaskFileError(ValueError):
     pass
 
 
-def _rice_sizes(gaps: np.ndarray) -> tuple[int, int]:
-    """(best k, total bits) over k = 0..31."""
-    best = (0, None)
-    for k in range(32):
-        bits = int((gaps >> k).sum()) + gaps.size * (k + 1)
-        if best[1] is None or bits < best[1]:
-            best = (k, bits)
-        if k and not (gaps >> k).any():
-            break
-    return best
+def _flatten(masks: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+    names = sorted(masks)
+    flat = np.concatenate([np.asarray(masks[n], dtype=bool).ravel() for n in names]) if names else np.zeros(0, bool)
+    return names, flat
 
 
 def encode_masks(masks: dict[str, np.ndarray], meta: dict | None = None) -> bytes:
-    """Encode boolean masks (True = weight kept) into the RMTM byte format."""
-    names = sorted(masks)
-    flat = np.concatenate([np.asarray(masks[n], dtype=bool).ravel() for n in names]) if names else np.zeros(0, bool)
-    n = int(flat.size)
-    ones = int(flat.sum())
-    minority = 0 if ones >= n - ones else 1  # code the rarer symbol's positions
-    positions = np.flatnonzero(flat == bool(minority)).astype(np.int64)
-    gaps = np.diff(positions, prepend=-1) - 1  # run length of majority symbols before each minority one
-    k, _ = _rice_sizes(gaps) if gaps.size else (0, 0)
-    q = gaps >> k
-    # unary quotients: q ones then a zero, laid out at once by marking where each zero falls
-    unary = np.ones(int(q.sum()) + gaps.size, dtype=np.uint8)
-    unary[np.cumsum(q + 1) - 1] = 0
-    if k:
-        rem = (gaps & ((1 << k) - 1)).astype(np.uint64)
-        rem_bits = ((rem[:, None] >> np.arange(k - 1, -1, -1, dtype=np.uint64)) & 1).astype(np.uint8).ravel()
-    else:
-        rem_bits = np.zeros(0, np.uint8)
+    """Encode boolean masks (True = weight kept) into the RMT2 byte format."""
+    names, flat = _flatten(masks)
     header = {
         "version": VERSION,
         "tensors": [{"name": name, "shape": list(np.shape(masks[name]))} for name in names],
-        "n": n, "minority": minority, "count": int(gaps.size), "k": k,
-        "unary_bits": int(unary.size), "rem_bits": int(rem_bits.size),
-        "meta": meta or {},
+        "n": int(flat.size), "codec": "packbits+lzma", "meta": meta or {},
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    body = MAGIC + struct.pack("<I", len(head)) + head + np.packbits(unary).tobytes() + np.packbits(rem_bits).tobytes()
+    payload = lzma.compress(struct.pack("<I", len(head)) + head + np.packbits(flat).tobytes(), format=lzma.FORMAT_RAW,
+                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    body = MAGIC + payload
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+def _split(flat: np.ndarray, tensors: list[dict], n: int) -> dict[str, np.ndarray]:
+    masks, start = {}, 0
+    for tensor in tensors:
+        size = int(np.prod(tensor["shape"])) if tensor["shape"] else 1
+        masks[tensor["name"]] = flat[start:start + size].reshape(tensor["shape"])
+        start += size
+    if start != n:
+        raise MaskFileError("mask file is corrupt (shapes do not add up)")
+    return masks
+
+
 def decode_masks(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
-    """Inverse of encode_masks: (masks, meta). Raises MaskFileError on anything malformed."""
-    if len(data) < 12 or data[:4] != MAGIC:
+    """Inverse of encode_masks, for RMT2 and the old RMTM files: (masks, meta). MaskFileError on anything malformed."""
+    if len(data) < 12 or data[:4] not in (MAGIC, LEGACY_MAGIC):
         raise MaskFileError("not a mask file (bad magic)")
     (crc,) = struct.unpack("<I", data[-4:])
     if zlib.crc32(data[:-4]) != crc:
         raise MaskFileError("mask file is corrupt (CRC mismatch)")
-    (hlen,) = struct.unpack("<I", data[4:8])
-    header = json.loads(data[8:8 + hlen])
+    if data[:4] == LEGACY_MAGIC:
+        (hlen,) = struct.unpack("<I", data[4:8])
+        return _decode_rice(data, json.loads(data[8:8 + hlen]), 8 + hlen)
+    try:
+        payload = lzma.decompress(data[4:-4], format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+    except lzma.LZMAError as exc:
+        raise MaskFileError(f"mask file is corrupt ({exc})") from exc
+    (hlen,) = struct.unpack("<I", payload[:4])
+    header = json.loads(payload[4:4 + hlen])
     if header.get("version") != VERSION:
         raise MaskFileError(f"mask file version {header.get('version')} is not supported")
-    offset = 8 + hlen
+    n = int(header["n"])
+    packed = payload[4 + hlen:]
+    if len(packed) != (n + 7) // 8:
+        raise MaskFileError("mask file is corrupt (length mismatch)")
+    flat = np.unpackbits(np.frombuffer(packed, np.uint8), count=n).view(bool)
+    return _split(flat, header["tensors"], n), header["meta"]
+
+
+def _decode_rice(data: bytes, header: dict, offset: int) -> tuple[dict[str, np.ndarray], dict]:
+    """The RMTM v1 format: gaps between minority symbols, Golomb-Rice coded (quotient and remainder streams)."""
+    if header.get("version") != 1:
+        raise MaskFileError(f"mask file version {header.get('version')} is not supported")
     ub, rb = header["unary_bits"], header["rem_bits"]
     unary = np.unpackbits(np.frombuffer(data, np.uint8, (ub + 7) // 8, offset))[:ub]
     offset += (ub + 7) // 8
@@ -102,14 +112,7 @@ def decode_masks(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
         raise MaskFileError("mask file is corrupt (position out of range)")
     flat = np.full(n, not header["minority"], dtype=bool)
     flat[positions] = bool(header["minority"])
-    masks, start = {}, 0
-    for tensor in header["tensors"]:
-        size = int(np.prod(tensor["shape"])) if tensor["shape"] else 1
-        masks[tensor["name"]] = flat[start:start + size].reshape(tensor["shape"])
-        start += size
-    if start != n:
-        raise MaskFileError("mask file is corrupt (shapes do not add up)")
-    return masks, header["meta"]
+    return _split(flat, header["tensors"], n), header["meta"]
 
 
 def entropy_bound_bytes(masks: dict[str, np.ndarray]) -> float:
@@ -146,3 +149,19 @@ def save_masks(path: Path | str, masks: dict[str, np.ndarray], meta: dict | None
 
 def load_masks(path: Path | str) -> tuple[dict[str, np.ndarray], dict]:
     return decode_masks(Path(path).read_bytes())
+
+
+def write_version_files(out_dir: Path | str, *, base_id: str, head, masks: dict[str, np.ndarray] | None = None,
+                        meta: dict | None = None) -> dict:
+    """Write what a classifier version holds besides its manifest: the mask file (when there is a mask) and
+    head.npz. Returns the manifest fields that name them (base_id, mask_file, head_file, sizes, head summary)."""
+    from .head import HEAD_FILE
+
+    out_dir = Path(out_dir)
+    fields = {"layout": "base+mask+head", "base_id": base_id, "mask_file": None, "mask_bytes": 0,
+              "head_file": HEAD_FILE, "head": head.summary()}
+    if masks:
+        fields["mask_file"] = MASK_FILE
+        fields["mask_bytes"] = save_masks(out_dir / MASK_FILE, masks, meta)
+    fields["head_bytes"] = head.save(out_dir / HEAD_FILE)
+    return fields

@@ -35,7 +35,7 @@ class ClassifierHead(nn.Module):
 
 
 @contextlib.contextmanager
-def _no_mha_fastpath():
+def no_mha_fastpath():
     # nn.MultiheadAttention's inference fast path exports as aten::_native_multi_head_attention, which the
     # TorchScript exporter cannot lower.
     previous = torch.backends.mha.get_fastpath_enabled()
@@ -58,7 +58,7 @@ def export_onnx(head: ClassifierHead, path: Path | str, opset: int = 17) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
-        with _no_mha_fastpath(), torch.no_grad(), warnings.catch_warnings():
+        with no_mha_fastpath(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # MHA's shape checks, constant per model
             torch.onnx.export(head, (example,), tmp, input_names=["image"], output_names=["logits"],
                               dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},

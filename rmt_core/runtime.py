@@ -1,4 +1,19 @@
-"""ONNX Runtime classifier over a baked model directory (no torch)."""
+"""Serving without torch: a classifier is a shared base + its mask + its head (and old baked model dirs).
+
+    registry = BaseRegistry(bases_dir)                  # one per process: shares bases between classifiers
+    clf = load_classifier(version_dir, bases_dir, registry)
+    clf.top_k(clf.run(batch), 5)
+
+A version directory written by ``pipeline.build_classifier`` holds manifest.json (labels, preprocess,
+base_id, mask and head file names), the mask file and head.npz; the base (frozen encoder ONNX) lives in
+``bases_dir/<base_id>``. The encoder runs as a chain of ONNX Runtime sessions (rmt_core/segments.py):
+segments that read no masked weight are built once per base and shared by every classifier on it;
+segments that read a masked weight are built per classifier with the mask multiplied in at load, so
+inference costs what plain CLIP costs. A classifier whose mask flipped nothing (zero-shot, or a
+mask candidate that was not selected) builds no encoder tensors of its own: it runs the shared base.
+The head (rmt_core/head.py) runs in numpy. Old directories with a baked model.onnx load as
+``OnnxClassifier``.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -28,18 +43,33 @@ def _cuda_usable() -> bool:
     return True
 
 
-def make_session(model_path: Path | str, providers: str = "auto") -> ort.InferenceSession:
-    """An ORT session on CUDA when it really works, CPU otherwise; ``providers`` is auto | cpu | cuda."""
+def _providers(providers: str) -> list[str]:
     if providers not in ("auto", "cpu", "cuda"):
         raise ValueError(f"providers={providers!r} must be auto, cpu or cuda")
     wanted = ["CPUExecutionProvider"]
     if providers in ("auto", "cuda") and _cuda_usable():
         wanted.insert(0, "CUDAExecutionProvider")
+    return wanted
+
+
+def session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle ORT threads spin by default and take the CPU from the server's request decoding between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=wanted)
+    return options
+
+
+def make_session(model: Path | str | bytes, providers: str = "auto",
+                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An ORT session on CUDA when it really works, CPU otherwise; ``providers`` is auto | cpu | cuda.
+
+    ``model`` is a path or a serialized ModelProto.
+    """
+    wanted = _providers(providers)
+    options = options or session_options()
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
+                                   providers=wanted)
     if providers == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("CUDA was asked for but ONNX Runtime runs on %s", session.get_providers())
     return session
@@ -93,3 +123,289 @@ class OnnxClassifier:
 
     def classify(self, images, top_k: int = 5) -> list[list[dict]]:
         return self.top_k(self.run(preprocess_batch(images, self.preprocess_config)), top_k)
+
+
+# ---- base + mask + head --------------------------------------------------------------------------------
+LEGACY_MASK_FILE = "mask.rmtm"
+_env_allocator = {"registered": None}
+
+
+def _register_env_allocator() -> bool:
+    """One CPU arena for every session that opts in (a session's own arena would keep its peak activations)."""
+    if _env_allocator["registered"] is None:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, None)
+            _env_allocator["registered"] = True
+        except Exception as exc:  # an allocator registered elsewhere in the process is fine too
+            log.info("shared ORT allocator not registered (%s); sessions keep their own arenas", exc)
+            _env_allocator["registered"] = "already" in str(exc).lower()
+    return bool(_env_allocator["registered"])
+
+
+class _LoadedBase:
+    """A base's graph (no weights) and a read-only map of its data file."""
+
+    def __init__(self, info):
+        import onnx
+
+        from .base import BASE_DATA, external_layout
+        from .segments import value_types
+
+        self.info = info
+        self.model = onnx.load(str(info.onnx_path), load_external_data=False)
+        self.layout = external_layout(self.model)
+        self.data_path = info.path / BASE_DATA
+        self.types = value_types(self.model)
+        self.input_name = self.model.graph.input[0].name
+        self.output_name = self.model.graph.output[0].name
+
+    def array(self, name: str) -> np.ndarray:
+        """The base value of an initializer, read from the data file into a new writable array."""
+        from onnx import numpy_helper
+
+        if name in self.layout:
+            offset, length, dtype, shape = self.layout[name]
+            out = np.empty(shape, dtype=dtype)
+            with open(self.data_path, "rb") as fh:
+                fh.seek(offset)
+                if fh.readinto(memoryview(out.reshape(-1).view(np.uint8))) != length:
+                    raise ValueError(f"{self.data_path} is truncated (initializer {name})")
+            return out
+        for t in self.model.graph.initializer:
+            if t.name == name:
+                return numpy_helper.to_array(t).copy()
+        raise KeyError(name)
+
+    def segment_session(self, registry: "BaseRegistry", segment, values: dict[str, np.ndarray] | None = None):
+        """An ORT session for ``segment``; large initializers are handed over as OrtValues (no protobuf
+        round trip), taken from ``values`` when given (masked tensors) or from the base's data file."""
+        from .segments import external_placeholder, segment_model
+
+        values = dict(values or {})
+        tensors = {}
+        for n in segment.initializers:
+            if n in values or n in self.layout:
+                if n not in values:
+                    values[n] = self.array(n)
+                tensors[n] = external_placeholder(n, values[n])
+            else:
+                tensors[n] = next(t for t in self.model.graph.initializer if t.name == n)
+        model = segment_model(self.model, segment, tensors, self.types)
+        options = registry.options()
+        names = [n for n in segment.initializers if n in values]
+        if names:
+            options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(values[n]) for n in names])
+        return make_session(model.SerializeToString(), registry.providers, options)
+
+
+class _Plan:
+    """The segments of one base for one set of masked initializers, with the shared segments' sessions."""
+
+    def __init__(self, segments, shared_sessions: dict[int, ort.InferenceSession]):
+        self.segments = segments
+        self.shared_sessions = shared_sessions
+        self.refs = 0
+
+
+class BaseRegistry:
+    """Per process: loaded bases and the ORT sessions their classifiers share, reference-counted.
+
+    ``acquire`` returns the plan for (base, masked tensors); ``release`` drops it when its last
+    classifier goes. Classifiers that mask nothing share one plan: the whole base as one session.
+    """
+
+    def __init__(self, bases_dir: Path | str, providers: str = "auto", shared_arena: bool = True,
+                 shared_min_bytes: int | None = None):
+        import threading
+
+        from .segments import SHARED_MIN_BYTES
+
+        self.bases_dir = Path(bases_dir)
+        self.providers = providers
+        self.shared_arena = shared_arena and _register_env_allocator()
+        self.shared_min_bytes = SHARED_MIN_BYTES if shared_min_bytes is None else shared_min_bytes
+        self._bases: dict[str, _LoadedBase] = {}
+        self._plans: dict[tuple[str, frozenset], _Plan] = {}
+        self._lock = threading.RLock()
+
+    def options(self) -> ort.SessionOptions:
+        options = session_options()
+        if self.shared_arena:
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        return options
+
+    def base(self, base_id: str) -> _LoadedBase:
+        from .base import load_base
+
+        with self._lock:
+            if base_id not in self._bases:
+                self._bases[base_id] = _LoadedBase(load_base(self.bases_dir, base_id))
+            return self._bases[base_id]
+
+    def acquire(self, base_id: str, masked: frozenset[str]) -> _Plan:
+        from .segments import partition
+
+        with self._lock:
+            key = (base_id, frozenset(masked))
+            plan = self._plans.get(key)
+            if plan is None:
+                base = self.base(base_id)
+                segments = partition(base.model.graph, key[1], self.shared_min_bytes)
+                shared = {i: base.segment_session(self, seg) for i, seg in enumerate(segments) if seg.kind == "shared"}
+                plan = self._plans[key] = _Plan(segments, shared)
+            plan.refs += 1
+            return plan
+
+    def release(self, base_id: str, masked: frozenset[str]) -> None:
+        with self._lock:
+            key = (base_id, frozenset(masked))
+            plan = self._plans.get(key)
+            if plan is not None:
+                plan.refs -= 1
+                if plan.refs <= 0:
+                    del self._plans[key]
+                    if not any(k[0] == base_id for k in self._plans):
+                        self._bases.pop(base_id, None)
+
+    def stats(self) -> dict:
+        """What is held: bases, plans and their reference counts, shared sessions."""
+        with self._lock:
+            return {"bases": sorted(self._bases),
+                    "plans": [{"base_id": k[0], "masked": len(k[1]), "refs": p.refs,
+                               "shared_sessions": len(p.shared_sessions), "segments": len(p.segments)}
+                              for k, p in self._plans.items()]}
+
+
+class ServedClassifier:
+    """A classifier served over a shared base: same interface as OnnxClassifier (labels, run, top_k, ...)."""
+
+    def __init__(self, version_dir: Path | str, registry: BaseRegistry):
+        import weakref
+
+        from .artifact import load_masks
+        from .head import HEAD_FILE, Head
+
+        self.model_dir = Path(version_dir)
+        manifest_path = self.model_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.model_dir} is not a classifier directory (no {MANIFEST})")
+        self.manifest = json.loads(manifest_path.read_text())
+        if not self.manifest.get("base_id"):
+            raise ValueError(f"{self.model_dir} names no base (manifest has no base_id)")
+        self.labels: list[str] = list(self.manifest["labels"])
+        self.preprocess_config = PreprocessConfig.from_dict(self.manifest["preprocess"])
+        self.head = Head.load(self.model_dir / self.manifest.get("head_file", HEAD_FILE))
+        if self.head.n_classes != len(self.labels):
+            raise ValueError(f"head has {self.head.n_classes} classes, manifest {len(self.labels)} labels")
+        self.base_id = self.manifest["base_id"]
+        base = registry.base(self.base_id)
+        self._input, self._output = base.input_name, base.output_name
+
+        flipped: dict[str, np.ndarray] = {}
+        mask_file = self.manifest.get("mask_file", LEGACY_MASK_FILE)
+        if mask_file and ("mask_file" in self.manifest or (self.model_dir / mask_file).is_file()):
+            bits, _ = load_masks(self.model_dir / mask_file)  # named but missing: an error, never "unmasked"
+            for name, b in bits.items():
+                if b.all():
+                    continue  # nothing flipped: the base tensor serves as it is
+                if name not in base.info.maskable:
+                    raise ValueError(f"mask {name} has no maskable tensor in base {self.base_id}")
+                where = base.info.maskable[name]
+                flipped[where["initializer"]] = b.T if where["transpose"] else b
+        self.masked = frozenset(flipped)
+        plan = registry.acquire(self.base_id, self.masked)
+        self._release = weakref.finalize(self, registry.release, self.base_id, self.masked)
+        self.own_tensor_bytes = 0
+        self._chain: list[tuple] = []  # (segment, session) in order
+        for i, seg in enumerate(plan.segments):
+            if seg.kind == "shared":
+                self._chain.append((seg, plan.shared_sessions[i]))
+                continue
+            values = {}
+            for n in seg.masked:
+                value = base.array(n)
+                if value.shape != flipped[n].shape:
+                    raise ValueError(f"mask for {n} has shape {flipped[n].shape}, the base tensor {value.shape}")
+                value *= flipped[n]  # baked at load: the session computes exactly what plain CLIP computes
+                values[n] = value
+                self.own_tensor_bytes += value.nbytes
+            self._chain.append((seg, base.segment_session(registry, seg, values)))
+            del values
+        # drop each intermediate once no later segment needs it
+        self._last_use = {}
+        for i, (seg, _) in enumerate(self._chain):
+            for n in seg.inputs:
+                self._last_use[n] = i
+        self._providers = self._chain[0][1].get_providers()
+
+    @property
+    def own_sessions(self) -> int:
+        """ORT sessions built for this classifier alone (0 when it runs entirely on shared ones)."""
+        return sum(1 for seg, _ in self._chain if seg.kind == "own")
+
+    @property
+    def providers(self) -> list[str]:
+        return self._providers
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocess_config.size
+
+    def preprocess(self, img) -> np.ndarray:
+        return preprocess_image(img, self.preprocess_config)
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed batch [N,3,H,W] -> raw image features [N,D] (the base's output)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[1:] != (3, *self.input_size):
+            raise ValueError(f"batch has shape {batch.shape}; expected [N, 3, {self.input_size[0]}, {self.input_size[1]}]")
+        env = {self._input: batch}
+        for i, (seg, session) in enumerate(self._chain):
+            outs = session.run(seg.outputs, {n: env[n] for n in seg.inputs})
+            env.update(zip(seg.outputs, outs))
+            for n in seg.inputs:
+                if self._last_use[n] == i and n != self._output:
+                    env.pop(n, None)
+        return env[self._output]
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.head.logits(self.features(batch))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed batch [N,3,H,W] -> class probabilities [N,C]."""
+        return softmax(self.logits(batch))
+
+    top_k = OnnxClassifier.top_k
+
+    def classify(self, images, top_k: int = 5) -> list[list[dict]]:
+        return self.top_k(self.run(preprocess_batch(images, self.preprocess_config)), top_k)
+
+    def close(self) -> None:
+        """Give the shared sessions back to the registry now (otherwise when this object is collected)."""
+        self._chain = []
+        self._release()
+
+
+def load_classifier(version_dir: Path | str, bases_dir: Path | str | None = None,
+                    registry: BaseRegistry | None = None, providers: str = "auto"):
+    """The classifier in ``version_dir``: base + mask + head, or an old baked model.onnx directory.
+
+    Pass one ``registry`` per process so classifiers on the same base share it.
+    """
+    version_dir = Path(version_dir)
+    manifest_path = version_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{version_dir} is not a classifier directory (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    if not manifest.get("base_id"):
+        if (version_dir / ONNX_FILE).is_file():
+            return OnnxClassifier(version_dir, providers=registry.providers if registry else providers)
+        raise FileNotFoundError(f"{version_dir} has neither a base_id nor a {ONNX_FILE}")
+    if registry is None:
+        if bases_dir is None:
+            raise ValueError("a base+mask+head classifier needs bases_dir (or a BaseRegistry)")
+        registry = BaseRegistry(bases_dir, providers)
+    elif bases_dir is not None and Path(bases_dir) != registry.bases_dir:
+        raise ValueError(f"bases_dir {bases_dir} is not the registry's {registry.bases_dir}")
+    return ServedClassifier(version_dir, registry)

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from rmt_core.artifact import MaskFileError, decode_masks, encode_masks, entropy_bound_bytes, load_masks, save_masks
+
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.parametrize("drop", [0.0, 1e-4, 0.01, 0.05, 0.3, 0.5, 0.8, 1.0])
@@ -16,11 +20,33 @@ def test_round_trip_is_exact(drop):
 
 
 @pytest.mark.parametrize("drop", [0.005, 0.03, 0.2])
-def test_size_is_close_to_the_entropy_bound(drop):
+def test_size_stays_near_the_entropy_bound_even_for_iid_masks(drop):
+    # i.i.d. bits are the general-purpose compressor's worst case (real masks flip in rows and heads and
+    # compress below this bound); measured 1.04-1.34x here, see bench/RESULTS-layout.md
     rng = np.random.default_rng(2)
     masks = {"w": rng.random((768, 768)) > drop}
     size = len(encode_masks(masks))
-    assert size <= 1.1 * entropy_bound_bytes(masks) + 300
+    assert size <= 1.4 * entropy_bound_bytes(masks) + 300
+
+
+def test_structured_masks_compress_far_below_the_iid_bound():
+    masks = {"w": np.ones((768, 768), bool)}
+    masks["w"][::37] = False  # whole rows, as a tuned mask drops them
+    assert len(encode_masks(masks)) < 0.1 * entropy_bound_bytes(masks)
+
+
+def test_old_rice_coded_files_still_load():
+    """A file written by the retired Golomb-Rice encoder (RMTM v1), committed as a fixture."""
+    masks, meta = load_masks(DATA / "old-format-v1.rmtm")
+    assert meta == {"backbone": "rmt-tiny-vit", "method": "r-amt"}
+    rng = np.random.default_rng(20261130)  # how the fixture was made
+    expected = {"visual.transformer.resblocks.0.attn.in_proj_weight": rng.random((192, 64)) > 0.03,
+                "visual.conv1.weight": rng.random((64, 3, 8, 8)) > 0.01,
+                "visual.transformer.resblocks.0.attn.out_proj.weight": np.ones((64, 64), bool)}
+    assert set(masks) == set(expected)
+    for name in expected:
+        assert masks[name].dtype == bool and np.array_equal(masks[name], expected[name]), name
+    assert encode_masks(masks)[:4] == b"RMT2"  # re-saving writes the new format
 
 
 def test_clustered_masks_round_trip():

@@ -1,0 +1,204 @@
+"""A classifier = shared base + mask + head: serving, sharing, materialised downloads, old layouts."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from rmt_core.artifact import load_masks, write_version_files
+from rmt_core.backbones import encode_class_texts
+from rmt_core.base import BASE_JSON, ensure_base, fingerprint
+from rmt_core.export import ClassifierHead, export_onnx
+from rmt_core.head import Head
+from rmt_core.masking import apply_mask_bits, target_names
+from rmt_core.materialize import materialize_onnx, materialized_model_path
+from rmt_core.runtime import BaseRegistry, OnnxClassifier, ServedClassifier, load_classifier, make_session
+from tests.core.toys import tiny
+
+LABELS = ["cat", "dog", "truck"]
+DATA = Path(__file__).parent / "data"
+
+
+def _random_bits(backbone, seed: int, drop: float = 0.05, method: str = "r-amt") -> dict:
+    rng = np.random.default_rng(seed)
+    visual = backbone.model.visual
+    params = dict(visual.named_parameters())
+    return {f"visual.{n}": rng.random(tuple(params[n].shape)) > drop for n in target_names(visual, method)}
+
+
+def _version(tmp: Path, name: str, backbone, base, bits: dict | None) -> Path:
+    """A version directory as the pipeline writes it (manifest + mask + head)."""
+    out = tmp / name
+    out.mkdir()
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.").numpy()
+    head = Head.zero_shot(text, float(backbone.model.logit_scale.detach().exp()))
+    fields = write_version_files(out, base_id=base.base_id, head=head, masks=bits, meta={"method": "r-amt"})
+    manifest = {"labels": LABELS, "preprocess": backbone.preprocess, "backbone": backbone.name,
+                "pretrained": backbone.pretrained, "method": "r-amt", **fields}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _baked_reference(bits: dict | None, path: Path) -> Path:
+    """Today's layout: the whole classifier baked into one ONNX file by torch."""
+    backbone = tiny()
+    if bits:
+        apply_mask_bits(backbone.model, bits)
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+    head = ClassifierHead(backbone.model.visual, text, float(backbone.model.logit_scale.detach().exp()))
+    return export_onnx(head, path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("layout")
+    backbone = tiny()
+    base = ensure_base(backbone, tmp / "bases")
+    bits_a, bits_b = _random_bits(backbone, 1), _random_bits(backbone, 2, drop=0.2)
+    x = torch.randn(3, 3, *backbone.image_size, generator=torch.Generator().manual_seed(0)).numpy()
+    return {"tmp": tmp, "backbone": backbone, "base": base, "bases": tmp / "bases", "x": x,
+            "a": _version(tmp, "a", backbone, base, bits_a), "b": _version(tmp, "b", backbone, base, bits_b),
+            "zero": _version(tmp, "zero", backbone, base, None),
+            "unflipped": _version(tmp, "unflipped", backbone, base, {k: np.ones_like(v) for k, v in bits_a.items()}),
+            "bits_a": bits_a, "bits_b": bits_b}
+
+
+def test_base_is_exported_once_and_maps_every_maskable_weight(world):
+    base, backbone = world["base"], world["backbone"]
+    assert base.base_id == fingerprint(backbone.model.visual)
+    stamp = (base.path / "base.onnx").stat().st_mtime_ns
+    assert ensure_base(tiny(), world["bases"]).path == base.path  # same weights: reused, not rewritten
+    assert (base.path / "base.onnx").stat().st_mtime_ns == stamp
+    assert ensure_base(tiny(seed=1), world["bases"]).base_id != base.base_id  # other weights: another base
+    inits = {t.name: onnx.numpy_helper.to_array(t)
+             for t in onnx.load(str(base.onnx_path), load_external_data=True).graph.initializer}
+    params = dict(backbone.model.named_parameters())
+    assert set(world["bits_a"]) <= set(base.maskable)
+    for name, where in base.maskable.items():
+        value = params[name].detach().numpy()
+        np.testing.assert_array_equal(inits[where["initializer"]], value.T if where["transpose"] else value)
+    assert not [p for p in world["bases"].iterdir() if p.name.startswith(".")]  # no temp dir left behind
+
+
+@pytest.mark.parametrize("shared_min_bytes", [0, None])
+def test_two_classifiers_on_one_base_equal_their_own_baked_models(world, shared_min_bytes):
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=shared_min_bytes)
+    a = load_classifier(world["a"], world["bases"], registry)
+    b = load_classifier(world["b"], world["bases"], registry)
+    x = world["x"]
+    for clf, bits, name in ((a, world["bits_a"], "a"), (b, world["bits_b"], "b")):
+        ref = make_session(_baked_reference(bits, world["tmp"] / f"ref-{name}-{shared_min_bytes}.onnx"), "cpu")
+        np.testing.assert_allclose(clf.logits(x), ref.run(None, {"image": x})[0], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(a.logits(x), b.logits(x))
+    # both run on the same plan: the shared segments are one set of sessions
+    stats = registry.stats()
+    assert len(stats["plans"]) == 1 and stats["plans"][0]["refs"] == 2
+    if shared_min_bytes == 0:  # toy weights are small: force the split so the chain is exercised
+        assert stats["plans"][0]["shared_sessions"] >= 2 and a.own_sessions >= 2
+        shared_a = {id(s) for seg, s in a._chain if seg.kind == "shared"}
+        shared_b = {id(s) for seg, s in b._chain if seg.kind == "shared"}
+        assert shared_a == shared_b
+    a.close()
+    assert registry.stats()["plans"][0]["refs"] == 1
+    b.close()
+    assert registry.stats() == {"bases": [], "plans": []}
+
+
+def test_nothing_masked_builds_no_encoder_tensors_of_its_own(world):
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=0)
+    zero = load_classifier(world["zero"], world["bases"], registry)
+    unflipped = load_classifier(world["unflipped"], world["bases"], registry)
+    for clf in (zero, unflipped):
+        assert isinstance(clf, ServedClassifier)
+        assert clf.masked == frozenset() and clf.own_sessions == 0 and clf.own_tensor_bytes == 0
+        assert len(clf._chain) == 1  # the whole base, one session
+    assert zero._chain[0][1] is unflipped._chain[0][1]  # the same base session
+    assert registry.stats()["plans"] == [{"base_id": world["base"].base_id, "masked": 0, "refs": 2,
+                                          "shared_sessions": 1, "segments": 1}]
+    ref = make_session(_baked_reference(None, world["tmp"] / "ref-zero.onnx"), "cpu")
+    np.testing.assert_allclose(zero.logits(world["x"]), ref.run(None, {"image": world["x"]})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_materialised_model_carries_metadata_and_matches_served_outputs(world, tmp_path):
+    path = materialize_onnx(world["a"], world["bases"], tmp_path / "model.onnx")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["labels"]) == LABELS
+    assert json.loads(props["preprocess"]) == world["backbone"].preprocess
+    assert json.loads(props["head"])["kind"] == "zero-shot" and props["base_id"] == world["base"].base_id
+    assert not (tmp_path / "model.onnx.data").exists() and len(model.graph.output) == 1
+    served = load_classifier(world["a"], world["bases"], BaseRegistry(world["bases"], "cpu"))
+    got = make_session(path, "cpu").run(None, {"image": world["x"]})[0]
+    np.testing.assert_allclose(got, served.logits(world["x"]), rtol=1e-4, atol=1e-4)
+    # the base graph has exactly the baked model's nodes: materialising adds only the head's few nodes
+    ref = onnx.load(str(_baked_reference(world["bits_a"], tmp_path / "ref.onnx")))
+    assert len(model.graph.node) <= len(ref.graph.node) + 6
+
+
+def test_materialised_cache_is_bounded_and_reused(world, tmp_path):
+    cache = tmp_path / "cache"
+    first = materialized_model_path(world["a"], world["bases"], cache, max_cache_bytes=10**9)
+    stamp = first.stat().st_mtime_ns
+    assert materialized_model_path(world["a"], world["bases"], cache, 10**9) == first
+    assert first.stat().st_ino and first.stat().st_size > 0
+    second = materialized_model_path(world["b"], world["bases"], cache, max_cache_bytes=first.stat().st_size)
+    assert second != first and second.is_file() and not first.exists()  # over the bound: least recent goes
+    assert [p.name for p in cache.iterdir()] == [second.name]
+    assert stamp  # (the reuse above did not rewrite the file)
+
+
+def test_deleting_a_classifier_never_touches_the_base(world, tmp_path):
+    version = shutil.copytree(world["a"], tmp_path / "doomed")
+    before = sorted((p.name, p.stat().st_size) for p in world["base"].path.iterdir())
+    registry = BaseRegistry(world["bases"], "cpu")
+    clf = load_classifier(version, world["bases"], registry)
+    clf.close()
+    shutil.rmtree(version)
+    assert sorted((p.name, p.stat().st_size) for p in world["base"].path.iterdir()) == before
+    assert (world["base"].path / BASE_JSON).is_file()
+    load_classifier(world["b"], world["bases"], registry).run(world["x"])
+
+
+def test_old_model_dir_with_baked_onnx_still_serves(world, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    _baked_reference(world["bits_a"], old / "model.onnx")
+    shutil.copy(DATA / "old-format-v1.rmtm", old / "mask.rmtm")
+    (old / "manifest.json").write_text(json.dumps({"labels": LABELS, "preprocess": world["backbone"].preprocess,
+                                                   "backbone": "rmt-tiny-vit", "method": "r-amt"}))
+    clf = load_classifier(old, world["bases"], BaseRegistry(world["bases"], "cpu"))
+    assert isinstance(clf, OnnxClassifier)
+    served = load_classifier(world["a"], world["bases"], BaseRegistry(world["bases"], "cpu"))
+    np.testing.assert_allclose(clf.run(world["x"]), served.run(world["x"]), atol=1e-5)
+    assert materialized_model_path(old, world["bases"], tmp_path / "cache", 10**9) == old / "model.onnx"
+
+
+def test_a_named_mask_file_that_is_missing_is_an_error(world, tmp_path):
+    version = shutil.copytree(world["a"], tmp_path / "broken")
+    (version / json.loads((version / "manifest.json").read_text())["mask_file"]).unlink()
+    with pytest.raises(FileNotFoundError):
+        load_classifier(version, world["bases"], BaseRegistry(world["bases"], "cpu"))
+
+
+def test_old_rmtm_mask_file_serves_on_a_base(world, tmp_path):
+    bits, meta = load_masks(DATA / "old-format-v1.rmtm")
+    assert meta == {"backbone": "rmt-tiny-vit", "method": "r-amt"}
+    version = tmp_path / "v1mask"
+    version.mkdir()
+    shutil.copy(DATA / "old-format-v1.rmtm", version / "mask.rmtm")
+    head = Head.load(world["a"] / "head.npz")
+    head.save(version / "head.npz")
+    manifest = json.loads((world["a"] / "manifest.json").read_text())
+    manifest.pop("mask_file")  # manifests before the new codec named no mask file: mask.rmtm is the default
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    clf = load_classifier(version, world["bases"], BaseRegistry(world["bases"], "cpu"))
+    assert len(clf.masked) == 2  # in_proj and conv1 flip; out_proj is all ones
+    full = {n: np.ones(tuple(p.shape), bool) for n, p in world["backbone"].model.named_parameters()
+            if n in world["base"].maskable}
+    ref_bits = {**full, **bits}
+    ref = make_session(_baked_reference(ref_bits, tmp_path / "ref.onnx"), "cpu")
+    np.testing.assert_allclose(clf.logits(world["x"]), ref.run(None, {"image": world["x"]})[0], rtol=1e-4, atol=1e-4)
