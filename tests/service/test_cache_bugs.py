@@ -1,0 +1,266 @@
+"""The serving cache's concurrency bugs, each reproduced (they failed on the cache before the fix).
+
+Fast unit tests over fake classifiers: the cache takes its loader as a function, so no ONNX file is needed.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.classifier_cache import ClassifierCache, MicroBatcher
+
+
+class _FakeClassifier:
+    providers = ["fake"]
+
+    def __init__(self, classifier_id: str, version_dir: Path | None = None):
+        self.classifier_id = classifier_id
+        self.version_dir = version_dir
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return np.full((len(batch), 2), 0.5, np.float32)
+
+
+class _Loader:
+    """Counts loads, how many of one id run at the same time, and can fail or stall on demand."""
+
+    def __init__(self, delay: float = 0.0, jitter: float = 0.0, fail_first: int = 0):
+        self.delay, self.jitter, self.fail_left = delay, jitter, fail_first
+        self.lock = threading.Lock()
+        self.loads: list[str] = []
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
+        self.made: list[_FakeClassifier] = []
+
+    def __call__(self, classifier_id: str, version_dir: Path) -> _FakeClassifier:
+        with self.lock:
+            self.loads.append(classifier_id)
+            self.in_flight[classifier_id] = self.in_flight.get(classifier_id, 0) + 1
+            self.max_in_flight[classifier_id] = max(self.max_in_flight.get(classifier_id, 0),
+                                                    self.in_flight[classifier_id])
+        try:
+            time.sleep(self.delay + random.random() * self.jitter)
+            with self.lock:
+                if self.fail_left > 0:
+                    self.fail_left -= 1
+                    raise OSError("model file unreadable")
+            classifier = _FakeClassifier(classifier_id, version_dir)
+            with self.lock:
+                self.made.append(classifier)
+            return classifier
+        finally:
+            with self.lock:
+                self.in_flight[classifier_id] -= 1
+
+
+def _run(coro, debug: bool = False, timeout: float = 20.0):
+    """asyncio.run in a daemon thread, so a regression (a request waiting forever) fails instead of hanging.
+    debug=True: a loop-owned object touched from another thread raises RuntimeError."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = asyncio.run(coro, debug=debug)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the event loop was still running after {timeout}s (a request hangs)"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_evict_from_a_worker_thread_is_done_on_the_event_loop(tmp_path):
+    """DELETE /v1/classifiers/{id} is a sync route: its evict runs on a threadpool thread. The old evict
+    mutated the LRU there and called asyncio.Queue.put_nowait off the loop (RuntimeError in debug mode,
+    a lost wake-up otherwise)."""
+    cache = ClassifierCache(capacity=4, loader=_Loader())
+    errors: list[BaseException] = []
+
+    async def main():
+        entry = await cache.get("c1", tmp_path)
+        await entry.batcher.submit(np.zeros((1, 3, 2, 2), np.float32))  # its batcher task is now waiting
+        loop_thread = threading.get_ident()
+        mutated_on: list[int] = []
+        original = cache._entries.pop
+
+        def recording_pop(*args):
+            mutated_on.append(threading.get_ident())
+            return original(*args)
+
+        cache._entries.pop = recording_pop  # type: ignore[method-assign]
+
+        def from_thread():
+            try:
+                cache.evict("c1")
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+
+        await asyncio.get_running_loop().run_in_executor(None, from_thread)
+        await asyncio.sleep(0.05)
+        assert "c1" not in cache
+        assert mutated_on and set(mutated_on) == {loop_thread}, "the LRU was mutated off the event loop"
+        await asyncio.wait_for(entry.batcher._task, 2)  # the batcher saw its close and stopped
+
+    _run(main(), debug=True)
+    cache.close()
+    assert not errors, errors
+
+
+def test_an_exception_in_on_batch_does_not_stop_the_batcher():
+    """An exception outside the executor call (here the on_batch metrics callback) killed the serving task:
+    this request and every later one for the classifier waited forever."""
+    calls = []
+
+    def on_batch(size: int) -> None:
+        calls.append(size)
+        if len(calls) == 1:
+            raise ValueError("metrics backend broke")
+
+    batcher = MicroBatcher(lambda b: np.ones((len(b), 2)), ThreadPoolExecutor(1), max_batch=4, max_wait_s=0,
+                           on_batch=on_batch)
+
+    async def main():
+        first = await asyncio.wait_for(batcher.submit(np.zeros((1, 3, 2, 2))), 2)
+        second = await asyncio.wait_for(batcher.submit(np.zeros((2, 3, 2, 2))), 2)
+        return first, second
+
+    first, second = _run(main())
+    assert first.shape == (1, 2) and second.shape == (2, 2)
+    assert calls == [1, 2]
+
+
+def test_batches_that_cannot_be_concatenated_are_served_one_by_one():
+    """np.concatenate of requests with different shapes raised outside the executor call: the task died."""
+    seen = []
+
+    def run(batch):
+        seen.append(batch.shape)
+        return np.full((len(batch), 2), batch.shape[-1], np.float32)
+
+    batcher = MicroBatcher(run, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.05)
+
+    async def main():
+        await batcher.submit(np.zeros((1, 3, 2, 2), np.float32))  # traffic: the next ones wait for company
+        a = batcher.submit(np.zeros((1, 3, 2, 2), np.float32))
+        b = batcher.submit(np.zeros((1, 3, 4, 4), np.float32))
+        both = await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), 2)
+        later = await asyncio.wait_for(batcher.submit(np.zeros((1, 3, 2, 2), np.float32)), 2)
+        return both, later
+
+    (a, b), later = _run(main())
+    assert float(a[0, 0]) == 2.0 and float(b[0, 0]) == 4.0
+    assert float(later[0, 0]) == 2.0
+
+
+def test_a_dead_serving_task_is_restarted_by_the_next_request():
+    batcher = MicroBatcher(lambda b: np.ones((len(b), 2)), ThreadPoolExecutor(1), max_batch=4, max_wait_s=0)
+
+    async def main():
+        await batcher.submit(np.zeros((1, 3, 2, 2)))
+        batcher._task.cancel()  # whatever killed it
+        await asyncio.sleep(0)
+        return await asyncio.wait_for(batcher.submit(np.zeros((1, 3, 2, 2))), 2)
+
+    assert _run(main()).shape == (1, 2)
+
+
+def test_a_failed_load_leaves_no_lock_behind_and_the_next_request_loads(tmp_path):
+    loader = _Loader(fail_first=1)
+    cache = ClassifierCache(capacity=2, loader=loader)
+
+    async def main():
+        with pytest.raises(OSError):
+            await cache.get("c1", tmp_path)
+        assert not cache._loading, "a failed load left its lock (one per failing id, forever)"
+        entry = await cache.get("c1", tmp_path)
+        assert isinstance(entry.classifier, _FakeClassifier)
+        assert not cache._loading
+
+    _run(main())
+    cache.close()
+    assert loader.loads == ["c1", "c1"]
+
+
+def test_concurrent_requests_share_one_load(tmp_path):
+    loader = _Loader(delay=0.05)
+    cache = ClassifierCache(capacity=2, loader=loader)
+
+    async def main():
+        entries = await asyncio.gather(*(cache.get("c1", tmp_path) for _ in range(10)))
+        assert len({id(e) for e in entries}) == 1
+
+    _run(main())
+    cache.close()
+    assert loader.loads == ["c1"]
+
+
+def test_under_eviction_an_id_never_loads_twice_at_once_and_no_session_leaks(tmp_path):
+    """Capacity 1 and two ids requested at random: the old cache dropped an id's lock after its load, so a
+    request that had waited on that lock and a newer one could load the id side by side; the second insert
+    overwrote the first entry without closing it (a leaked ORT session)."""
+    random.seed(7)
+    loader = _Loader(delay=0.001, jitter=0.01)
+    cache = ClassifierCache(capacity=1, loader=loader)
+    returned = []
+
+    async def request(cid: str):
+        await asyncio.sleep(random.random() * 0.05)
+        entry = await cache.get(cid, tmp_path)
+        returned.append(entry)
+        await entry.batcher.submit(np.zeros((1, 3, 2, 2), np.float32))
+
+    async def main():
+        for _ in range(15):
+            await asyncio.gather(*(request(random.choice("ab")) for _ in range(12)))
+
+    _run(main())
+    assert max(loader.max_in_flight.values()) == 1, f"concurrent loads of one id: {loader.max_in_flight}"
+    live = {id(e) for e in cache._entries.values()}
+    leaked = {id(e) for e in returned if id(e) not in live and not e.batcher._closed}
+    assert not leaked, f"{len(leaked)} dropped entries were never closed (leaked sessions)"
+    assert len(cache) <= 1
+    cache.close()
+
+
+def test_a_new_version_dir_replaces_the_cached_classifier(tmp_path):
+    """When a classifier publishes a new version, the next request serves it (the old one is closed)."""
+    loader = _Loader()
+    cache = ClassifierCache(capacity=2, loader=loader)
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+
+    async def main():
+        old = await cache.get("c1", v1)
+        new = await cache.get("c1", v2)
+        assert new is not old and new.classifier.version_dir == v2 and old.batcher._closed
+        assert (await cache.get("c1", v2)) is new
+
+    _run(main())
+    cache.close()
+    assert loader.loads == ["c1", "c1"]
+
+
+def test_a_classifier_deleted_while_it_loads_is_not_kept(tmp_path):
+    loader = _Loader(delay=0.2)
+    cache = ClassifierCache(capacity=2, loader=loader)
+
+    async def main():
+        pending = asyncio.ensure_future(cache.get("c1", tmp_path))
+        await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, cache.evict, "c1")  # DELETE meanwhile
+        entry = await pending  # the request in flight still gets an answer...
+        assert (await entry.batcher.submit(np.zeros((1, 3, 2, 2), np.float32))).shape == (1, 2)
+        assert "c1" not in cache and entry.batcher._closed  # ...but the deleted classifier is not cached
+
+    _run(main())
+    cache.close()
