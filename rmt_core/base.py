@@ -69,17 +69,29 @@ class BaseInfo:
                    opset=int(meta["opset"]))
 
 
-def fingerprint(visual) -> str:
-    """sha256 over the image encoder's parameter and buffer names, dtypes, shapes and bytes."""
+def fingerprint(visual, architecture: str = "") -> str:
+    """sha256 over the image encoder's parameter and buffer names, dtypes, shapes and bytes.
+
+    ``architecture`` names what the weights do not show (the backbone's config name).
+    """
     import torch
 
-    h = hashlib.sha256(f"rmt-base-v{BASE_FORMAT}".encode())
+    h = hashlib.sha256(f"rmt-base-v{BASE_FORMAT}|{architecture}".encode())
+    # The activation is architecture, not weights: the same (OpenAI) weights under QuickGELU and nn.GELU are two
+    # networks (backbones.wants_quick_gelu). Only QuickGELU is hashed, so existing GELU base ids stay valid.
+    if any(type(m).__name__ == "QuickGELU" for m in visual.modules()):
+        h.update(b"activation=QuickGELU|")
     state = visual.state_dict()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:32]
+
+
+def architecture_of(backbone) -> str:
+    """The open_clip config name: settings such as pooling change the graph but not the weights' shapes."""
+    return backbone.name
 
 
 def base_dir_for(bases_dir: Path | str, base_id: str) -> Path:
@@ -100,7 +112,7 @@ def ensure_base(backbone, bases_dir: Path | str, opset: int = 17) -> BaseInfo:
     if find_masks(backbone.model):
         raise ValueError("the backbone carries masks: export the base from untouched weights (before tuning)")
     visual = backbone.model.visual
-    base_id = fingerprint(visual)
+    base_id = fingerprint(visual, architecture_of(backbone))
     bases_dir = Path(bases_dir)
     final = base_dir_for(bases_dir, base_id)
     if (final / BASE_JSON).is_file():

@@ -55,3 +55,14 @@ def test_explicit_setting_overrides_detection_on_a_small_config(tmp_path):
 ])
 def test_quick_gelu_detection_from_names_and_tags(name, pretrained, source, expected):
     assert wants_quick_gelu(name, pretrained, source) is expected
+
+
+def test_the_same_weights_under_quick_gelu_are_another_base(tmp_path):
+    from rmt_core.base import fingerprint
+
+    path = tmp_path / "tiny.pt"
+    torch.save(load_backbone("rmt-tiny-vit", None).model.state_dict(), path)
+    plain = load_backbone("rmt-tiny-vit", str(path)).model.visual
+    quick = load_backbone("rmt-tiny-vit", str(path), quick_gelu=True).model.visual
+    assert fingerprint(plain) == fingerprint(load_backbone("rmt-tiny-vit", str(path)).model.visual)
+    assert fingerprint(plain) != fingerprint(quick)
