@@ -25,6 +25,7 @@ temperature fitted on its validation logits (calibration.py), baked into ``Head.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -38,6 +39,7 @@ from .head import Head
 LOO_MAX = 10  # at most this many images: leave-one-out instead of k-fold
 FOLDS = 5
 WEIGHT_DECAYS = (1.0, 0.1, 0.01, 1e-3, 1e-4)  # strength of the pull toward the text-embedding init, strongest first
+log = logging.getLogger(__name__)
 OnCandidate = Callable[[str, Head, bool, "float | None"], None]
 
 
@@ -331,7 +333,11 @@ class Selection:
             candidate.head.temperature = candidate.calibration["temperature"]
         self.candidates[candidate.name] = candidate
         if self.on_candidate is not None:
-            self.on_candidate(candidate.name, candidate.head, candidate.uses_mask, candidate.accuracy)
+            try:
+                self.on_candidate(candidate.name, candidate.head, candidate.uses_mask, candidate.accuracy)
+            except Exception:  # a preview that could not be published must not fail the build
+                log.exception("on_candidate(%s) failed; the build goes on", candidate.name)
+                self.warnings.append(f"the {candidate.name} preview could not be published (see the worker log)")
         return candidate
 
     def _scored(self, name: str, head: Head, uses_mask: bool, logits: np.ndarray, method: str) -> Candidate:

@@ -208,3 +208,15 @@ def test_config_select_unknown_and_quick_gelu_are_validated():
         TuneConfig(quick_gelu="maybe")
     with pytest.raises(ValueError, match="unknown"):
         TuneConfig.from_dict({"unknown": "yes"})
+
+
+def test_a_failing_preview_hook_does_not_fail_the_build():
+    def broken(name, head, uses_mask, accuracy):
+        raise OSError("disk full")
+
+    sel, rng, means, (x, xh) = _selection(on_candidate=broken)
+    sel.add_zero_shot(x, xh)
+    sel.add_head(x, xh)
+    chosen, report = sel.finish()
+    assert chosen.name in ("zero-shot", "head")
+    assert any("preview could not be published" in w for w in report["warnings"])
