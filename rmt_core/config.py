@@ -13,6 +13,35 @@ CANDIDATES = ("zero-shot", "head", "mask", "mask+head")
 QUICK_GELU = {"auto": None, "on": True, "off": False}
 MIN_PER_CLASS_FOR_HOLDOUT = 5  # classes with fewer images are never held out
 
+# Bounds on what one run may ask for (a service adds its own cap on total optimizer steps, see
+# TuneConfig.schedule). (low, high, low excluded?) for floats, [low, high] for integers.
+FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "mask_init": (-10.0, 10.0, False), "threshold": (-10.0, 10.0, False), "leak": (0.0, 1.0, False),
+    "kl_temperature": (0.0, 100.0, True), "l2_weight": (0.0, 10.0, False), "learning_rate": (0.0, 1.0, True),
+    "holdout": (0.0, 0.9, False), "parity_atol": (0.0, 1.0, True),
+}
+MAX_EPOCHS = 1000
+MAX_MIN_STEPS = 100_000
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "epochs": (1, MAX_EPOCHS), "min_steps": (0, MAX_MIN_STEPS), "batch_size": (1, 1024), "seed": (0, 2**32 - 1),
+}
+MAX_TEMPLATE_LENGTH = 200
+MAX_NAME_LENGTH = 200
+
+
+def check_prompt_template(template: Any) -> None:
+    """A prompt template is short printable text with exactly one '{}' (the class name) and no other braces:
+    it goes through str.format, where '{0.__class__}' or a stray '{' would be an attack or a crash."""
+    if not isinstance(template, str):
+        raise ValueError("prompt_template must be a string")
+    if len(template) > MAX_TEMPLATE_LENGTH:
+        raise ValueError(f"prompt_template is {len(template)} characters; the limit is {MAX_TEMPLATE_LENGTH}")
+    if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.replace("{}", "").count("}"):
+        raise ValueError(f"prompt_template={template!r} must contain exactly one '{{}}' (the class name) "
+                         "and no other braces")
+    if not all(ch.isprintable() for ch in template):
+        raise ValueError("prompt_template contains control characters")
+
 
 @dataclass
 class TuneConfig:
@@ -65,23 +94,7 @@ class TuneConfig:
         self.method = str(self.method).lower()
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
-        if "{}" not in self.prompt_template:
-            raise ValueError(f"prompt_template={self.prompt_template!r} must contain '{{}}' for the class name")
-        if not 0.0 <= self.leak <= 1.0:
-            raise ValueError(f"leak={self.leak} must be in [0, 1]")
-        if not 0.0 <= self.holdout < 1.0:
-            raise ValueError(f"holdout={self.holdout} must be in [0, 1)")
-        for name in ("learning_rate", "kl_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if not isinstance(self.min_steps, int) or self.min_steps < 0:
-            raise ValueError(f"min_steps={self.min_steps!r} must be an integer >= 0")
-        if self.l2_weight < 0:
-            raise ValueError(f"l2_weight={self.l2_weight} must be >= 0")
+        self._check_ranges()
         if isinstance(self.quick_gelu, bool):
             self.quick_gelu = "on" if self.quick_gelu else "off"
         if self.quick_gelu not in QUICK_GELU:
@@ -91,6 +104,24 @@ class TuneConfig:
         if self.mask_init <= self.threshold:
             raise ValueError(
                 f"mask_init={self.mask_init} must be > threshold={self.threshold}, or every weight starts masked out")
+
+    def _check_ranges(self) -> None:
+        """Every number finite and in a range that bounds the work of one run; the template well-formed."""
+        for name, (low, high, low_open) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number")
+            if value > high or value < low or (low_open and value == low):
+                raise ValueError(f"{name}={value} must be in {'(' if low_open else '['}{low}, {high}]")
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name}={value!r} must be an integer in [{low}, {high}]")
+        check_prompt_template(self.prompt_template)
+        for name in ("backbone", "pretrained"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LENGTH):
+                raise ValueError(f"{name} must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
 
     @property
     def uses_gdr(self) -> bool:

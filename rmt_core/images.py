@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 
 class InvalidImage(ValueError):
@@ -39,9 +43,40 @@ def open_image(data: bytes, max_pixels: int = 40_000_000, name: str = "image") -
         raise InvalidImage("too_many_pixels", f"{name}: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage("corrupt", f"{name} is truncated or corrupt: {exc}") from None
+    img = _upright(img)
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit (and 32-bit) grey: scale, do not clip at 255
+        img = _to_8bit(img)
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" else img.convert("RGB")
     return img
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phones store portrait photos as rotated landscape pixels plus a tag)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels as stored are still an image
+        log.debug("ignoring an unreadable EXIF orientation", exc_info=True)
+        return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A high bit-depth grey image as 8-bit 'L', scaled by its bit depth (Pillow's convert clips to 255, which
+    turns nearly every pixel of a 16-bit image white)."""
+    values = np.asarray(img)
+    if img.mode == "F":
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else float(values.max())
+        scaled = values / top * 255.0 if top > 0 else values
+    else:
+        values = values.astype(np.int64)
+        high = int(values.max(initial=0))
+        if img.mode.startswith("I;16"):
+            depth = 65535
+        else:  # 32-bit 'I' (16-bit TIFFs and PNGs can open as it): the smallest depth that holds the values
+            depth = 255 if high <= 255 else 65535 if high <= 65535 else high
+        scaled = np.clip(values, 0, None) * (255.0 / depth)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def open_image_file(path, max_pixels: int = 40_000_000) -> Image.Image:

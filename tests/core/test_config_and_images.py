@@ -58,3 +58,58 @@ def test_open_image_refuses_bad_input(data, code):
     with pytest.raises(InvalidImage) as err:
         open_image(data, max_pixels=1_000_000)
     assert err.value.code == code
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"learning_rate": float("nan")}, "learning_rate"), ({"leak": float("inf")}, "leak"),
+    ({"l2_weight": -float("inf")}, "l2_weight"), ({"kl_temperature": 0}, "kl_temperature"),
+    ({"epochs": 10**9}, "epochs"), ({"min_steps": 10**9}, "min_steps"), ({"batch_size": 10**6}, "batch_size"),
+    ({"seed": -1}, "seed"), ({"seed": 2**40}, "seed"), ({"holdout": 0.95}, "holdout"), ({"holdout": -0.1}, "holdout"),
+    ({"parity_atol": 0.0}, "parity_atol"), ({"parity_atol": 5.0}, "parity_atol"),
+    ({"prompt_template": "{} and {}"}, "prompt_template"), ({"prompt_template": "a {0.__class__} {}"}, "prompt_template"),
+    ({"prompt_template": "a photo of a {}" + "!" * 300}, "prompt_template"),
+    ({"prompt_template": "a {}\x00"}, "prompt_template"), ({"backbone": ""}, "backbone"),
+])
+def test_unbounded_or_non_finite_values_are_refused(values, field):
+    with pytest.raises(ValueError, match=field):
+        TuneConfig.from_dict(values)
+
+
+def test_schedule_reports_the_total_steps_a_service_caps():
+    plan = TuneConfig(epochs=1000, min_steps=0, batch_size=1).schedule(2000)
+    assert plan["total_steps"] == 2_000_000  # each bound alone is fine; their product is what a service caps
+
+
+def _png16(values):
+    buf = io.BytesIO()
+    Image.fromarray(values.astype("uint16")).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_16_bit_png_is_scaled_to_8_bit_not_clipped():
+    import numpy as np
+
+    ramp = np.tile(np.linspace(0, 65535, 64), (8, 1))
+    img = open_image(_png16(ramp))
+    pixels = np.asarray(img)[..., 0].astype(int)
+    assert img.mode == "RGB"
+    assert pixels[0, 0] == 0 and pixels[0, -1] == 255
+    assert abs(pixels[0, 32] - 255 * 32 / 63) <= 1  # mid-grey stays mid-grey (Pillow's convert made it 255)
+    dark = open_image(_png16(np.full((4, 4), 200)))  # a dark 16-bit image stays dark
+    assert np.asarray(dark).max() <= 1
+
+
+def test_an_exif_rotated_jpeg_is_decoded_upright():
+    import numpy as np
+
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue, right half red, as stored (landscape)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    img = open_image(buf.getvalue())
+    assert img.size == (20, 40)  # portrait, as a phone shows it
+    top, bottom = np.asarray(img)[5, 10], np.asarray(img)[35, 10]
+    assert top[2] > 200 and top[0] < 60, top  # the stored left (blue) side is on top after rotating clockwise
+    assert bottom[0] > 200 and bottom[2] < 60, bottom
