@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RMT_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RMT_", env_file=".env", extra="ignore", allow_inf_nan=False)
 
     data_dir: Path = Field(Path("./data"), description="Blob volume (uploads, artifacts, bases) and the embedded SQLite.")
     database_url: str = Field(
@@ -32,37 +32,54 @@ class Settings(BaseSettings):
     allow_insecure_bind: bool = Field(False, description="Allow binding a non-loopback address with no API keys.")
 
     # Upload limits
-    max_upload_bytes: int = Field(200 * 1024 * 1024, description="Cap on one create request's body.")
-    max_files: int = Field(2000, description="Cap on images per classifier.")
-    max_image_bytes: int = Field(20 * 1024 * 1024, description="Cap on one image file.")
-    max_image_pixels: int = Field(40_000_000, description="Decompression-bomb guard (width*height).")
-    max_classes: int = Field(1000, description="Cap on classes per classifier.")
-    max_label_length: int = Field(100, description="Cap on a label's length in characters.")
-    max_queued_jobs: int = Field(20, description="Per-tenant cap on queued+running jobs (429 beyond).")
+    max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Cap on one create request's body.")
+    max_files: int = Field(2000, gt=0, description="Cap on images per classifier.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Cap on one image file.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb guard (width*height).")
+    max_classes: int = Field(1000, gt=0, description="Cap on classes per classifier.")
+    max_label_length: int = Field(100, gt=0, description="Cap on a label's length in characters.")
+    max_request_pixels: int = Field(
+        1_000_000_000, gt=0, description="Cap on the decoded pixels of all images of one create request together.")
+    max_archive_members: int = Field(10_000, gt=0, description="Cap on the entries of an uploaded zip (files, "
+                                                                  "folders and skipped metadata together).")
+    max_classify_images: int = Field(64, gt=0, description="Cap on images in one classify request.")
+    max_classify_pixels: int = Field(
+        200_000_000, gt=0, description="Cap on the decoded pixels of all images of one classify request together.")
+    max_tune_steps: int = Field(
+        20_000, gt=0, description="Cap on one job's optimizer steps (epochs x batches, raised by min_steps); a "
+                                  "create asking for more answers 422.")
+    max_queued_jobs: int = Field(20, gt=0, description="Per-tenant cap on queued+running jobs (429 beyond).")
 
     # Tuning defaults (a create request's config overrides these)
     default_backbone: str = Field("rmt-world-vit", description="open_clip model name.")
     default_pretrained: str = Field("builtin", description="'builtin', a local checkpoint path, or an open_clip tag.")
+    allowed_backbones: str = Field(
+        "rmt-world-vit,rmt-tiny-vit,rmt-tiny-vit-wide",
+        description="Comma-separated backbones a create request may choose (default_backbone is always allowed).")
+    allowed_pretrained: str = Field(
+        "builtin,none", description="Comma-separated pretrained values a create request may choose ('none' = "
+                                    "random init; default_pretrained is always allowed). Checkpoint paths belong "
+                                    "here only if the operator trusts them: the worker loads them.")
     device: str = Field("auto", description="Worker torch device: auto | cpu | cuda | cuda:N.")
 
     # Jobs
     job_lease_seconds: int = Field(
-        30, description="A running job renews its lease every second; a lease expired on the database clock "
+        30, gt=0, description="A running job renews its lease every second; a lease expired on the database clock "
                         "means its worker is gone (crash, kill, freeze) and the job is recovered.")
-    job_time_limit_seconds: int = Field(6 * 3600, description="Hard limit for one tuning job.")
-    job_max_attempts: int = Field(3, description="Redeliveries after a worker crash before the job fails.")
+    job_time_limit_seconds: int = Field(6 * 3600, gt=0, description="Hard limit for one tuning job.")
+    job_max_attempts: int = Field(3, ge=1, description="Redeliveries after a worker crash before the job fails.")
     job_resend_seconds: float = Field(
-        30.0, description="A queued job no worker has started by then is sent to the broker again (a lost "
+        30.0, gt=0, description="A queued job no worker has started by then is sent to the broker again (a lost "
                           "message), then after 2x, 4x ... up to 10 minutes; duplicates are harmless.")
     job_retention_seconds: float = Field(
-        7 * 86400.0, description="Succeeded jobs are deleted this long after they finish (the classifier stays; "
+        7 * 86400.0, ge=0, description="Succeeded jobs are deleted this long after they finish (the classifier stays; "
                                  "failed and cancelled jobs stay with their classifier).")
 
     # Serving
-    classifier_cache_size: int = Field(8, description="ONNX Runtime sessions kept in the LRU.")
+    classifier_cache_size: int = Field(8, ge=1, description="ONNX Runtime sessions kept in the LRU.")
     ort_providers: str = Field("auto", description="auto | cpu | cuda")
-    batch_max_size: int = Field(32, description="Micro-batching: most images in one ORT call.")
-    batch_max_wait_ms: float = Field(2.0, description="Micro-batching: longest wait for more requests.")
+    batch_max_size: int = Field(32, ge=1, description="Micro-batching: most images in one ORT call.")
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Micro-batching: longest wait for more requests.")
 
     @field_validator("data_dir")
     @classmethod
@@ -82,6 +99,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"RMT_API_KEYS entry {pair.strip()!r} is not tenant:key")
             keys[key] = tenant
         return keys
+
+    def backbone_allow_list(self) -> list[str]:
+        names = [n.strip() for n in self.allowed_backbones.split(",") if n.strip()]
+        return list(dict.fromkeys([self.default_backbone, *names]))
+
+    def pretrained_allow_list(self) -> list[str | None]:
+        """Allowed ``pretrained`` values; None stands for 'none' (random init)."""
+        names = [n.strip() for n in self.allowed_pretrained.split(",") if n.strip()]
+        return list(dict.fromkeys([self.default_pretrained, *(None if n.lower() in ("none", "null") else n
+                                                              for n in names)]))
 
     @property
     def effective_database_url(self) -> str:
