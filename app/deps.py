@@ -4,7 +4,9 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from rmt_service.settings import Settings
@@ -60,6 +62,18 @@ def get_tenant(request: Request,
     if tenant is None:
         raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
     return tenant
+
+
+async def _database_unavailable(_: Request, exc: OperationalError) -> JSONResponse:
+    """The records database is down, or a lock was held past its timeout: retryable, and no raw error text."""
+    from .errors import error_response
+
+    return error_response(503, "database_unavailable", "the records database did not answer in time; retry "
+                                                       "shortly", headers={"Retry-After": "5"})
+
+
+def install_database_errors(app: FastAPI) -> None:
+    app.add_exception_handler(OperationalError, _database_unavailable)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

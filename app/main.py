@@ -15,6 +15,7 @@ from rmt_service.migrate import prepare, wait_until_ready
 from rmt_service.store import Store
 
 from .classifier_cache import ClassifierCache
+from .deps import install_database_errors
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics, MetricsMiddleware
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
                                       batch_max_size=settings.batch_max_size,
                                       batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics)
     install_error_handlers(app)
+    install_database_errors(app)
     for router in (health.router, classifiers.router, classify.router, jobs.router, ui.router):
         app.include_router(router)
     app.include_router(export.router)

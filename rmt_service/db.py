@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text,
                         create_engine, event)
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import FunctionElement
@@ -167,9 +167,9 @@ class Database:
     writers (WAL). On PostgreSQL writes use row locks / conditional updates under READ COMMITTED.
     """
 
-    def __init__(self, url: str, echo: bool = False, pool_size: int = 5):
+    def __init__(self, url: str, echo: bool = False, pool_size: int = 5, lock_timeout_s: float = 5.0):
         self.url = url
-        self.engine = make_engine(url, echo=echo, pool_size=pool_size)
+        self.engine = make_engine(url, echo=echo, pool_size=pool_size, lock_timeout_s=lock_timeout_s)
         self.dialect = self.engine.dialect.name
 
     @property
@@ -197,12 +197,16 @@ class Database:
         self.engine.dispose()
 
 
-def make_engine(url: str, echo: bool = False, pool_size: int = 5) -> Engine:
+def make_engine(url: str, echo: bool = False, pool_size: int = 5, lock_timeout_s: float = 5.0) -> Engine:
+    """An engine on which no statement waits for a lock longer than ``lock_timeout_s``: a process frozen
+    while holding one (SIGSTOP, a hung host) delays the others that long at most, then they get an error
+    (the API answers 503, retryable) instead of hanging a thread."""
+    lock_ms = max(1, int(lock_timeout_s * 1000))
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False},
+        engine = create_engine(url, echo=echo, connect_args={"timeout": lock_timeout_s, "check_same_thread": False},
                                pool_size=pool_size, max_overflow=20, pool_pre_ping=False)
 
         @event.listens_for(engine, "connect")
@@ -212,7 +216,7 @@ def make_engine(url: str, echo: bool = False, pool_size: int = 5) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={lock_ms}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -221,5 +225,16 @@ def make_engine(url: str, echo: bool = False, pool_size: int = 5) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
+    connect_args: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        # The server also ends a transaction left idle (its client frozen) and caps any statement. Options
+        # already in the URL (e.g. a search_path) are kept.
+        parsed = make_url(url)
+        options = " ".join(filter(None, [parsed.query.get("options", ""), f"-c lock_timeout={lock_ms}",
+                                         *PG_SESSION_OPTIONS]))
+        connect_args = {"connect_timeout": 5, "options": options}
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=pool_size, max_overflow=10,
-                         connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {})
+                         connect_args=connect_args)
+
+
+PG_SESSION_OPTIONS = ("-c statement_timeout=60000", "-c idle_in_transaction_session_timeout=60000")

@@ -56,6 +56,7 @@ def service_lock(db: Database) -> Iterator[None]:
         yield
         return
     with db.engine.connect() as conn:
+        conn.execute(text("SET lock_timeout = 0"))  # wait as long as another replica migrates
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
         conn.commit()
         try:
@@ -70,6 +71,8 @@ def _upgrade(db: Database) -> str:
     with db.engine.connect() as conn:
         conn = conn.execution_options(rmt_immediate=True)  # SQLite: BEGIN IMMEDIATE serialises migrators
         with conn.begin():
+            if db.dialect == "postgresql":
+                conn.execute(text("SET LOCAL statement_timeout = 0"))  # a migration may take long
             current = MigrationContext.configure(conn).get_current_revision()
             if current != head:
                 log.info("migrating the records database from %s to %s", current or "empty", head)

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     database_migrate: bool = Field(
         True, description="The API brings the database schema to head at start (under a database lock, so "
                           "replicas do not race); false where a one-shot `rmt migrate` step owns it.")
+    database_lock_timeout_seconds: float = Field(
+        5.0, description="Longest wait for a database lock; past it the request answers 503 (retryable) instead "
+                         "of hanging behind a frozen process.")
     broker_url: str = Field(
         "",
         description="Celery broker. Empty = embedded local broker (SQLite under data_dir); "

@@ -154,7 +154,7 @@ class Store:
 
     def __init__(self, settings: Settings, db: Database | None = None):
         self.settings = settings
-        self.db = db or Database(settings.effective_database_url)
+        self.db = db or Database(settings.effective_database_url, lock_timeout_s=settings.database_lock_timeout_seconds)
         self.blobs = BlobStore(settings.data_dir)
 
     def close(self) -> None:

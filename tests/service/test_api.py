@@ -406,3 +406,37 @@ def test_classify_serves_the_current_version(client, settings, tuned):
         assert client.get(f"/v1/classifiers/{cid}").json()["status"] == "ready"
     finally:
         store.close()
+
+
+def test_a_frozen_lock_holder_hangs_nothing(tmp_path, database_url, queue):
+    """A process frozen inside a write transaction (the old store's stuck flock): cancel answers 503 after the
+    lock timeout instead of waiting forever, and probes, reads and listings answer meanwhile."""
+    import time
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    from app.main import create_app
+    from rmt_service.db import Database, jobs
+
+    settings = make_settings(tmp_path / "d", database_url=database_url, database_lock_timeout_seconds=1)
+    with TestClient(create_app(settings, queue=queue)) as client:
+        files, data = upload_parts(per_class=1)
+        job_id = client.post("/v1/classifiers", files=files, data=data).json()["job_id"]
+        holder = Database(settings.effective_database_url)
+        try:
+            with holder.engine.connect() as conn:
+                conn = conn.execution_options(rmt_immediate=True)  # SQLite: the write lock
+                frozen = conn.begin()
+                conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())  # PostgreSQL: the row
+                started = time.monotonic()
+                _error(client.delete(f"/v1/jobs/{job_id}"), 503, "database_unavailable")
+                assert time.monotonic() - started < 5
+                assert client.get("/healthz").status_code == 200
+                assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+                assert client.get("/v1/classifiers").json()["total"] == 1
+                assert client.get("/metrics").status_code == 200
+                frozen.rollback()
+        finally:
+            holder.dispose()
+        assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
