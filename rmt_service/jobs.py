@@ -297,8 +297,10 @@ def sweep(db: Database, max_attempts: int, resend_s: float) -> tuple[dict[str, i
     return result, send
 
 
-def prune(db: Database, retention_s: float, batch: int = 1000) -> int:
+def prune(db: Database, retention_s: float, batch: int = 500) -> int:
     """Delete succeeded jobs finished more than ``retention_s`` ago (their classifier's version stays).
+
+    At most ``batch`` per call, so a sweep stays short while a backlog (after an upgrade) drains.
 
     Failed and cancelled jobs are kept while their classifier exists: they are its only explanation.
     """
