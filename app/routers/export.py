@@ -15,6 +15,8 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from rmt_service.store import Store
+
 from ..deps import StoreDep, TenantDep
 from .classifiers import _ERRORS, _ready_model, owned_classifier
 
@@ -59,13 +61,21 @@ Softmax over the logits gives the probabilities the service returns. Run it with
 """
 
 
-def model_onnx_path(model_dir: Path) -> Path:
-    """The self-contained ONNX model of a published classifier."""
-    return model_dir / "model.onnx"
+# Materialised models are rebuilt from base + mask + head on demand; keep the recent ones, within this size.
+MATERIALIZED_CACHE_BYTES = 4 << 30
 
 
-def write_bundle(model_dir: Path, classifier_id: str, name: str, out) -> None:
-    """Write the export zip for the published classifier in ``model_dir`` to the file object ``out``."""
+def model_onnx_path(store: Store, model_dir: Path) -> Path:
+    """The self-contained ONNX model of a published version: materialised from the shared base, the mask and
+    the head (labels, preprocessing and head in metadata_props) and cached; older versions' own model.onnx."""
+    from rmt_core.materialize import materialized_model_path
+
+    return materialized_model_path(model_dir, store.bases_dir, store.settings.data_dir / "cache" / "onnx",
+                                   MATERIALIZED_CACHE_BYTES)
+
+
+def write_bundle(model_dir: Path, onnx_path: Path, classifier_id: str, name: str, out) -> None:
+    """Write the export zip of the version in ``model_dir`` (model: ``onnx_path``) to the file object ``out``."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     labels = list(manifest["labels"])
     preprocess = dict(manifest["preprocess"])
@@ -77,7 +87,7 @@ def write_bundle(model_dir: Path, classifier_id: str, name: str, out) -> None:
                            method=manifest.get("method"), h=h, w=w, n=len(labels), example=EXAMPLE)
     with zipfile.ZipFile(out, "w") as zf:
         # float weights barely compress: store the model, deflate the small text files
-        zf.write(model_onnx_path(model_dir), "model.onnx", compress_type=zipfile.ZIP_STORED)
+        zf.write(onnx_path, "model.onnx", compress_type=zipfile.ZIP_STORED)
         for arcname, text in (("labels.txt", "\n".join(labels) + "\n"),
                               ("preprocess.json", json.dumps(preprocess, indent=2) + "\n"),
                               ("manifest.json", json.dumps(manifest, indent=2) + "\n"),
@@ -101,9 +111,10 @@ async def export_classifier(classifier_id: str, store: StoreDep, tenant: TenantD
     record = owned_classifier(store, classifier_id, tenant)
     model_dir = _ready_model(store, record)
     # built in a temporary file (unlinked already): the model may be hundreds of MB, never held in memory
+    onnx_path = await run_in_threadpool(model_onnx_path, store, model_dir)
     handle = tempfile.TemporaryFile()
     try:
-        await run_in_threadpool(write_bundle, model_dir, classifier_id, record.name, handle)
+        await run_in_threadpool(write_bundle, model_dir, onnx_path, classifier_id, record.name, handle)
         size = handle.tell()
         handle.seek(0)
     except BaseException:

@@ -40,6 +40,10 @@ def test_bundle_holds_model_labels_preprocessing_and_readme(bundle_bytes, tuned_
     assert {"size", "mean", "std", "interpolation", "resize_mode"} <= set(pre)
     model = onnx.load_from_string(zf.read("model.onnx"))
     assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == len(clf["labels"])
+    manifest = json.loads(zf.read("manifest.json"))
+    if manifest.get("base_id"):  # materialised from base + mask + head: the model describes itself
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(meta["labels"]) == clf["labels"] and json.loads(meta["preprocess"]) == manifest["preprocess"]
     readme = zf.read("README.md").decode()
     assert "```python" in readme and "onnxruntime" in readme
 
