@@ -51,6 +51,20 @@ def onnx_loader(providers: str = "auto") -> Loader:
     return load
 
 
+def served_loader(bases_dir: Path, providers: str = "auto") -> Loader:
+    """The service's loader: base + mask + head versions over one shared BaseRegistry (bases shared between
+    classifiers, released when the last one using them is collected), old model.onnx directories as they are."""
+    from rmt_core.runtime import BaseRegistry, load_classifier
+
+    registry = BaseRegistry(bases_dir, providers)
+
+    def load(classifier_id: str, version_dir: Path) -> Any:
+        return load_classifier(version_dir, registry=registry)
+
+    load.registry = registry  # type: ignore[attr-defined]  (for /readyz and tests: what is shared)
+    return load
+
+
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
     try:
         return asyncio.get_running_loop() is loop

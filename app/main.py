@@ -14,7 +14,7 @@ from rmt_service.settings import Settings
 from rmt_service.migrate import prepare, wait_until_ready
 from rmt_service.store import Store
 
-from .classifier_cache import ClassifierCache
+from .classifier_cache import ClassifierCache, served_loader
 from .deps import install_database_errors
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.queue = queue or JobQueue(settings)
     app.state.cache = ClassifierCache(settings.classifier_cache_size, providers=settings.ort_providers,
                                       batch_max_size=settings.batch_max_size,
-                                      batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics)
+                                      batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics,
+                                      loader=served_loader(store.bases_dir, settings.ort_providers))
     install_error_handlers(app)
     install_database_errors(app)
     for router in (health.router, classifiers.router, classify.router, jobs.router, ui.router):

@@ -26,6 +26,7 @@ MAGIC = b"RMT2"
 VERSION = 2
 LEGACY_MAGIC = b"RMTM"
 MASK_FILE = "mask.rmt"
+LEGACY_MASK_FILE = "mask.rmtm"  # what classifiers before the base+mask+head layout hold
 
 
 class MaskFileError(ValueError):

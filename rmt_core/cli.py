@@ -72,6 +72,8 @@ def cmd_tune(args) -> int:
     finally:
         bar.close()
     normal_permissions(tmp)
+    if (out.parent / "bases").is_dir():  # the shared encoder build_classifier keeps beside its output
+        normal_permissions(out.parent / "bases")
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -142,10 +144,10 @@ def score_test_set(model_dir: Path, samples: list, providers: str = "auto") -> d
 
 
 def open_classifier(model_dir: Path | str, providers: str = "auto"):
-    """The published classifier in ``model_dir``, for ONNX Runtime (no torch)."""
-    from .runtime import OnnxClassifier
+    """The published classifier in ``model_dir``, for ONNX Runtime (no torch); its base is found beside it."""
+    from .runtime import default_bases_dir, load_classifier
 
-    return OnnxClassifier(model_dir, providers=providers)
+    return load_classifier(model_dir, default_bases_dir(model_dir), providers=providers)
 
 
 def _print_info(manifest: dict, path: Path) -> None:
@@ -155,7 +157,9 @@ def _print_info(manifest: dict, path: Path) -> None:
     print(f"steps        {manifest['steps']} in {manifest['epochs']} epochs, {manifest.get('elapsed_s', '?')} s")
     print(f"sparsity     {manifest['sparsity']:.3f}% of {manifest['mask_entries']} mask entries masked out")
     print(f"mask file    {manifest['mask_bytes']} B (entropy bound {manifest['mask_entropy_bound_bytes']} B), "
-          f"model.onnx {manifest['onnx_bytes'] / 1e6:.1f} MB, parity {manifest['parity_max_abs_diff']:.2g}")
+          + (f"model.onnx {manifest['onnx_bytes'] / 1e6:.1f} MB" if "onnx_bytes" in manifest
+             else f"head {manifest.get('head_bytes', 0) / 1e3:.1f} kB on shared base {manifest.get('base_id')}")
+          + f", parity {manifest['parity_max_abs_diff']:.2g}")
     val = manifest.get("validation")
     if val and val.get("tuned_accuracy") is not None:
         print(f"validation   {val['n_holdout']} held-out images: zero-shot {val['zero_shot_accuracy']:.1%} -> "

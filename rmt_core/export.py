@@ -89,3 +89,30 @@ def check_parity(head: ClassifierHead, onnx_path: Path | str, batch: torch.Tenso
     if not diff <= atol:
         raise ExportParityError(f"ONNX Runtime differs from torch by {diff:.3g} (> {atol}) on class probabilities")
     return diff
+
+
+@torch.no_grad()
+def check_served_parity(model: nn.Module, version_dir: Path | str, bases_dir: Path | str,
+                        batch: torch.Tensor | None = None, atol: float = 1e-3, seed: int = 0) -> float:
+    """Serve ``version_dir`` the way the service will (shared base sessions, mask baked at load, numpy head)
+    and compare its class probabilities with ``model`` (image -> logits, masks baked) on one batch.
+
+    Returns max |dp|; raises ExportParityError when it exceeds ``atol``.
+    """
+    from .runtime import BaseRegistry, load_classifier
+
+    model = model.eval().cpu()
+    if batch is None:
+        size = model.visual.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        batch = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(seed))
+    expected = torch.softmax(model(batch.float()), dim=-1).numpy()
+    served = load_classifier(version_dir, bases_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False))
+    try:
+        got = served.run(batch.float().numpy())
+    finally:
+        served.close()
+    diff = float(np.abs(expected - got).max())
+    if not diff <= atol:
+        raise ExportParityError(f"the served classifier differs from torch by {diff:.3g} (> {atol}) on class probabilities")
+    return diff

@@ -1,11 +1,13 @@
-"""build_classifier: images in, a published classifier directory out (tune -> bake -> export -> report).
+"""build_classifier: images in, a published classifier directory out (candidates -> select -> write -> report).
 
-Directory layout (one classifier; the caller writes into a temp dir and renames it):
-    manifest.json   labels, backbone, method, settings, preprocessing, sparsity, sizes, validation
-    mask.rmtm       the learned mask: the source of truth (see artifact.py)
-    model.onnx      base weights x mask, baked; rebuilt from the two above by ``rebuild_onnx``
+Directory layout (one classifier version; the caller writes into a temp dir and renames it):
+    manifest.json   labels, backbone, method, settings, preprocessing, base_id, mask/head file names, validation
+    mask.rmt        the learned mask, when the published candidate uses one: the source of truth (artifact.py)
+    head.npz        the published head (features -> logits; rmt_core/head.py)
     report.json     training history and validation details
     curve.png       training curve;  confusion.png  holdout confusion matrix (when a holdout exists)
+The frozen encoder is not copied per classifier: it is the shared base ``bases_dir/<base_id>`` (base.py),
+exported once per backbone weights. A self-contained model.onnx is materialised on demand (materialize.py).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .artifact import atomic_write_bytes, entropy_bound_bytes, load_masks, save_masks
+from .artifact import MASK_FILE  # noqa: F401  (re-exported: the file name a version's mask has)
+from .artifact import LEGACY_MASK_FILE, atomic_write_bytes, entropy_bound_bytes, load_masks, write_version_files
 from .candidates import OnCandidate, has_holdout, run_candidates
 from .config import MIN_PER_CLASS_FOR_HOLDOUT, TuneConfig
 from .head import HEAD_FILE, Head
@@ -31,7 +34,6 @@ from .tuning import Progress, TuningCancelled  # noqa: F401  (re-exported for ca
 
 log = logging.getLogger(__name__)
 
-MASK_FILE = "mask.rmtm"
 REPORT_FILE = "report.json"
 
 
@@ -193,24 +195,27 @@ def _drop_masks(model) -> None:
 def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path | str,
                      progress: Callable[[Progress], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, device: str = "auto",
-                     on_candidate: OnCandidate | None = None) -> dict:
+                     on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None) -> dict:
     """Tune a classifier from ``samples`` = [(image path or PIL image, label), ...] into ``out_dir``.
 
     Candidates (zero-shot, a head fitted on frozen features, the mask-tuned encoder, a head on it) are
     judged on validation data and the best is published (rmt_core.candidates); ``on_candidate(name, head,
     uses_mask, accuracy)`` is called as each is ready, zero-shot and the head before tuning starts, so a
-    service can publish previews. Returns the manifest. Raises TuningCancelled, ValueError (bad input),
-    ExportParityError.
+    service can publish previews. The backbone's base is ensured in ``bases_dir`` (default: a ``bases``
+    folder beside ``out_dir``) before tuning. Returns the manifest. Raises TuningCancelled, ValueError (bad
+    input), ExportParityError (the served path disagrees with torch).
     """
     import torch
 
     from .backbones import encode_class_texts, load_backbone
-    from .export import check_parity, export_onnx
+    from .base import ensure_base
+    from .export import check_served_parity
     from .masking import bake_masks, mask_bits
     from .tuning import tune
 
     started = time.monotonic()
     out_dir = Path(out_dir)
+    bases_dir = Path(bases_dir) if bases_dir is not None else out_dir.parent / "bases"
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = validate_samples(samples)
     index = {label: i for i, label in enumerate(labels)}
@@ -224,6 +229,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
                              quick_gelu=config.quick_gelu_setting)
     preprocess = PreprocessConfig.from_dict(backbone.preprocess)
+    base = ensure_base(backbone, bases_dir)  # before tuning: the base is the untouched encoder
     text_features = encode_class_texts(backbone, labels, config.prompt_template)
     zero_shot = Head.zero_shot(text_features.cpu().numpy(), float(backbone.model.logit_scale.detach().exp()),
                                prompt_template=config.prompt_template)
@@ -242,20 +248,15 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                          train_indices=[position[id(s)] for s in train], held_indices=[position[id(s)] for s in held],
                          extra_warnings=[], started=started)
     result, published = run.tuning, run.published
-    head_bytes = published.head.save(out_dir / HEAD_FILE)
-
     bits = mask_bits(backbone.model) if published.uses_mask else {}
-    mask_bytes = 0
+    files = write_version_files(out_dir, base_id=base.base_id, head=published.head, masks=bits or None,
+                                meta={"backbone": config.backbone, "method": config.method})
     if published.uses_mask:
-        mask_bytes = save_masks(out_dir / MASK_FILE, bits, {"backbone": config.backbone, "method": config.method})
         bake_masks(backbone.model)
     else:
         _drop_masks(backbone.model)
     backbone.model.cpu()
     head = _published_model(backbone.model.visual, published.head)
-    export_onnx(head, out_dir / ONNX_FILE)
-    parity_batch = torch.from_numpy(held_batch[:4]) if held_batch is not None else None
-    parity = check_parity(head, out_dir / ONNX_FILE, parity_batch, atol=config.parity_atol, seed=config.seed)
 
     manifest = {
         "labels": labels,
@@ -265,16 +266,13 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         "config": config.to_dict(),
         "preprocess": preprocess.to_dict(),
         "candidate": published.name,
-        "head": published.head.summary(),
-        "head_bytes": head_bytes,
+        **files,  # base_id, mask_file, head_file, their sizes, head summary
         "quick_gelu": backbone.quick_gelu,
         "sparsity": result.sparsity if published.uses_mask else 0.0,
         "tuned_sparsity": result.sparsity if result is not None else None,
         "mask_entries": int(sum(b.size for b in bits.values())),
-        "mask_bytes": mask_bytes,
         "mask_entropy_bound_bytes": round(entropy_bound_bytes(bits), 1) if bits else 0.0,
-        "onnx_bytes": (out_dir / ONNX_FILE).stat().st_size,
-        "parity_max_abs_diff": parity,
+        "parity_max_abs_diff": None,
         "n_train": len(train),
         "schedule": config.schedule(len(train)),
         "steps": result.steps if result is not None else 0,
@@ -285,7 +283,11 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         "validation": None,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    write_json(out_dir / MANIFEST, manifest)  # the runtime reads it; validation is added below
+    write_json(out_dir / MANIFEST, manifest)  # the runtime reads it; parity and validation are added below
+    # what will be served (base sessions + mask baked at load + numpy head) against the tuned torch model
+    parity_batch = torch.from_numpy(held_batch[:4]) if held_batch is not None else None
+    manifest["parity_max_abs_diff"] = check_served_parity(head, out_dir, bases_dir, parity_batch,
+                                                          atol=config.parity_atol, seed=config.seed)
 
     history = result.history if result is not None else []
     validation = run.validation
@@ -305,19 +307,29 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     return manifest
 
 
-def rebuild_onnx(model_dir: Path | str, out_path: Path | str | None = None, device: str = "cpu") -> Path:
-    """Re-derive model.onnx from base weights + mask.rmtm (the mask is the source of truth)."""
+def rebuild_onnx(model_dir: Path | str, out_path: Path | str | None = None, device: str = "cpu",
+                 bases_dir: Path | str | None = None) -> Path:
+    """A self-contained model.onnx from the classifier's source of truth (base + mask + head).
+
+    Base+mask+head directories are materialised without torch (materialize.py; ``bases_dir`` defaults to
+    a ``bases`` folder beside the directory); old directories are re-exported from the backbone weights.
+    """
     from .backbones import encode_class_texts, load_backbone
     from .export import check_parity, export_onnx
     from .masking import apply_mask_bits
 
     model_dir = Path(model_dir)
     manifest = json.loads((model_dir / MANIFEST).read_text())
+    if manifest.get("base_id"):
+        from .materialize import materialize_onnx
+
+        bases_dir = Path(bases_dir) if bases_dir is not None else model_dir.parent / "bases"
+        return materialize_onnx(model_dir, bases_dir, Path(out_path) if out_path else model_dir / ONNX_FILE)
     config = TuneConfig.from_dict(manifest["config"])
     backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
                              quick_gelu=manifest.get("quick_gelu", config.quick_gelu_setting))
-    if (model_dir / MASK_FILE).is_file():  # a published candidate without a mask has no mask file
-        bits, _ = load_masks(model_dir / MASK_FILE)
+    if (model_dir / LEGACY_MASK_FILE).is_file():  # a published candidate without a mask has no mask file
+        bits, _ = load_masks(model_dir / LEGACY_MASK_FILE)
         apply_mask_bits(backbone.model, bits)
     if (model_dir / HEAD_FILE).is_file():
         head = _published_model(backbone.model.visual, Head.load(model_dir / HEAD_FILE))

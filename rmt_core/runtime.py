@@ -126,7 +126,8 @@ class OnnxClassifier:
 
 
 # ---- base + mask + head --------------------------------------------------------------------------------
-LEGACY_MASK_FILE = "mask.rmtm"
+from .artifact import LEGACY_MASK_FILE  # noqa: E402  (numpy-only module)
+
 _env_allocator = {"registered": None}
 
 
@@ -409,3 +410,13 @@ def load_classifier(version_dir: Path | str, bases_dir: Path | str | None = None
     elif bases_dir is not None and Path(bases_dir) != registry.bases_dir:
         raise ValueError(f"bases_dir {bases_dir} is not the registry's {registry.bases_dir}")
     return ServedClassifier(version_dir, registry)
+
+
+def default_bases_dir(version_dir: Path | str) -> Path:
+    """Where a version's base lives when nobody says: ``bases`` beside it (``rmt tune --out runs/clf`` puts
+    it in runs/bases), or the blob store's ``bases`` (versions/<id> and bases/<id> are siblings there)."""
+    version_dir = Path(version_dir).resolve()
+    for candidate in (version_dir.parent / "bases", version_dir.parent.parent / "bases"):
+        if candidate.is_dir():
+            return candidate
+    return version_dir.parent / "bases"

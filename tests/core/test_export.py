@@ -7,10 +7,13 @@ import torch
 
 from rmt_core.backbones import encode_class_texts
 from rmt_core.config import TuneConfig
-from rmt_core.export import ClassifierHead, ExportParityError, check_parity, export_onnx
+from rmt_core.artifact import write_version_files
+from rmt_core.base import ensure_base
+from rmt_core.export import ClassifierHead, ExportParityError, check_parity, check_served_parity, export_onnx
+from rmt_core.head import Head
 from rmt_core.masking import attach_masks, bake_masks, find_masks
 from rmt_core.pipeline import build_classifier, rebuild_onnx
-from rmt_core.runtime import OnnxClassifier, make_session
+from rmt_core.runtime import BaseRegistry, load_classifier, make_session
 from tests.core.toys import TOY_BACKBONES, colour_task, tiny
 
 LABELS = ["cat", "dog", "truck"]
@@ -63,27 +66,55 @@ def test_parity_check_catches_a_wrong_model(tmp_path):
         check_parity(head, tmp_path / "m.onnx")
 
 
-def test_build_classifier_writes_a_complete_directory_and_mask_rebuilds_it(tmp_path):
+def test_build_classifier_writes_base_mask_and_head_and_the_download_matches_what_is_served(tmp_path):
     samples = colour_task(n_per_class=6)
     config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=12, batch_size=8,
                         learning_rate=1e-3, holdout=0.34, select="mask")  # pinned: the mask path is under test
-    manifest = build_classifier(samples, config, tmp_path / "clf")
+    manifest = build_classifier(samples, config, tmp_path / "clf", bases_dir=tmp_path / "bases")
     files = {p.name for p in (tmp_path / "clf").iterdir()}
-    assert {"manifest.json", "mask.rmtm", "model.onnx", "report.json", "curve.png", "confusion.png"} <= files
+    assert {"manifest.json", "mask.rmt", "head.npz", "report.json", "curve.png", "confusion.png"} <= files
+    assert "model.onnx" not in files  # the encoder is the shared base, not a per-classifier copy
     assert json.loads((tmp_path / "clf" / "manifest.json").read_text()) == manifest
     assert manifest["labels"] == ["blue", "green", "red"]
     assert manifest["validation"]["n_holdout"] == 6
     assert manifest["n_train"] == 12
-    assert manifest["mask_bytes"] == (tmp_path / "clf" / "mask.rmtm").stat().st_size
+    assert manifest["mask_file"] == "mask.rmt" and manifest["head_file"] == "head.npz"
+    assert manifest["mask_bytes"] == (tmp_path / "clf" / "mask.rmt").stat().st_size
+    assert (tmp_path / "bases" / manifest["base_id"] / "base.onnx").is_file()
+    assert manifest["parity_max_abs_diff"] <= config.parity_atol
 
-    clf = OnnxClassifier(tmp_path / "clf", providers="cpu")
+    clf = load_classifier(tmp_path / "clf", tmp_path / "bases", BaseRegistry(tmp_path / "bases", "cpu"))
     images = [img for img, _ in samples[:5]]
     before = clf.classify(images, top_k=3)
-    rebuild_onnx(tmp_path / "clf", tmp_path / "rebuilt.onnx")
+    rebuild_onnx(tmp_path / "clf", tmp_path / "rebuilt.onnx", bases_dir=tmp_path / "bases")
     rebuilt = make_session(tmp_path / "rebuilt.onnx", "cpu")
     batch = np.stack([clf.preprocess(i) for i in images])
     np.testing.assert_allclose(rebuilt.run(None, {"image": batch})[0], clf.logits(batch), rtol=1e-5, atol=1e-5)
     assert [p[0]["label"] for p in before] == [p[0]["label"] for p in clf.classify(images, top_k=3)]
+
+    # a second classifier on the same backbone reuses the base: nothing new in bases/
+    build_classifier(samples, TuneConfig(**{**config.to_dict(), "select": "zero-shot"}), tmp_path / "zs",
+                     bases_dir=tmp_path / "bases")
+    assert [p.name for p in (tmp_path / "bases").iterdir()] == [manifest["base_id"]]
+    zs = load_classifier(tmp_path / "zs", tmp_path / "bases", BaseRegistry(tmp_path / "bases", "cpu"))
+    assert zs.own_sessions == 0 and not (tmp_path / "zs" / "mask.rmt").exists()
+
+
+def test_served_parity_check_catches_a_wrong_head(tmp_path):
+    backbone = tiny()
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+    scale = float(backbone.model.logit_scale.detach().exp())
+    base = ensure_base(backbone, tmp_path / "bases")
+    out = tmp_path / "v"
+    out.mkdir()
+    fields = write_version_files(out, base_id=base.base_id, head=Head.zero_shot(text.numpy(), scale))
+    (out / "manifest.json").write_text(json.dumps({"labels": LABELS, "preprocess": backbone.preprocess, **fields}))
+    model = ClassifierHead(backbone.model.visual, text, scale)
+    assert check_served_parity(model, out, tmp_path / "bases") < 1e-5
+    with torch.no_grad():
+        model.class_embeddings.mul_(-1)
+    with pytest.raises(ExportParityError, match="served"):
+        check_served_parity(model, out, tmp_path / "bases")
 
 
 def test_fewer_than_two_classes_is_refused(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from rmt_core.artifact import load_masks, write_version_files
 from rmt_core.backbones import encode_class_texts
-from rmt_core.base import BASE_JSON, ensure_base, fingerprint
+from rmt_core.base import BASE_JSON, architecture_of, ensure_base, fingerprint
 from rmt_core.export import ClassifierHead, export_onnx
 from rmt_core.head import Head
 from rmt_core.masking import apply_mask_bits, target_names
@@ -68,7 +68,8 @@ def world(tmp_path_factory):
 
 def test_base_is_exported_once_and_maps_every_maskable_weight(world):
     base, backbone = world["base"], world["backbone"]
-    assert base.base_id == fingerprint(backbone.model.visual)
+    assert base.base_id == fingerprint(backbone.model.visual, architecture_of(backbone))
+    assert base.base_id != fingerprint(backbone.model.visual, "rmt-tiny-vit-wide")
     stamp = (base.path / "base.onnx").stat().st_mtime_ns
     assert ensure_base(tiny(), world["bases"]).path == base.path  # same weights: reused, not rewritten
     assert (base.path / "base.onnx").stat().st_mtime_ns == stamp
