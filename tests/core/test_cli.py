@@ -77,10 +77,13 @@ def test_tune_on_a_train_test_tree_scores_the_test_split(tuned_split, capsys):
 
 
 def test_tune_output_has_ordinary_permissions(tuned_split):
-    out = tuned_split / "runs" / "clf"
-    assert out.stat().st_mode & 0o777 == 0o755
-    for path in out.iterdir():
-        assert path.stat().st_mode & 0o777 == 0o644, path.name
+    """Everything `rmt tune` leaves (the classifier and any shared base beside it) is 0755/0644 under umask 022."""
+    runs = tuned_split / "runs"
+    assert (runs / "clf").stat().st_mode & 0o777 == 0o755
+    found = list(runs.rglob("*"))
+    assert len(found) >= 4
+    for path in found:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
 
 
 def test_tune_split_tree_needs_test_classes_from_train(tmp_path):
