@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from rmt_core import __version__
+from rmt_core import config as tune_config
 from rmt_core.config import METHODS, TuneConfig
 from rmt_service.store import StoreError
 
@@ -40,7 +41,7 @@ _MEDIA = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 _ASSETS = {p.name: p for p in UI_DIR.iterdir() if p.is_file() and p.suffix in _MEDIA} if UI_DIR.is_dir() else {}
 # The TuneConfig fields the create form offers; the rest stay reachable through its "extra settings" JSON.
 _FORM_FIELDS = ("method", "epochs", "min_steps", "learning_rate", "batch_size", "holdout", "seed",
-                "prompt_template", "leak", "threshold")
+                "prompt_template", "leak", "threshold", "select", "unknown")
 
 router = APIRouter(tags=["ui"])
 
@@ -76,6 +77,7 @@ class ServiceInfo(BaseModel):
     version: str
     auth_required: bool = Field(description="True when requests need 'Authorization: Bearer <API key>'.")
     methods: list[str] = Field(description="Tuning methods a create may ask for (config.method).")
+    candidates: list[str] = Field(description="Models a create may pin with config.select (besides 'auto').")
     backbones: list[str] = Field(description="Backbones a create may ask for (config.backbone); the first is the default.")
     default_backbone: str
     defaults: dict[str, Any] = Field(description="TuneConfig defaults of the settings the web UI offers.")
@@ -97,6 +99,7 @@ def read_info(request: Request, settings: SettingsDep, _tenant: TenantDep) -> Se
     defaults = dataclasses.asdict(TuneConfig())
     return ServiceInfo(
         version=__version__, auth_required=bool(request.app.state.tenant_keys), methods=list(METHODS),
+        candidates=list(getattr(tune_config, "CANDIDATES", ())),
         backbones=allowed_backbones(settings), default_backbone=settings.default_backbone,
         defaults={k: defaults[k] for k in _FORM_FIELDS if k in defaults},
         limits=UploadLimits(max_files=settings.max_files, max_image_bytes=settings.max_image_bytes,

@@ -183,6 +183,11 @@ def test_create_watch_report_try_download_delete(serve, ui):
     model = onnx.load_from_string(open(got.value.path(), "rb").read())
     onnx.checker.check_model(model)
     assert got.value.suggested_filename == "shapes_from_the_browser.onnx"
+    with page.expect_download() as got:
+        page.get_by_role("button", name="Download export bundle (zip)").click()
+    with zipfile.ZipFile(got.value.path()) as bundle:
+        assert {"model.onnx", "labels.txt"} <= set(bundle.namelist())
+        assert set(bundle.read("labels.txt").decode().splitlines()) == {"red disc", "green square"}
     curl = page.locator("#snippet-curl").inner_text()
     assert f"/v1/classifiers/{classifier_id}/classify" in curl and "Authorization" not in curl
     assert f'"{classifier_id}"' in page.locator("#snippet-python").inner_text()
@@ -339,6 +344,8 @@ def test_a_zip_fills_the_classes_and_the_form_explains_mistakes(serve, ui):
     assert 'Class "bird" has no images yet.' in page.get_by_role("alert").inner_text()
     page.get_by_role("button", name="Remove this class").nth(2).click()
     page.get_by_text("Advanced settings").click()
+    assert page.locator("#cfg-select option").all_inner_texts() == [
+        "auto (best on validation)", "zero-shot", "head", "mask", "mask+head"]
     page.fill("#cfg-extra", "{not json")
     page.get_by_role("button", name="Train").click()
     assert "not valid JSON" in page.get_by_role("alert").inner_text()

@@ -161,6 +161,8 @@ export function createView(main, ctx) {
   const touched = (e) => { e.target.dataset.touched = "1"; };
   const epochs = h("input", { id: "cfg-epochs", name: "epochs", type: "number", min: "1", step: "1", oninput: touched });
   const advancedInputs = {};
+  const select = h("select", { id: "cfg-select", name: "select", onchange: (e) => { e.target.dataset.touched = "1"; } });
+  const unknown = h("input", { id: "cfg-unknown", name: "unknown", type: "checkbox" });
   const extra = h("textarea", { id: "cfg-extra", rows: "3", spellcheck: "false", placeholder: '{"leak": 0.5}' });
   const advanced = h("details", { class: "advanced" }, h("summary", {}, "Advanced settings"),
     h("div", { class: "grid2" }, ADVANCED.map(([field, label, type, step, help]) => {
@@ -169,15 +171,28 @@ export function createView(main, ctx) {
       return h("div", { class: "field" }, h("label", { for: `cfg-${field}` }, label), input,
         help ? h("small", { id: `help-${field}`, class: "muted" }, help) : null);
     })),
+    h("div", { class: "grid2" },
+      h("div", { class: "field" }, h("label", { for: "cfg-select" }, "Model to publish"), select,
+        h("small", { class: "muted" }, "auto: the best candidate on validation images (ties go to the simpler one).")),
+      h("div", { class: "field check" }, unknown, h("label", { for: "cfg-unknown" }, "Answer “unknown” when unsure"),
+        h("small", { class: "muted" }, "A minimum score is chosen on validation images; below it classify says unknown."))),
     h("div", { class: "field" }, h("label", { for: "cfg-extra" }, "Extra settings (JSON object, merged last)"), extra));
 
   function fillSettings() {
     const chosen = method.dataset.touched ? method.value : info.defaults.method;
     replace(method, info.methods.map((m) => h("option", { value: m, selected: m === chosen }, m)));
     const backbones = info.backbones.length ? info.backbones : [];
-    replace(backbone, backbones.length ? backbones.map((b) => h("option", { value: b }, b))
+    const chosenBackbone = backbone.value;
+    replace(backbone, backbones.length ? backbones.map((b) => h("option", { value: b, selected: b === chosenBackbone }, b))
       : [h("option", { value: "" }, "server default")]);
     if (!epochs.dataset.touched) epochs.value = info.defaults.epochs ?? 30;
+    const candidates = info.candidates || [];
+    select.closest(".field").hidden = !candidates.length;  // an older server: no selection to pin
+    unknown.closest(".field").hidden = !("unknown" in info.defaults);
+    if (!select.dataset.touched) {
+      replace(select, ["auto", ...candidates].map((c) => h("option", { value: c, selected: c === (info.defaults.select || "auto") },
+        c === "auto" ? "auto (best on validation)" : c)));
+    }
     for (const [field, input] of Object.entries(advancedInputs)) {
       const d = info.defaults[field];
       input.placeholder = d === undefined ? "" : String(d);
@@ -193,6 +208,8 @@ export function createView(main, ctx) {
       if (input.value.trim() === "") continue;
       config[field] = input.type === "number" ? parse(field, input.value) : input.value;
     }
+    if (select.value && select.value !== "auto" && !select.closest(".field").hidden) config.select = select.value;
+    if (unknown.checked) config.unknown = true;
     if (extra.value.trim()) {
       let more;
       try { more = JSON.parse(extra.value); } catch (exc) { throw new Error(`Extra settings are not valid JSON: ${exc.message}`); }
