@@ -92,8 +92,10 @@ def test_create_watch_report_try_download_delete(serve, ui):
     page.get_by_text("No classifiers yet.").wait_for()
     ui.shot("empty-list")
 
-    page.get_by_role("link", name="New classifier").first.click()
+    page.get_by_role("link", name="New classifier").first.focus()
+    page.keyboard.press("Enter")  # keyboard only: the new page's heading takes the focus
     page.get_by_role("heading", name="New classifier").wait_for()
+    assert page.evaluate("() => document.activeElement.tagName") == "H1"
     page.fill("#clf-name", "shapes from the browser")
     page.fill("#class-label-1", "red disc")
     page.fill("#class-label-2", "green square")
@@ -350,5 +352,9 @@ def test_a_zip_fills_the_classes_and_the_form_explains_mistakes(serve, ui):
     page.get_by_role("button", name="Train").click()
     assert "not valid JSON" in page.get_by_role("alert").inner_text()
     ui.shot("form-errors")
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input:not([type=file]), select, textarea, button')]
+        .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
+        .map((el) => el.outerHTML.slice(0, 80))""")
+    assert not unlabelled, f"controls without an accessible name: {unlabelled}"
     with serve.http() as http:
         assert http.get("/v1/classifiers").json()["total"] == 0  # nothing was sent

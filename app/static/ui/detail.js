@@ -269,7 +269,7 @@ export function detailView(main, ctx, id) {
     const camera = h("button", { type: "button", id: "camera-button", onclick: toggleCamera,
       hidden: !(navigator.mediaDevices && navigator.mediaDevices.getUserMedia) }, "Use webcam");
     let stream = null;
-    const zone = h("div", { class: "drop try-drop", id: "try-drop", tabindex: "0", "aria-label": "Drop or paste an image to classify" },
+    const zone = h("div", { class: "drop try-drop", id: "try-drop", "aria-label": "Drop or paste an image to classify" },
       h("p", { class: "muted" }, "Drop an image here, paste one (Ctrl+V), or ", pick), picker,
       h("div", { class: "row" }, camera, snap), video);
     zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
