@@ -64,9 +64,14 @@ def get_tenant(request: Request,
     return tenant
 
 
-async def _database_unavailable(_: Request, exc: OperationalError) -> JSONResponse:
+async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
     """The records database is down, or a lock was held past its timeout: retryable, and no raw error text."""
-    from .errors import error_response
+    from rmt_service.faults import disk_full
+
+    from .errors import _api_error, error_response, no_space_error
+
+    if disk_full(exc):  # SQLite's file or PostgreSQL's volume is full: 507, like a full blob volume
+        return await _api_error(request, no_space_error())
 
     return error_response(503, "database_unavailable", "the records database did not answer in time; retry "
                                                        "shortly", headers={"Retry-After": "5"})

@@ -7,6 +7,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from rmt_service.faults import NO_SPACE_MESSAGE, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "invalid_request", 429: "too_many_requests",
-               503: "unavailable"}
+               503: "unavailable", 507: "insufficient_storage"}
 
 
 def _field(loc: tuple) -> str:
@@ -62,8 +65,35 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", "internal server error; the server log has the details")
 
 
+def no_space_error() -> ApiError:
+    return ApiError(507, "no_space", f"{NO_SPACE_MESSAGE}; nothing was stored. Retry once the operator has "
+                                     "freed space", headers={"Retry-After": "60"})
+
+
+async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+    """A full disk answers 507 (the create stored nothing); any other OSError is an internal error."""
+    if disk_full(exc):
+        log.error("no space left on the data volume during %s %s", request.method, request.url.path, exc_info=exc)
+        return await _api_error(request, no_space_error())
+    return await _unexpected(request, exc)
+
+
+def upload_interrupted() -> ApiError:
+    return ApiError(503, "upload_interrupted", "the upload was cut off before it was complete (the connection "
+                                               "dropped or the server is restarting); nothing was stored, retry",
+                    headers={"Retry-After": "5"})
+
+
+async def _client_disconnect(request: Request, _: ClientDisconnect) -> JSONResponse:
+    """The body stopped arriving: a retryable 503, never a misleading 4xx about the truncated content."""
+    log.info("request body cut off: %s %s", request.method, request.url.path)
+    return await _api_error(request, upload_interrupted())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OSError, _os_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _unexpected)

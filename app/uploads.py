@@ -17,21 +17,20 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from rmt_core.config import TuneConfig
 from rmt_core.images import InvalidImage, open_image
 from rmt_service.settings import Settings
 from rmt_service.store import Sample
 
-from .errors import ApiError
+from .errors import ApiError, upload_interrupted
 
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 _IMAGE_ERRORS = {"empty": (400, "empty_file"), "not_an_image": (415, "not_an_image"),
                  "corrupt": (415, "corrupt_image"), "too_many_pixels": (413, "too_many_pixels")}
-# Operators may pin another checkpoint through RMT_DEFAULT_PRETRAINED; users choose only among these,
-# because a checkpoint path from a request would make the worker read (and unpickle) arbitrary files.
-_USER_PRETRAINED = {None, "builtin"}
 MAX_NAME_LENGTH = 200
+MAX_CONFIG_CHARS = 16_384
 
 
 @dataclass
@@ -46,15 +45,35 @@ def image_error(exc: InvalidImage, what: str) -> ApiError:
     return ApiError(status, code, f"{what}: {exc}")
 
 
-def decode_image(data: bytes, settings: Settings, what: str) -> Image.Image:
+class PixelBudget:
+    """Decoded pixels left for one request (per-image limits alone let 2,000 40-megapixel images through)."""
+
+    def __init__(self, limit: int, setting: str):
+        self.limit, self.left, self.setting = limit, limit, setting
+
+    def spend(self, image: Image.Image, what: str) -> None:
+        self.left -= image.width * image.height
+        if self.left < 0:
+            raise ApiError(413, "too_many_pixels", f"the images of this request decode to more than {self.limit} "
+                                                   f"pixels together ({self.setting}); {what} went over")
+
+
+def decode_image(data: bytes, settings: Settings, what: str, budget: PixelBudget | None = None) -> Image.Image:
     """Fully decoded RGB image, or the ApiError a client should see."""
     if len(data) > settings.max_image_bytes:
         raise ApiError(413, "image_too_large",
                        f"{what} is {len(data)} bytes; the limit is {settings.max_image_bytes} (RMT_MAX_IMAGE_BYTES)")
+    max_pixels = settings.max_image_pixels if budget is None else min(settings.max_image_pixels, max(budget.left, 1))
     try:
-        return open_image(data, max_pixels=settings.max_image_pixels, name=what)
+        image = open_image(data, max_pixels=max_pixels, name=what)
     except InvalidImage as exc:
+        if exc.code == "too_many_pixels" and budget is not None and max_pixels < settings.max_image_pixels:
+            raise ApiError(413, "too_many_pixels", f"the images of this request decode to more than {budget.limit} "
+                                                   f"pixels together ({budget.setting}); {what} went over") from None
         raise image_error(exc, what) from None
+    if budget is not None:
+        budget.spend(image, what)
+    return image
 
 
 def image_extension(data: bytes) -> str:
@@ -85,6 +104,8 @@ async def read_form(request: Request, settings: Settings, max_files: int) -> For
                        f"expected multipart/form-data, got {content_type or 'no Content-Type'}")
     try:
         return await request.form(max_files=max_files, max_fields=max_files + 64, max_part_size=1024 * 1024)
+    except ClientDisconnect:  # the body stopped arriving (client gone, or a server shutdown cut it): retryable
+        raise upload_interrupted() from None
     except StarletteHTTPException as exc:  # starlette turns multipart limit and syntax errors into 400s
         detail = str(exc.detail)
         if "Too many files" in detail or "Too many fields" in detail:
@@ -103,21 +124,57 @@ def parse_config(raw: str | None, settings: Settings) -> dict[str, Any]:
     """The request's config JSON over the operator's defaults, validated by TuneConfig."""
     values: dict[str, Any] = {"backbone": settings.default_backbone, "pretrained": settings.default_pretrained}
     if raw is not None and raw.strip():
+        if len(raw) > MAX_CONFIG_CHARS:
+            raise ApiError(422, "invalid_config", f"config is {len(raw)} characters; the limit is {MAX_CONFIG_CHARS}")
         try:
-            user = json.loads(raw)
+            user = json.loads(raw, parse_constant=_no_constants)
         except json.JSONDecodeError as exc:
-            raise ApiError(422, "invalid_config", f"config is not valid JSON: {exc}") from None
+            raise ApiError(422, "invalid_config", f"config is not valid JSON: {exc.msg} at character {exc.pos}") \
+                from None
+        except ValueError as exc:  # NaN / Infinity
+            raise ApiError(422, "invalid_config", f"config: {exc}") from None
         if not isinstance(user, dict):
             raise ApiError(422, "invalid_config", "config must be a JSON object")
-        if "pretrained" in user and user["pretrained"] not in _USER_PRETRAINED | {settings.default_pretrained}:
-            raise ApiError(422, "invalid_config",
-                           f"config.pretrained={user['pretrained']!r}: choose 'builtin' or null; other checkpoints "
-                           "are set by the operator (RMT_DEFAULT_PRETRAINED)")
         values.update(user)
+    _check_allowed(values, settings)
     try:
         return TuneConfig.from_dict(values).to_dict()
     except ValueError as exc:
         raise ApiError(422, "invalid_config", f"config: {exc}") from None
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a config may hold; use finite numbers")
+
+
+def _check_allowed(values: dict[str, Any], settings: Settings) -> None:
+    """backbone and pretrained come from the operator's allow-lists: a request never names a file the worker
+    would read (and unpickle), nor a model it cannot load, and an unknown one fails here, not a minute later."""
+    backbones = settings.backbone_allow_list()
+    if values.get("backbone") not in backbones:
+        raise ApiError(422, "invalid_config", f"config.backbone={values.get('backbone')!r} is not offered here; "
+                                              f"choose one of {', '.join(backbones)} (RMT_ALLOWED_BACKBONES)")
+    allowed = settings.pretrained_allow_list()
+    if values.get("pretrained") not in allowed:
+        shown = ", ".join("null" if p is None else repr(p) for p in allowed)
+        raise ApiError(422, "invalid_config", f"config.pretrained={values.get('pretrained')!r} is not offered here; "
+                                              f"choose one of {shown} (RMT_ALLOWED_PRETRAINED)")
+
+
+def check_schedule(config: dict[str, Any], samples: list[Sample], settings: Settings) -> None:
+    """Epochs x batches (raised by min_steps) within RMT_MAX_TUNE_STEPS: each field alone is bounded, their
+    product with the upload's size is what costs GPU time."""
+    counts: dict[str, int] = {}
+    for sample in samples:
+        counts[sample.label] = counts.get(sample.label, 0) + 1
+    tune = TuneConfig.from_dict(config)
+    plan = tune.schedule(list(counts.values()))
+    if plan["total_steps"] > settings.max_tune_steps:
+        raise ApiError(422, "too_much_work",
+                       f"config asks for {plan['total_steps']} optimizer steps ({plan['epochs']} epochs x "
+                       f"{plan['steps_per_epoch']} batches of {tune.batch_size} from {plan['n_train']} training "
+                       f"images); the limit is {settings.max_tune_steps} (RMT_MAX_TUNE_STEPS). Lower epochs or "
+                       "min_steps, or raise batch_size")
 
 
 async def parse_create(request: Request, settings: Settings) -> CreateRequest:
@@ -150,6 +207,7 @@ async def parse_create(request: Request, settings: Settings) -> CreateRequest:
             raise ApiError(400, "no_images", "no images: send repeated 'files' parts with a parallel 'labels' "
                                              "field, or one 'archive' zip with a folder per class")
         _check_classes(samples, settings)
+        check_schedule(config, samples, settings)
         return CreateRequest(name=name, config=config, samples=samples)
     finally:
         await form.close()
@@ -177,8 +235,9 @@ async def _samples_from_files(files: list, labels: list, settings: Settings) -> 
 
 def _validate_images(samples: list[Sample], settings: Settings) -> None:
     """Decode every image (off the event loop); the first bad one rejects the whole request."""
+    budget = PixelBudget(settings.max_request_pixels, "RMT_MAX_REQUEST_PIXELS")
     for i, sample in enumerate(samples):
-        decode_image(sample.data, settings, f"files[{i}] ({sample.original_name})")
+        decode_image(sample.data, settings, f"files[{i}] ({sample.original_name})", budget)
         sample.ext = image_extension(sample.data)
 
 
@@ -209,8 +268,13 @@ def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
         raise ApiError(400, "bad_archive", "archive is not a readable zip file") from None
     with zf:
+        members = zf.infolist()
+        if len(members) > settings.max_archive_members:
+            raise ApiError(413, "too_many_files", f"archive has {len(members)} entries; the limit is "
+                                                  f"{settings.max_archive_members} (RMT_MAX_ARCHIVE_MEMBERS)")
+        budget = PixelBudget(settings.max_request_pixels, "RMT_MAX_REQUEST_PIXELS")
         entries = []  # (info, path parts), hidden files and macOS metadata left out
-        for info in zf.infolist():
+        for info in members:
             if _unsafe_member(info.filename):
                 raise ApiError(400, "unsafe_archive_path",
                                f"archive member {_display_name(info.filename)!r} is an absolute path or climbs out "
@@ -231,7 +295,7 @@ def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
             raise ApiError(400, "archive_layout",
                            f"archive file {_display_name(loose[0])!r} is not inside a class folder; "
                            "put each class's images in a top-level folder named after the class")
-        total = 0
+        total = extracted = 0
         samples = []
         for info, parts in files:
             what = f"archive member {_display_name(info.filename)!r}"
@@ -247,12 +311,17 @@ def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
             try:
                 with zf.open(info) as fh:
                     content = fh.read(settings.max_image_bytes + 1)  # never trust the declared size
-            except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as exc:
-                raise ApiError(400, "bad_archive", f"{what} cannot be extracted: {exc}") from None
+            except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError, RuntimeError):
+                raise ApiError(400, "bad_archive", f"{what} cannot be extracted: it is corrupt, encrypted or "
+                                                   "compressed with a method other than deflate") from None
             if len(content) > settings.max_image_bytes:
                 raise ApiError(413, "image_too_large", f"{what} is larger than {settings.max_image_bytes} bytes")
+            extracted += len(content)  # what it really expanded to: declared sizes can lie
+            if extracted > settings.max_upload_bytes:
+                raise ApiError(413, "payload_too_large",
+                               f"archive expands past {settings.max_upload_bytes} bytes (RMT_MAX_UPLOAD_BYTES)")
             label = clean_label(parts[0], settings, f"archive folder {_display_name(parts[0])!r}")
-            decode_image(content, settings, what)
+            decode_image(content, settings, what, budget)
             samples.append(Sample(data=content, label=label, ext=image_extension(content),
                                   original_name=_display_name("/".join(parts))))
         with_images = {parts[0] for _, parts in files}

@@ -40,9 +40,10 @@ def open_image(data: bytes, max_pixels: int = 40_000_000, name: str = "image") -
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         if isinstance(exc, UnidentifiedImageError):
             raise InvalidImage("not_an_image", f"{name} is not an image Pillow can read") from None
-        raise InvalidImage("too_many_pixels", f"{name}: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImage("corrupt", f"{name} is truncated or corrupt: {exc}") from None
+        raise InvalidImage("too_many_pixels", f"{name} has more pixels than the limit of {max_pixels}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # the decoder's own text stays in the log
+        log.debug("%s does not decode: %r", name, exc)
+        raise InvalidImage("corrupt", f"{name} is truncated or corrupt") from None
     img = _upright(img)
     if img.mode.startswith("I") or img.mode == "F":  # 16-bit (and 32-bit) grey: scale, do not clip at 255
         img = _to_8bit(img)

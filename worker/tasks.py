@@ -8,7 +8,6 @@ while this worker still holds the lease (one job, one publish).
 """
 from __future__ import annotations
 
-import errno
 import inspect
 import logging
 import threading
@@ -20,6 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from rmt_core.config import TuneConfig
 from rmt_service.jobs import new_owner
+from rmt_service.faults import job_error
 from rmt_service.settings import Settings
 from rmt_service.store import Store, StoreError
 
@@ -145,10 +145,8 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
         log.exception("job %s failed", job_id)
         if store.get_classifier(job.classifier_id) is None:
             error = {"code": "classifier_deleted", "message": "the classifier was deleted during tuning"}
-        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            error = {"code": "no_space", "message": "no space left on the data volume; free space and retry"}
-        else:
-            error = {"code": "tuning_failed", "message": f"{type(exc).__name__}: {exc}"}
+        else:  # a fixed message per kind of fault (disk full, out of memory, ...): no paths or raw text
+            error = job_error(exc)
         store.finish_job(job_id, owner, "failed", error)
         return "failed"
     finally:

@@ -1,6 +1,8 @@
 """POST /v1/classifiers/{id}/classify: one image or a batch, through the cache and the micro-batcher."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -12,10 +14,11 @@ from rmt_service.settings import Settings
 from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import Classification, ClassifyResponse, multipart_body
-from ..uploads import decode_image, read_form
+from ..uploads import PixelBudget, decode_image, read_form
 from .classifiers import _ERRORS, _ready_model, owned_classifier
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classify"])
+log = logging.getLogger(__name__)
 
 _CLASSIFY_BODY = multipart_body({
     "file": {"type": "string", "format": "binary", "description": "One image."},
@@ -25,8 +28,9 @@ _CLASSIFY_BODY = multipart_body({
 
 
 def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, settings: Settings) -> np.ndarray:
-    """Decode and preprocess off the event loop; any bad image rejects the request."""
-    return np.stack([classifier.preprocess(decode_image(data, settings, what)) for data, what in blobs])
+    """Decode and preprocess off the event loop; any bad image (or too many pixels in all) rejects the request."""
+    budget = PixelBudget(settings.max_classify_pixels, "RMT_MAX_CLASSIFY_PIXELS")
+    return np.stack([classifier.preprocess(decode_image(data, settings, what, budget)) for data, what in blobs])
 
 
 @router.post("/{classifier_id}/classify", response_model=ClassifyResponse,
@@ -38,7 +42,7 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
     """Classify one image (`file`) or a batch (`files`) with a ready classifier."""
     # The records database is read in the threadpool: never a blocking query on the event loop.
     model_dir = await run_in_threadpool(lambda: _ready_model(store, owned_classifier(store, classifier_id, tenant)))
-    form = await read_form(request, settings, max_files=settings.max_files)
+    form = await read_form(request, settings, max_files=settings.max_classify_images + 1)
     try:
         single, batch = form.getlist("file"), form.getlist("files")
         if (single and batch) or len(single) > 1:
@@ -46,6 +50,9 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
         parts = single or batch
         if not parts:
             raise ApiError(400, "no_images", "no image: send a 'file' part (or repeated 'files' parts)")
+        if len(parts) > settings.max_classify_images:
+            raise ApiError(413, "too_many_files", f"{len(parts)} images; one classify request takes at most "
+                                                  f"{settings.max_classify_images} (RMT_MAX_CLASSIFY_IMAGES)")
         blobs, names = [], []
         for i, part in enumerate(parts):
             what = "file" if single else f"files[{i}]"
@@ -56,14 +63,12 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
             names.append(part.filename)
     finally:
         await form.close()
-    try:
+    try:  # the cache serves the version model_dir names: a newer published version replaces the cached one
         entry = await cache.get(classifier_id, model_dir)
-        loaded_from = getattr(entry.classifier, "model_dir", model_dir)
-        if loaded_from != model_dir:  # a newer version (a final after a preview) was published since it loaded
-            cache.evict(classifier_id)
-            entry = await cache.get(classifier_id, model_dir)
-    except (OSError, ValueError, RuntimeError) as exc:  # unreadable or incompatible artifact
-        raise ApiError(500, "model_load_failed", f"classifier {classifier_id} could not be loaded: {exc}") from None
+    except (OSError, ValueError, RuntimeError):  # unreadable or incompatible artifact: details in the log only
+        log.exception("classifier %s (%s) could not be loaded", classifier_id, model_dir)
+        raise ApiError(500, "model_load_failed", f"classifier {classifier_id} could not be loaded; the operator "
+                                                 "can find the details in the server log") from None
     arrays = await run_in_threadpool(_prepare, blobs, entry.classifier, settings)
     probs = await entry.batcher.submit(arrays)
     metrics.classified.inc(len(blobs))
