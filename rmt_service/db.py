@@ -145,7 +145,7 @@ class db_now(FunctionElement):
 
 @compiles(db_now, "postgresql")
 def _pg_now(element, compiler, **kw) -> str:
-    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+    return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"  # stable within a statement
 
 
 @compiles(db_now, "sqlite")

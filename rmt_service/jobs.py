@@ -260,11 +260,14 @@ def sweep(db: Database, max_attempts: int, resend_s: float) -> tuple[dict[str, i
     result = {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0}
     send: list[str] = []
     with db.read() as conn:
+        # The database's time as a plain value: an index bound (a volatile clock function in the WHERE clause
+        # would be evaluated row by row instead).
+        now = float(conn.execute(select(db_now())).scalar_one())
         expired = conn.execute(select(jobs.c.id, jobs.c.lease_owner, jobs.c.attempts, jobs.c.cancel_requested)
-                               .where(jobs.c.status == "running", jobs.c.lease_expires_at < db_now())
+                               .where(jobs.c.status == "running", jobs.c.lease_expires_at < now)
                                .limit(SWEEP_BATCH)).all()
         forgotten = conn.execute(select(jobs.c.id, jobs.c.sends)
-                                 .where(jobs.c.status == "queued", jobs.c.resend_at < db_now())
+                                 .where(jobs.c.status == "queued", jobs.c.resend_at < now)
                                  .limit(SWEEP_BATCH)).all()
     for row in expired:
         now = db_now()
@@ -304,10 +307,13 @@ def prune(db: Database, retention_s: float, batch: int = 500) -> int:
 
     Failed and cancelled jobs are kept while their classifier exists: they are its only explanation.
     """
-    with db.write() as conn:
-        ids = select(jobs.c.id).where(jobs.c.status == "succeeded",
-                                      jobs.c.finished_at < db_now() - retention_s).limit(batch)
-        removed = conn.execute(delete(jobs).where(jobs.c.id.in_(ids.scalar_subquery()),
-                                                  jobs.c.status == "succeeded")).rowcount
+    with db.read() as conn:  # an index range on (status, finished_at); an empty one costs nothing
+        cutoff = float(conn.execute(select(db_now())).scalar_one()) - retention_s
+        ids = conn.execute(select(jobs.c.id).where(jobs.c.status == "succeeded", jobs.c.finished_at < cutoff)
+                           .limit(batch)).scalars().all()
+    if not ids:
+        return 0
+    with db.write() as conn:  # by primary key (a sub-select here made PostgreSQL scan the whole table)
+        removed = conn.execute(delete(jobs).where(jobs.c.id.in_(ids), jobs.c.status == "succeeded")).rowcount
         _bump(conn, "succeeded", None, removed)
     return removed
