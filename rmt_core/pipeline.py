@@ -248,6 +248,10 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                          train_indices=[position[id(s)] for s in train], held_indices=[position[id(s)] for s in held],
                          extra_warnings=[], started=started)
     result, published = run.tuning, run.published
+    if result is None and progress is not None:  # the mask was not tuned (nothing could judge it): say we're done
+        progress(Progress(step=0, total_steps=0, epoch=0, epochs=0, loss=0.0, train_accuracy=0.0, sparsity=0.0,
+                          elapsed_s=time.monotonic() - started, eta_seconds=0.0,
+                          eta_basis="not tuned: too few images per class to judge a mask"))
     bits = mask_bits(backbone.model) if published.uses_mask else {}
     files = write_version_files(out_dir, base_id=base.base_id, head=published.head, masks=bits or None,
                                 meta={"backbone": config.backbone, "method": config.method})

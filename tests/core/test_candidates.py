@@ -220,3 +220,18 @@ def test_a_failing_preview_hook_does_not_fail_the_build():
     chosen, report = sel.finish()
     assert chosen.name in ("zero-shot", "head")
     assert any("preview could not be published" in w for w in report["warnings"])
+
+
+def test_without_a_holdout_the_build_skips_tuning_and_says_so(tmp_path):
+    from rmt_core.pipeline import build_classifier
+    from tests.core.toys import colour_task
+
+    samples = colour_task(n_per_class=3)
+    seen = []
+    manifest = build_classifier(samples, TuneConfig(backbone="rmt-tiny-vit", pretrained=None, min_steps=50),
+                                tmp_path / "small", progress=seen.append)
+    v = manifest["validation"]
+    assert v["validated_by"]["method"] == "leave-one-out" and v["validated_by"]["n"] == 9 and v["n_holdout"] == 0
+    assert {r["name"] for r in v["candidates"]} == {"zero-shot", "head"} and manifest["steps"] == 0
+    assert any("too few images to validate" in w for w in manifest["warnings"])
+    assert len(seen) == 1 and seen[0].total_steps == 0 and seen[0].eta_seconds == 0
