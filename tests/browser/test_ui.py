@@ -325,6 +325,8 @@ def test_a_zip_fills_the_classes_and_the_form_explains_mistakes(serve, ui):
             zf.writestr(f"pets/dog/{i}.png", f["buffer"], compress_type=zipfile.ZIP_STORED)
         zf.writestr("pets/dog/.DS_Store", b"junk")
         zf.writestr("__MACOSX/pets/cat/._0.png", b"junk")
+    with serve.http() as http:
+        before = http.get("/v1/classifiers").json()["total"]
     page = ui.page
     page.goto(serve.base + "/#/new")
     page.set_input_files("#zip-input", files=[{"name": "pets.zip", "mimeType": "application/zip", "buffer": buf.getvalue()}])
@@ -357,4 +359,4 @@ def test_a_zip_fills_the_classes_and_the_form_explains_mistakes(serve, ui):
         .map((el) => el.outerHTML.slice(0, 80))""")
     assert not unlabelled, f"controls without an accessible name: {unlabelled}"
     with serve.http() as http:
-        assert http.get("/v1/classifiers").json()["total"] == 0  # nothing was sent
+        assert http.get("/v1/classifiers").json()["total"] == before  # nothing was sent

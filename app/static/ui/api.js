@@ -77,22 +77,24 @@ export async function imageURL(path) {
 }
 
 const enc = encodeURIComponent;
+// Paths are relative to the page, so the UI also works behind a proxy that serves the API under a prefix.
+export const baseURL = () => new URL(".", location.href).href.replace(/\/$/, "");
 export const api = {
-  info: () => getJSON("/v1/info"),
-  list: (limit = 100) => getJSON(`/v1/classifiers?limit=${limit}`),
-  classifier: (id) => getJSON(`/v1/classifiers/${enc(id)}`),
-  remove: (id) => sendJSON(`/v1/classifiers/${enc(id)}`, "DELETE"),
-  job: (id) => getJSON(`/v1/jobs/${enc(id)}`),
-  cancel: (id) => sendJSON(`/v1/jobs/${enc(id)}`, "DELETE"),
-  create: (form) => sendJSON("/v1/classifiers", "POST", form),
+  info: () => getJSON("v1/info"),
+  list: (limit = 100) => getJSON(`v1/classifiers?limit=${limit}`),
+  classifier: (id) => getJSON(`v1/classifiers/${enc(id)}`),
+  remove: (id) => sendJSON(`v1/classifiers/${enc(id)}`, "DELETE"),
+  job: (id) => getJSON(`v1/jobs/${enc(id)}`),
+  cancel: (id) => sendJSON(`v1/jobs/${enc(id)}`, "DELETE"),
+  create: (form) => sendJSON("v1/classifiers", "POST", form),
   classify: (id, file, topK = 5) => {
     const form = new FormData();
     form.append("file", file, file.name || "image.png");
-    return sendJSON(`/v1/classifiers/${enc(id)}/classify?top_k=${topK}`, "POST", form);
+    return sendJSON(`v1/classifiers/${enc(id)}/classify?top_k=${topK}`, "POST", form);
   },
-  report: (id) => getJSON(`/v1/classifiers/${enc(id)}/artifacts/report.json`),
-  artifactPath: (id, name) => `/v1/classifiers/${enc(id)}/artifacts/${enc(name)}`,
-  modelPath: (id) => `/v1/classifiers/${enc(id)}/model.onnx`,
-  samplePath: (id, index) => `/v1/classifiers/${enc(id)}/samples/${index}`,
-  exportPath: (id) => `/v1/classifiers/${enc(id)}/export`,
+  report: (id) => getJSON(`v1/classifiers/${enc(id)}/artifacts/report.json`),
+  artifactPath: (id, name) => `v1/classifiers/${enc(id)}/artifacts/${enc(name)}`,
+  modelPath: (id) => `v1/classifiers/${enc(id)}/model.onnx`,
+  samplePath: (id, index) => `v1/classifiers/${enc(id)}/samples/${index}`,
+  exportPath: (id) => `v1/classifiers/${enc(id)}/export`,
 };

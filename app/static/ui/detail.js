@@ -1,7 +1,7 @@
 // One classifier: live training (progress, ETA, curve, cancel), the validation report, "try it", downloads.
 // Every field of the API's answers is optional here: what the server does not send is simply not shown.
 
-import { api, ApiError, apiKey, download, imageURL } from "./api.js";
+import { api, ApiError, apiKey, baseURL, download, imageURL } from "./api.js";
 import { TrainingChart, CHART_LEGEND } from "./chart.js";
 import { h, replace, append, pct, num, duration, bytes, when, badge, toast, confirmDialog, copyText } from "./dom.js";
 
@@ -248,7 +248,7 @@ export function detailView(main, ctx, id) {
       typeof item.score === "number" ? ` (${pct(item.score)})` : "");
     const figure = h("li", { class: "thumb" }, h("figure", {}, caption));
     const path = item.url ?? (Number.isInteger(item.index) ? api.samplePath(id, item.index) : null);
-    if (typeof path === "string" && path.startsWith("/")) {
+    if (typeof path === "string" && /^\/?v1\//.test(path)) {  // only this API's own paths
       imageURL(path).then((url) => {
         if (alive) figure.firstChild.prepend(h("img", { src: track(url), alt: `held-out ${truth} image classified as ${guess}` }));
       }).catch(() => {});
@@ -344,7 +344,7 @@ export function detailView(main, ctx, id) {
 
   // --- use it --------------------------------------------------------------------------------------
   function renderUse() {
-    const origin = location.origin;
+    const origin = baseURL();
     const auth = apiKey.get() || (info && info.auth_required);
     const header = auth ? ' \\\n  -H "Authorization: Bearer $RMT_API_KEY"' : "";
     const curl = `curl -sS${header} \\\n  -F file=@photo.jpg \\\n  "${origin}/v1/classifiers/${id}/classify?top_k=3"`;
