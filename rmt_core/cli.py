@@ -33,6 +33,15 @@ _TUNE_FLAGS = {
 }
 
 
+def settings_problem(exc) -> str:
+    """A pydantic ValidationError of the service's Settings as one line per bad RMT_* variable."""
+    lines = []
+    for error in exc.errors():
+        name = "RMT_" + "_".join(str(part) for part in error.get("loc", ())).upper()
+        lines.append(f"{name}={error.get('input')!r}: {error.get('msg', 'invalid')}")
+    return "invalid configuration (environment or .env):\n  " + "\n  ".join(lines)
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"rmt: error: {message}", file=sys.stderr)
     return code
@@ -521,7 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DISPATCH:
         module = importlib.import_module(DISPATCH[argv[0]][0])
-        return int(module.main(argv[1:]) or 0)
+        try:
+            return int(module.main(argv[1:]) or 0)
+        except Exception as exc:  # noqa: BLE001 - only invalid settings are answered here
+            if type(exc).__name__ != "ValidationError" or not hasattr(exc, "errors"):
+                raise
+            return _fail(settings_problem(exc))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

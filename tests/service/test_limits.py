@@ -143,6 +143,18 @@ def test_settings_are_validated_at_start(monkeypatch, name, value):
     assert name in str(error.value)
 
 
+def test_rmt_serve_and_worker_refuse_bad_settings_with_a_clear_message(monkeypatch, capsys):
+    from rmt_core.cli import main
+
+    monkeypatch.setenv("RMT_JOB_LEASE_SECONDS", "0")
+    monkeypatch.setenv("RMT_MAX_FILES", "lots")
+    for command in (["serve", "--port", "1"], ["worker"], ["migrate"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "invalid configuration" in err and "RMT_JOB_LEASE_SECONDS='0'" in err and "RMT_MAX_FILES" in err
+        assert "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------- faults
 def test_disk_full_on_create_answers_507_and_stores_nothing(settings, monkeypatch):
     written = []
