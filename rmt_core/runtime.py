@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,7 @@ class BaseRegistry:
     """
 
     def __init__(self, bases_dir: Path | str, providers: str = "auto", shared_arena: bool = True,
-                 shared_min_bytes: int | None = None):
+                 shared_min_bytes: int | None = None, load_threads: int | None = None):
         import threading
 
         from .segments import SHARED_MIN_BYTES
@@ -226,6 +227,7 @@ class BaseRegistry:
         self.providers = providers
         self.shared_arena = shared_arena and _register_env_allocator()
         self.shared_min_bytes = SHARED_MIN_BYTES if shared_min_bytes is None else shared_min_bytes
+        self.load_threads = load_threads if load_threads is not None else min(4, os.cpu_count() or 1)
         self._bases: dict[str, _LoadedBase] = {}
         self._plans: dict[tuple[str, frozenset], _Plan] = {}
         self._lock = threading.RLock()
@@ -317,12 +319,8 @@ class ServedClassifier:
         self.masked = frozenset(flipped)
         plan = registry.acquire(self.base_id, self.masked)
         self._release = weakref.finalize(self, registry.release, self.base_id, self.masked)
-        self.own_tensor_bytes = 0
-        self._chain: list[tuple] = []  # (segment, session) in order
-        for i, seg in enumerate(plan.segments):
-            if seg.kind == "shared":
-                self._chain.append((seg, plan.shared_sessions[i]))
-                continue
+
+        def build(seg):
             values = {}
             for n in seg.masked:
                 value = base.array(n)
@@ -330,9 +328,19 @@ class ServedClassifier:
                     raise ValueError(f"mask for {n} has shape {flipped[n].shape}, the base tensor {value.shape}")
                 value *= flipped[n]  # baked at load: the session computes exactly what plain CLIP computes
                 values[n] = value
-                self.own_tensor_bytes += value.nbytes
-            self._chain.append((seg, base.segment_session(registry, seg, values)))
-            del values
+            return base.segment_session(registry, seg, values), sum(v.nbytes for v in values.values())
+
+        own = [i for i, seg in enumerate(plan.segments) if seg.kind == "own"]
+        if len(own) > 1 and registry.load_threads > 1:  # ORT builds sessions without the GIL
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(registry.load_threads, len(own)), thread_name_prefix="rmt-load") as pool:
+                built = dict(zip(own, pool.map(build, [plan.segments[i] for i in own])))
+        else:
+            built = {i: build(plan.segments[i]) for i in own}
+        self.own_tensor_bytes = sum(nbytes for _, nbytes in built.values())
+        self._chain: list[tuple] = [(seg, built[i][0] if seg.kind == "own" else plan.shared_sessions[i])
+                                    for i, seg in enumerate(plan.segments)]  # (segment, session) in order
         # drop each intermediate once no later segment needs it
         self._last_use = {}
         for i, (seg, _) in enumerate(self._chain):
@@ -361,14 +369,18 @@ class ServedClassifier:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[1:] != (3, *self.input_size):
             raise ValueError(f"batch has shape {batch.shape}; expected [N, 3, {self.input_size[0]}, {self.input_size[1]}]")
-        env = {self._input: batch}
+        if len(self._chain) == 1:
+            seg, session = self._chain[0]
+            return session.run([self._output], {self._input: batch})[0]
+        # OrtValues between segments: on CUDA the activations stay on the device from one segment to the next
+        env = {self._input: ort.OrtValue.ortvalue_from_numpy(batch)}
         for i, (seg, session) in enumerate(self._chain):
-            outs = session.run(seg.outputs, {n: env[n] for n in seg.inputs})
+            outs = session.run_with_ort_values(seg.outputs, {n: env[n] for n in seg.inputs})
             env.update(zip(seg.outputs, outs))
             for n in seg.inputs:
                 if self._last_use[n] == i and n != self._output:
                     env.pop(n, None)
-        return env[self._output]
+        return env[self._output].numpy()
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.head.logits(self.features(batch))
