@@ -191,6 +191,36 @@ def test_a_job_that_cannot_write_fails_with_the_no_space_message():
     assert other["code"] == "tuning_failed" and "/srv" not in other["message"]
 
 
+def test_a_job_whose_publish_finds_the_disk_full_fails_with_that_message(store, settings, monkeypatch):
+    """A real tuning run whose artifacts cannot be stored: the job ends failed with the no-space message (never
+    stays running), the other classifier stays as it was, and no build directory is left behind."""
+    from rmt_core.config import TuneConfig
+    from rmt_service.store import Sample
+    from worker.tasks import run_tune_job
+
+    def create():
+        samples = [Sample(image_bytes(seed=i), label, ".png") for label in ("red", "green") for i in range(3)]
+        return store.create_classifier("t", "", samples, TuneConfig.from_dict(TINY_CONFIG).to_dict())
+
+    earlier, earlier_job = create()
+    assert run_tune_job(store, settings, earlier_job.job_id) == "succeeded"
+    published = store.current_version(earlier.classifier_id)
+    record, job = create()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(settings.data_dir / "blobs" / "versions"))
+
+    monkeypatch.setattr(type(store), "publish_version", full)
+    assert run_tune_job(store, settings, job.job_id) == "failed"
+    final = store.get_job(job.job_id)
+    assert final.status == "failed" and final.error["code"] == "no_space"
+    assert "no space left on the data volume" in final.error["message"]
+    assert str(settings.data_dir) not in final.error["message"]
+    assert store.current_version(record.classifier_id) is None
+    assert store.current_version(earlier.classifier_id).version_id == published.version_id
+    assert not any(store.blobs.tmp.iterdir()), "the build directory was left behind"
+
+
 def _asgi_post_cut_off(app, path: str, files, data) -> tuple[int, dict, list]:
     """POST through the ASGI interface, sending half the body and then http.disconnect: what uvicorn's receive
     returns when the connection drops or a shutdown closes it mid-upload."""
