@@ -128,11 +128,14 @@ def _ready_model(store: Store, record: ClassifierRecord):
 
 @router.get("/{classifier_id}/model.onnx", response_class=FileResponse, responses=_ERRORS)
 def download_model(classifier_id: str, store: StoreDep, tenant: TenantDep) -> FileResponse:
-    """The baked ONNX model (input: normalized [N,3,H,W] float32; output: class logits)."""
+    """The baked ONNX model (input: normalized [N,3,H,W] float32; output: class logits; labels and
+    preprocessing in its metadata_props)."""
+    from .export import model_onnx_path  # export.py imports this module
+
     record = owned_classifier(store, classifier_id, tenant)
     model = _ready_model(store, record)
-    return FileResponse(model / "model.onnx", media_type="application/octet-stream",
-                        filename=f"{classifier_id}.onnx")
+    path = model_onnx_path(store, model)  # materialised from base + mask + head (a sync route: in a thread)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{classifier_id}.onnx")
 
 
 @router.get("/{classifier_id}/artifacts/{name}", response_class=FileResponse, responses=_ERRORS)

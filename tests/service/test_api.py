@@ -281,7 +281,7 @@ def test_classify_one_and_a_batch(tuned_client, tuned):
 
 def test_classify_matches_the_downloaded_model(tuned_client, tuned):
     """What the API answers is what the ONNX file computes (same preprocessing, same weights)."""
-    from rmt_core.runtime import OnnxClassifier
+    from rmt_core.runtime import load_classifier
     from rmt_service.store import Store
 
     download = tuned_client.get(f"/v1/classifiers/{tuned['classifier_id']}/model.onnx")
@@ -289,8 +289,8 @@ def test_classify_matches_the_downloaded_model(tuned_client, tuned):
     session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
     store = Store(tuned["settings"])
     model_dir = store.model_dir(tuned["classifier_id"])
+    reference = load_classifier(model_dir, store.bases_dir, providers="cpu")
     store.close()
-    reference = OnnxClassifier(model_dir, providers="cpu")
     img = image_bytes(COLORS["green"], size=(64, 48))
     x = reference.preprocess(Image.open(io.BytesIO(img)).convert("RGB"))[None]
     logits = session.run(None, {session.get_inputs()[0].name: x})[0][0]
