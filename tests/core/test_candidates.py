@@ -150,7 +150,8 @@ def test_a_destructive_learning_rate_loses_to_zero_shot_and_previews_come_first(
     assert manifest["tuned_sparsity"] > 10  # lr=1 switches off a large share of the encoder
     assert v["published"] in ("zero-shot", "head") and manifest["candidate"] == v["published"]
     assert v["published_accuracy"] >= v["zero_shot_accuracy"] and manifest["sparsity"] == 0.0
-    assert not (tmp_path / "wrecked" / "mask.rmtm").exists()  # an unpublished mask is not shipped
+    assert manifest["mask_file"] is None  # an unpublished mask is not shipped
+    assert not [p for p in (tmp_path / "wrecked").iterdir() if p.suffix in (".rmt", ".rmtm")]
     # previews: zero-shot, then the fitted head, both before the first tuning step
     kinds = [e[1] if e[0] == "candidate" else "step" for e in events]
     assert kinds[:2] == ["zero-shot", "head"] and kinds[2] == "step"
