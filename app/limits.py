@@ -1,6 +1,8 @@
-"""A cap on request bodies, enforced while they stream in (Content-Length can be absent or a lie)."""
+"""A cap on request bodies, enforced while they stream in (Content-Length can be absent or a lie), and a 503
+for requests cut short by a server shutdown."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,3 +57,43 @@ class BodySizeLimit:
         except _BodyTooLarge:
             if not started:
                 await self._reject(send)
+
+
+class ShutdownAnswer:
+    """A request still running when the server's graceful-shutdown period ends is cancelled; answer it with a
+    retryable 503 instead of the server's bare 500 (typically an upload still streaming in).
+
+    Requests that finish within the grace period are not affected: this only acts on cancellation.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if not started:
+                body = json.dumps({"error": {"code": "shutting_down",
+                                             "message": "the server shut down before this request finished; "
+                                                        "retry shortly"}}).encode()
+                try:
+                    await send({"type": "http.response.start", "status": 503,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode()),
+                                            (b"retry-after", b"5"), (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": body})
+                except Exception:  # noqa: BLE001 - the connection is already gone: nothing to tell
+                    pass
+            raise

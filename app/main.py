@@ -17,7 +17,7 @@ from rmt_service.store import Store
 from .classifier_cache import ClassifierCache, served_loader
 from .deps import install_database_errors
 from .errors import install_error_handlers
-from .limits import BodySizeLimit
+from .limits import BodySizeLimit, ShutdownAnswer
 from .metrics import Metrics, MetricsMiddleware
 from .openapi import install_openapi
 from .queue import JobQueue
@@ -66,5 +66,6 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     docs.mount_docs_assets(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ShutdownAnswer)  # a request cut short by shutdown: 503, retryable
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -260,6 +260,71 @@ def test_an_upload_cut_off_mid_body_answers_503_retryable_and_stores_nothing(tmp
         _nothing_stored(client, settings.data_dir)
 
 
+_SERVER = """
+import sys, pathlib
+import uvicorn
+from tests.service.helpers import make_settings, FakeQueue
+from app.main import create_app
+app = create_app(make_settings(pathlib.Path(sys.argv[2])), queue=FakeQueue())
+uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), timeout_graceful_shutdown=1,
+                              log_level="warning")).run()
+"""
+
+
+@pytest.mark.parametrize("client_finishes", [False, True])
+def test_a_graceful_shutdown_during_an_upload(tmp_path, client_finishes):
+    """A real uvicorn gets SIGTERM while a create's body is half sent: an upload that completes within the grace
+    period is served (202); one still streaming when it ends is answered 503 + Retry-After (it was a bare 500),
+    and nothing is stored."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.service.helpers import free_port, wait_for
+
+    port, data_dir = free_port(), tmp_path / "data"
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), str(data_dir)], cwd=root)
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), timeout=60, what="the server")
+        files, data = upload_parts(per_class=3)
+        request = httpx.Request("POST", f"http://127.0.0.1:{port}/v1/classifiers", files=files, data=data)
+        body = request.read()
+        head = (f"POST /v1/classifiers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                f"{request.headers['content-type']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(head + body[: len(body) // 2])
+            time.sleep(0.3)
+            server.send_signal(signal.SIGTERM)
+            if client_finishes:
+                time.sleep(0.2)
+                sock.sendall(body[len(body) // 2:])
+            answer = sock.recv(8192).decode()
+        status = int(answer.split(" ", 2)[1])
+        if client_finishes:
+            assert status == 202, answer
+        else:
+            assert status == 503, answer
+            assert "retry-after: 5" in answer.lower() and '"shutting_down"' in answer
+        server.wait(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    if not client_finishes:
+        with TestClient(create_app(make_settings(data_dir), queue=FakeQueue())) as client:
+            _nothing_stored(client, data_dir)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_image_errors_show_no_decoder_text(make_client):
     client = make_client()
     files, data = upload_parts(per_class=3)
