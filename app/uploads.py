@@ -42,7 +42,8 @@ class CreateRequest:
 
 def image_error(exc: InvalidImage, what: str) -> ApiError:
     status, code = _IMAGE_ERRORS.get(exc.code, (400, "invalid_image"))
-    return ApiError(status, code, f"{what}: {exc}")
+    message = str(exc)  # open_image's own wording, which names the part already
+    return ApiError(status, code, message if message.startswith(what) else f"{what}: {message}")
 
 
 class PixelBudget:

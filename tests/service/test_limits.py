@@ -333,7 +333,7 @@ def test_image_errors_show_no_decoder_text(make_client):
     response = client.post("/v1/classifiers", files=files, data=data)
     assert response.status_code == 415
     message = response.json()["error"]["message"]
-    assert message.endswith("is truncated or corrupt"), message  # not Pillow's own words
+    assert message == "files[0] (broken.png) is truncated or corrupt", message  # not Pillow's own words
 
 
 # ------------------------------------------------------------------------------------------- metrics
