@@ -79,3 +79,14 @@ def test_export_of_unknown_or_unready_classifier(client, tuned_client):
     created = client.post("/v1/classifiers", files=files, data=data).json()  # queued, never run (FakeQueue)
     response = client.get(f"/v1/classifiers/{created['classifier_id']}/export")
     assert response.status_code == 409 and response.json()["error"]["code"] == "not_ready"
+
+
+def test_downloaded_model_carries_labels_and_preprocessing(tuned_client, tuned):
+    """GET .../model.onnx is self-describing: labels, preprocessing and the head in metadata_props."""
+    download = tuned_client.get(f"/v1/classifiers/{tuned['classifier_id']}/model.onnx")
+    assert download.status_code == 200
+    meta = {p.key: p.value for p in onnx.load_from_string(download.content).metadata_props}
+    clf = tuned_client.get(f"/v1/classifiers/{tuned['classifier_id']}").json()
+    assert json.loads(meta["labels"]) == clf["labels"]
+    assert {"size", "mean", "std"} <= set(json.loads(meta["preprocess"]))
+    assert "head" in meta and "logits" in meta["outputs"]
