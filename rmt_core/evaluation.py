@@ -390,8 +390,8 @@ def accuracy_on(model, text_features: torch.Tensor, eval_images: EvalImages, dev
     model.eval()
     logits = []
     n_batches = -(-len(eval_images.items) // eval_images.batch_size)
-    for images, _ in tqdm(eval_images.batches(), total=n_batches, desc=desc, leave=False, disable=quiet,
-                          dynamic_ncols=True):
+    for images, _ in tqdm(eval_images.batches(), total=n_batches, desc=desc, leave=False,
+                          disable=True if quiet else None, dynamic_ncols=True):
         logits.append(class_logits(model, images.to(device, non_blocking=True), text_features).float().cpu())
     scores = torch.cat(logits).numpy()
     accuracy, _ = accuracy_and_confusion(scores, eval_images.targets, scores.shape[1])
@@ -601,7 +601,8 @@ def run_protocol(args) -> dict:
     base = load_backbone(args.backbone, args.pretrained_value, device=device, seed=0, quick_gelu=quick_gelu)
     preprocess = PreprocessConfig.from_dict(base.preprocess)
     total = len(datasets) * len(args.shots) * len(args.seeds) * len(args.methods)
-    bar = tqdm(total=total, desc="runs", unit="run", disable=args.quiet, dynamic_ncols=True)
+    # disable=None: bars on a terminal only; a log file gets the bar.write lines, not \r-redrawn bars
+    bar = tqdm(total=total, desc="runs", unit="run", disable=True if args.quiet else None, dynamic_ncols=True)
     runs: list[dict] = []
     zero_shot: dict[str, float] = {}
     shots_used: dict[str, dict] = {}
@@ -645,7 +646,8 @@ def run_protocol(args) -> dict:
                     config = run_config(method, len(ds.classnames), seed, ds.template, args, ds.name, shots)
                     backbone = dataclasses.replace(base, model=copy.deepcopy(base.model))
                     torch.manual_seed(seed)
-                    step_bar = tqdm(desc="tune", unit="step", leave=False, disable=args.quiet, dynamic_ncols=True)
+                    step_bar = tqdm(desc="tune", unit="step", leave=False, disable=True if args.quiet else None,
+                                    dynamic_ncols=True)
 
                     def progress(p, step_bar=step_bar):
                         step_bar.total = p.total_steps

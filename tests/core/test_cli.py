@@ -184,3 +184,18 @@ def test_cached_tag_weights_are_accepted_offline(tmp_path):
     assert "cached ok" in run.stdout
     assert "ValueError pretrained='no-such-tag'" in run.stdout and "openai" in run.stdout.split("ValueError")[1]
     assert "missing the ViT-B-32 weights 'openai' are not on this machine" in run.stdout
+
+
+def test_eval_off_a_terminal_writes_result_lines_not_progress_bars(tmp_path, capsys):
+    """`rmt eval` without --quiet, its output going to a log: one line per run, no \\r-redrawn tqdm bars."""
+    from rmt_core.evaluation import main as eval_main
+
+    write_images(tmp_path / "data" / "toy" / "train", 3, seed=0)
+    write_images(tmp_path / "data" / "toy" / "test", 2, seed=1)
+    assert eval_main(["--root", str(tmp_path / "data"), "--datasets", "toy", "--shots", "1", "--seeds", "1",
+                      "--backbone", "rmt-tiny-vit", "--pretrained", "none", "--epochs", "1", "--min-steps", "2",
+                      "--workers", "0", "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    for stream in (captured.out, captured.err):
+        assert "\r" not in stream and "\x1b[" not in stream and "it/s" not in stream
+    assert "toy K=1 seed=1 r-amt:" in captured.out + captured.err
