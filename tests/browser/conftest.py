@@ -82,7 +82,8 @@ class Serve:
 
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
-    server = Serve(tmp_path_factory.mktemp("ui-serve"))
+    # a small image limit, so the form's own check of the server's limits can be seen (test images are ~1 KB)
+    server = Serve(tmp_path_factory.mktemp("ui-serve"), RMT_MAX_IMAGE_BYTES="200000")
     yield server
     server.stop()
 

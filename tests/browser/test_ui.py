@@ -350,6 +350,15 @@ def test_a_zip_fills_the_classes_and_the_form_explains_mistakes(serve, ui):
     page.get_by_text("Advanced settings").click()
     assert page.locator("#cfg-select option").all_inner_texts() == [
         "auto (best on validation)", "zero-shot", "head", "mask", "mask+head"]
+    noise = Image.frombytes("RGB", (400, 400), random.Random(1).randbytes(400 * 400 * 3))
+    big = io.BytesIO()
+    noise.save(big, "PNG")
+    assert len(big.getvalue()) > 200_000
+    page.locator(".class-card").first.locator("input[type=file]").set_input_files(
+        files=[{"name": "huge.png", "mimeType": "image/png", "buffer": big.getvalue()}])
+    page.get_by_role("button", name="Train").click()  # the server's limit (RMT_MAX_IMAGE_BYTES), checked before sending
+    assert re.search(r"huge.png is 4\d\d.\d KB; this server takes images up to 195.3 KB", page.get_by_role("alert").inner_text())
+    page.get_by_role("button", name=re.compile(r"Remove image 4 \(huge.png\)")).click()
     page.fill("#cfg-extra", "{not json")
     page.get_by_role("button", name="Train").click()
     assert "not valid JSON" in page.get_by_role("alert").inner_text()

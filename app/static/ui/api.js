@@ -48,6 +48,31 @@ export async function request(path, { method = "GET", body, headers = {} } = {})
   }
 }
 
+// A POST of a large form with upload progress (fetch cannot report it): XMLHttpRequest, same key handling.
+export function upload(path, form, onProgress) {
+  const send = () => new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    const key = apiKey.get();
+    if (key) xhr.setRequestHeader("Authorization", `Bearer ${key}`);
+    xhr.responseType = "text";
+    xhr.upload.onprogress = (e) => { if (e.lengthComputable && onProgress) onProgress(e.loaded / e.total); };
+    xhr.onload = () => {
+      let body = null;
+      try { body = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+      if (xhr.status >= 200 && xhr.status < 300) resolve(body);
+      else reject(new ApiError(xhr.status, (body && body.error && body.error.code) || `http_${xhr.status}`,
+        (body && body.error && body.error.message) || `${xhr.status} ${xhr.statusText}`));
+    };
+    xhr.onerror = () => reject(new ApiError(0, "network", "The upload did not reach the server. Is it running?"));
+    xhr.send(form);
+  });
+  return send().catch(async (error) => {
+    if (error.status === 401 && askForKey && (await askForKey(error.message))) return send();
+    throw error;
+  });
+}
+
 export async function getJSON(path) {
   return (await request(path)).json();
 }
@@ -86,7 +111,7 @@ export const api = {
   remove: (id) => sendJSON(`v1/classifiers/${enc(id)}`, "DELETE"),
   job: (id) => getJSON(`v1/jobs/${enc(id)}`),
   cancel: (id) => sendJSON(`v1/jobs/${enc(id)}`, "DELETE"),
-  create: (form) => sendJSON("v1/classifiers", "POST", form),
+  create: (form, onProgress) => upload("v1/classifiers", form, onProgress),
   classify: (id, file, topK = 5) => {
     const form = new FormData();
     form.append("file", file, file.name || "image.png");

@@ -6,7 +6,7 @@ import { readZip } from "./zip.js";
 
 const FALLBACK_INFO = {
   methods: ["r-amt", "amt", "r-pmt", "pmt", "r-mmt", "mmt"], backbones: [], default_backbone: null,
-  defaults: { method: "r-amt", epochs: 30, min_steps: 300 }, limits: { max_files: 2000, max_label_length: 100 },
+  defaults: { method: "r-amt", epochs: 30, min_steps: 300 }, limits: { max_label_length: 100 },
 };
 const ADVANCED = [  // [field, label, input type, step, help]
   ["min_steps", "Minimum optimizer steps", "number", "1", "Small uploads train at least this many steps (epochs are raised)."],
@@ -227,10 +227,20 @@ export function createView(main, ctx) {
     if (dup !== undefined) return `Two classes are both called "${dup}"; class names must differ.`;
     const empty = state.classes.find((c) => !c.images.length);
     if (empty) return `Class "${empty.label}" has no images yet.`;
+    // the server's limits (GET /v1/info), checked here so a big upload is not sent only to be refused
+    const { max_files: maxFiles, max_image_bytes: maxImage, max_upload_bytes: maxUpload, max_classes: maxClasses } = info.limits;
+    const images = state.classes.flatMap((c) => c.images.map((i) => i.file));
+    if (maxClasses && state.classes.length > maxClasses) return `${state.classes.length} classes; this server takes at most ${maxClasses}.`;
+    if (maxFiles && images.length > maxFiles) return `${images.length} images; this server takes at most ${maxFiles} per classifier.`;
+    const big = maxImage && images.find((f) => f.size > maxImage);
+    if (big) return `${big.name} is ${bytes(big.size)}; this server takes images up to ${bytes(maxImage)}. Remove it or make it smaller.`;
+    const total = images.reduce((a, f) => a + f.size, 0);
+    if (maxUpload && total > maxUpload) return `The images add up to ${bytes(total)}; this server takes up to ${bytes(maxUpload)} in one upload.`;
     return null;
   }
 
   const submit = h("button", { type: "submit", class: "primary", id: "create-submit" }, "Train");
+  const progress = h("progress", { id: "upload-progress", max: "1", value: "0", hidden: true, "aria-label": "Upload progress" });
   async function onSubmit(e) {
     e.preventDefault();
     if (state.busy) return;
@@ -247,9 +257,16 @@ export function createView(main, ctx) {
     }
     state.busy = true;
     submit.disabled = true;
-    status.textContent = `Uploading ${form.getAll("files").length} images…`;
+    const count = form.getAll("files").length;
+    status.textContent = `Uploading ${count} images…`;
+    progress.hidden = false;
+    progress.value = 0;
     try {
-      const created = await api.create(form);
+      const created = await api.create(form, (fraction) => {
+        progress.value = fraction;
+        status.textContent = fraction < 1 ? `Uploading ${count} images… ${Math.round(fraction * 100)}%`
+          : "Uploaded; checking the images…";
+      });
       status.textContent = "Created; training is queued.";
       location.hash = `#/c/${encodeURIComponent(created.classifier_id)}`;
     } catch (exc) {
@@ -258,6 +275,7 @@ export function createView(main, ctx) {
     } finally {
       state.busy = false;
       submit.disabled = false;
+      progress.hidden = true;
     }
   }
 
@@ -279,7 +297,7 @@ export function createView(main, ctx) {
         h("div", { class: "field" }, h("label", { for: "cfg-backbone" }, "Backbone"), backbone)),
       advanced,
       errorBox,
-      h("div", { class: "row" }, submit, status)));
+      h("div", { class: "row" }, submit, status), progress));
 
   fillSettings();
   addClass("Class 1");
