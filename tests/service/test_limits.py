@@ -178,6 +178,23 @@ def test_disk_full_on_create_answers_507_and_stores_nothing(settings, monkeypatc
         assert _create(client).status_code == 202  # space freed: creates work again
 
 
+def test_a_full_database_volume_answers_507_too(make_client, monkeypatch):
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from rmt_service.store import Store
+
+    def full(*args, **kwargs):
+        raise OperationalError("INSERT INTO classifiers ...", {}, sqlite3.OperationalError("database or disk is full"))
+
+    client = make_client()
+    monkeypatch.setattr(Store, "create_classifier", full)
+    response = _create(client)
+    assert response.status_code == 507 and response.json()["error"]["code"] == "no_space"
+    assert "INSERT" not in response.text
+
+
 def test_a_job_that_cannot_write_fails_with_the_no_space_message():
     from rmt_service.faults import job_error
 
