@@ -80,17 +80,24 @@ class ServiceInfo(BaseModel):
     candidates: list[str] = Field(description="Models a create may pin with config.select (besides 'auto').")
     backbones: list[str] = Field(description="Backbones a create may ask for (config.backbone); the first is the default.")
     default_backbone: str
+    pretrained: list[str | None] = Field(description="Weights a create may ask for (config.pretrained; null = random "
+                                                     "init); sending none uses the operator's default.")
     defaults: dict[str, Any] = Field(description="TuneConfig defaults of the settings the web UI offers.")
     limits: UploadLimits
 
 
 def allowed_backbones(settings) -> list[str]:
-    """The operator's allow-list (default first) when Settings has one, else just the default backbone."""
-    allowed = getattr(settings, "allowed_backbones", None)
-    if isinstance(allowed, str):
-        allowed = [b.strip() for b in allowed.split(",") if b.strip()]
-    names = [settings.default_backbone, *(allowed or [])]
-    return list(dict.fromkeys(names))
+    """The operator's allow-list, default first."""
+    if hasattr(settings, "backbone_allow_list"):
+        return settings.backbone_allow_list()
+    return [settings.default_backbone]
+
+
+def allowed_pretrained(settings) -> list[str | None]:
+    """The ``pretrained`` values a request may name (None = random init), without checkpoint paths: a tenant
+    gets the operator's default checkpoint by sending nothing, and never learns where it lives."""
+    values = settings.pretrained_allow_list() if hasattr(settings, "pretrained_allow_list") else []
+    return [v for v in values if v is None or not ("/" in v or "\\" in v)]
 
 
 @router.get("/v1/info", response_model=ServiceInfo, responses={401: {"model": ErrorBody}})
@@ -101,6 +108,7 @@ def read_info(request: Request, settings: SettingsDep, _tenant: TenantDep) -> Se
         version=__version__, auth_required=bool(request.app.state.tenant_keys), methods=list(METHODS),
         candidates=list(getattr(tune_config, "CANDIDATES", ())),
         backbones=allowed_backbones(settings), default_backbone=settings.default_backbone,
+        pretrained=allowed_pretrained(settings),
         defaults={k: defaults[k] for k in _FORM_FIELDS if k in defaults},
         limits=UploadLimits(max_files=settings.max_files, max_image_bytes=settings.max_image_bytes,
                             max_upload_bytes=settings.max_upload_bytes, max_classes=settings.max_classes,

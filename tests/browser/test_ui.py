@@ -110,14 +110,15 @@ def test_create_watch_report_try_download_delete(serve, ui):
     assert thumbs_red.count() == 6
     assert page.locator("#create-summary").inner_text().startswith("2 classes, 12 images")
 
-    # Settings: the backbone list comes from GET /v1/info; the tiny backbone needs pretrained: null.
+    # Settings: backbones and weights come from GET /v1/info; the tiny backbone has no shipped weights.
     assert page.locator("#cfg-backbone option").first.inner_text() == "rmt-tiny-vit"
+    page.select_option("#cfg-pretrained", "none")
     page.select_option("#cfg-method", "r-amt")
     page.fill("#cfg-epochs", "1")
     page.get_by_text("Advanced settings").click()
     page.fill("#cfg-min_steps", "3")
     page.fill("#cfg-batch_size", "8")
-    page.fill("#cfg-extra", '{"pretrained": null}')
+    page.fill("#cfg-extra", '{"leak": 1.0}')
     ui.shot("create-ready-to-train")
     page.get_by_role("button", name="Train").click()
 

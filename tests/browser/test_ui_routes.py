@@ -63,6 +63,15 @@ def test_info_lists_what_a_create_may_choose(client):
     assert info["methods"] == list(METHODS) and info["backbones"][0] == info["default_backbone"] == "rmt-world-vit"
     assert info["defaults"]["epochs"] == 30 and info["defaults"]["method"] == "r-amt"
     assert info["auth_required"] is False and info["limits"]["max_files"] == 2000
+    assert info["pretrained"] == ["builtin", None] and info["candidates"][0] == "zero-shot"
+
+
+def test_info_never_shows_a_checkpoint_path(tmp_path):
+    settings = make_settings(tmp_path / "data", default_pretrained="/models/secret/ViT-B-16.bin",
+                             allowed_pretrained="builtin,none,/models/other.pt")
+    with TestClient(create_app(settings, queue=FakeQueue())) as c:
+        response = c.get("/v1/info")
+    assert response.json()["pretrained"] == ["builtin", None] and "/models" not in response.text
 
 
 def test_info_needs_the_key_when_keys_are_set(tmp_path):

@@ -158,6 +158,7 @@ export function createView(main, ctx) {
   // Settings
   const method = h("select", { id: "cfg-method", name: "method", onchange: (e) => { e.target.dataset.touched = "1"; } });
   const backbone = h("select", { id: "cfg-backbone", name: "backbone" });
+  const weights = h("select", { id: "cfg-pretrained", name: "pretrained" });
   const touched = (e) => { e.target.dataset.touched = "1"; };
   const epochs = h("input", { id: "cfg-epochs", name: "epochs", type: "number", min: "1", step: "1", oninput: touched });
   const advancedInputs = {};
@@ -186,6 +187,11 @@ export function createView(main, ctx) {
     replace(backbone, backbones.length ? backbones.map((b) => h("option", { value: b, selected: b === chosenBackbone }, b))
       : [h("option", { value: "" }, "server default")]);
     if (!epochs.dataset.touched) epochs.value = info.defaults.epochs ?? 30;
+    const chosenWeights = weights.value;
+    const options = (info.pretrained || []).map((p) => (p === null ? "none" : p));
+    replace(weights, h("option", { value: "" }, "server default"), options.map((p) =>
+      h("option", { value: p, selected: p === chosenWeights }, p === "none" ? "none (random init)" : p)));
+    weights.closest(".field").hidden = !options.length;
     const candidates = info.candidates || [];
     select.closest(".field").hidden = !candidates.length;  // an older server: no selection to pin
     unknown.closest(".field").hidden = !("unknown" in info.defaults);
@@ -202,6 +208,7 @@ export function createView(main, ctx) {
   function buildConfig() {
     const config = { method: method.value };
     if (backbone.value) config.backbone = backbone.value;
+    if (weights.value) config.pretrained = weights.value === "none" ? null : weights.value;
     const parse = (field, raw) => (INTEGER.has(field) ? parseInt(raw, 10) : Number(raw));
     if (epochs.value !== "") config.epochs = parse("epochs", epochs.value);
     for (const [field, input] of Object.entries(advancedInputs)) {
@@ -294,7 +301,8 @@ export function createView(main, ctx) {
       h("div", { class: "grid3" },
         h("div", { class: "field" }, h("label", { for: "cfg-method" }, "Method"), method),
         h("div", { class: "field" }, h("label", { for: "cfg-epochs" }, "Epochs"), epochs),
-        h("div", { class: "field" }, h("label", { for: "cfg-backbone" }, "Backbone"), backbone)),
+        h("div", { class: "field" }, h("label", { for: "cfg-backbone" }, "Backbone"), backbone),
+        h("div", { class: "field" }, h("label", { for: "cfg-pretrained" }, "Weights"), weights)),
       advanced,
       errorBox,
       h("div", { class: "row" }, submit, status), progress));
