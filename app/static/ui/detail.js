@@ -296,9 +296,11 @@ export function detailView(main, ctx, id) {
         if (!alive) return;
         const preds = answer.predictions || (answer.results && answer.results[0] && answer.results[0].predictions) || [];
         replace(results, preds.map((p) => scoreRow(p.label ?? "unknown", p.score)));
+        const first = (answer.results && answer.results[0]) || {};
+        const field = (name) => (answer[name] !== undefined ? answer[name] : first[name]);
         const bits = [];
-        if (answer.unknown || answer.label === null) bits.push("Below the confidence threshold: unknown.");
-        if (answer.model) bits.push(`Answered by ${answer.final === false ? "the preview model" : "the model"}: ${answer.model}.`);
+        if (field("unknown") || field("label") === null) bits.push("Below the confidence threshold: unknown.");
+        if (field("model")) bits.push(`Answered by ${field("final") === false ? "the preview model" : "the model"}: ${field("model")}.`);
         note.textContent = bits.join(" ") || `Top ${preds.length} of ${clf ? clf.labels.length : "?"} classes.`;
       } catch (exc) {
         if (!alive) return;
