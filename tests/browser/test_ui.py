@@ -1,6 +1,6 @@
 """The web UI in a real browser against a real `rmt serve`: every step a user takes, with a screenshot each.
 
-Screenshots land in test-artifacts/browser/ (gitignored); CI keeps them as an artifact.
+Screenshots land in test-artifacts/browser/ (gitignored): look at them after a change to the UI.
 """
 from __future__ import annotations
 
