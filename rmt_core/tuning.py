@@ -256,6 +256,7 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
                         f"learning_rate (a score needs ~(mask_init-threshold)/lr = "
                         f"{(config.mask_init - config.threshold) / config.learning_rate:.0f} consistent steps to flip).")
     for w in warnings:
-        log.warning(w)
+        # the min_steps floor is the designed default for small uploads: a line in the log, not a warning
+        log.log(logging.INFO if w == plan["warning"] else logging.WARNING, w)
     return TuneResult(masks=masks, steps=total, epochs=epochs, sparsity=final, history=history,
                       warnings=warnings, elapsed_s=time.monotonic() - started)

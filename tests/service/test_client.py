@@ -215,3 +215,6 @@ def test_embedded_server_log_is_quiet(server):
     for noise in ("[queues]", "-------------- ", ".> transport:", "[tasks]", "SecurityWarning",
                   "superuser privileges", "\x1b["):
         assert noise not in log, noise
+    # the toy jobs ran under the min_steps floor: the designed default, logged as information, not as a warning
+    assert "INFO rmt_core.tuning: epochs raised by min_steps" in log
+    assert "WARNING rmt_core.tuning: epochs raised" not in log
