@@ -104,8 +104,9 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
 
     heartbeat = _Heartbeat(store, job_id, owner, settings.job_lease_seconds)
     heartbeat.start()
-    build_dir = store.new_build_dir(job.classifier_id)
+    build_dir = None
     try:
+        build_dir = store.new_build_dir(job.classifier_id)  # inside: a full disk here fails the job too
         config = TuneConfig.from_dict(classifier.config)
         samples = store.samples(job.classifier_id)
         log.info("job %s: tuning %s (%d images, %d classes, attempt %d)", job_id, job.classifier_id,
@@ -151,7 +152,8 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
         return "failed"
     finally:
         heartbeat.finish()
-        store.discard(build_dir)
+        if build_dir is not None:
+            store.discard(build_dir)
 
 
 class TuneTask(Task):

@@ -238,6 +238,28 @@ def test_a_job_whose_publish_finds_the_disk_full_fails_with_that_message(store, 
     assert not any(store.blobs.tmp.iterdir()), "the build directory was left behind"
 
 
+def test_a_job_that_cannot_even_make_its_build_dir_fails_and_does_not_keep_its_lease(store, settings, monkeypatch):
+    """The build directory is made after the lease heartbeat starts: a full disk there used to escape the job's
+    error handling, leaving the heartbeat renewing a 'running' job forever."""
+    import threading
+
+    from rmt_core.config import TuneConfig
+    from rmt_service.store import Sample
+    from worker.tasks import run_tune_job
+
+    samples = [Sample(image_bytes(seed=i), label, ".png") for label in ("red", "green") for i in range(3)]
+    _, job = store.create_classifier("t", "", samples, TuneConfig.from_dict(TINY_CONFIG).to_dict())
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(store), "new_build_dir", full)
+    assert run_tune_job(store, settings, job.job_id) == "failed"
+    final = store.get_job(job.job_id)
+    assert final.status == "failed" and final.error["code"] == "no_space"
+    assert not [t for t in threading.enumerate() if t.name == f"lease-{job.job_id}" and t.is_alive()]
+
+
 def _asgi_post_cut_off(app, path: str, files, data) -> tuple[int, dict, list]:
     """POST through the ASGI interface, sending half the body and then http.disconnect: what uvicorn's receive
     returns when the connection drops or a shutdown closes it mid-upload."""
