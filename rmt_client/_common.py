@@ -101,10 +101,17 @@ def create_parts(source: Samples, name: str | None, config: Mapping[str, Any] | 
         if path.is_file() and zipfile.is_zipfile(path):
             return [("archive", (path.name, path.read_bytes(), "application/zip"))], data
         if path.is_dir():
+            if (path / "train").is_dir() and any(p.is_dir() for p in (path / "train").iterdir()):
+                path = path / "train"  # a train/test tree (as `rmt tune` takes): upload the training split
             classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
             if not classes:
                 raise ValueError(f"{path} has no class folders: lay images out as {path}/<label>/<image>")
-            pairs = [(image, folder.name) for folder in classes for image in image_files(folder)]
+            pairs = []
+            for folder in classes:
+                images = image_files(folder)
+                if not images:
+                    raise ValueError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                pairs += [(image, folder.name) for image in images]
         else:
             raise ValueError(f"{path} is neither a folder of class folders nor a zip file")
     else:

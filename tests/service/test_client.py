@@ -218,3 +218,29 @@ def test_embedded_server_log_is_quiet(server):
     # the toy jobs ran under the min_steps floor: the designed default, logged as information, not as a warning
     assert "INFO rmt_core.tuning: epochs raised by min_steps" in log
     assert "WARNING rmt_core.tuning: epochs raised" not in log
+
+
+def test_create_parts_from_folders_zips_and_pairs(tmp_path, class_folders):
+    """What the client uploads for each kind of source (no server needed)."""
+    from rmt_client._common import create_parts
+
+    files, data = create_parts(class_folders, "pets", {"epochs": 3})
+    assert [name for _, (name, _, _) in files] == ["green-0.png", "green-1.png", "green-2.png",
+                                                   "red-0.png", "red-1.png", "red-2.png"]  # notes.txt skipped
+    assert data["labels"] == ["green"] * 3 + ["red"] * 3 and json.loads(data["config"]) == {"epochs": 3}
+
+    split = tmp_path / "split"
+    (split / "test" / "red").mkdir(parents=True)
+    (split / "test" / "red" / "t.png").write_bytes(image_bytes())
+    (split / "train").symlink_to(class_folders, target_is_directory=True)
+    files, data = create_parts(split, None, None)
+    assert len(files) == 6 and "config" not in data and "name" not in data  # the train split only
+
+    (class_folders / "blue").mkdir()
+    with pytest.raises(ValueError, match="blue holds no images"):
+        create_parts(class_folders, None, None)
+
+    files, data = create_parts([(Image.new("RGB", (4, 4)), "a"), (b"\x89PNG...", "b")], None, None)
+    assert [name for _, (name, _, _) in files] == ["image-0.png", "image-1"] and data["labels"] == ["a", "b"]
+    with pytest.raises(ValueError, match="neither a folder"):
+        create_parts(tmp_path / "missing", None, None)
