@@ -98,7 +98,8 @@ def clean_label(raw: str, settings: Settings, where: str) -> str:
     return label
 
 
-async def read_form(request: Request, settings: Settings, max_files: int) -> FormData:
+async def read_form(request: Request, settings: Settings, max_files: int,
+                    limit_name: str = "RMT_MAX_FILES", limit: int | None = None) -> FormData:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type",
@@ -110,7 +111,8 @@ async def read_form(request: Request, settings: Settings, max_files: int) -> For
     except StarletteHTTPException as exc:  # starlette turns multipart limit and syntax errors into 400s
         detail = str(exc.detail)
         if "Too many files" in detail or "Too many fields" in detail:
-            raise ApiError(413, "too_many_files", f"{detail} (RMT_MAX_FILES={settings.max_files})") from None
+            shown = settings.max_files if limit is None else limit
+            raise ApiError(413, "too_many_files", f"{detail} ({limit_name}={shown})") from None
         raise ApiError(400, "bad_multipart", f"could not parse the multipart body: {detail}") from None
 
 

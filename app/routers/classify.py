@@ -42,7 +42,8 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
     """Classify one image (`file`) or a batch (`files`) with a ready classifier."""
     # The records database is read in the threadpool: never a blocking query on the event loop.
     model_dir = await run_in_threadpool(lambda: _ready_model(store, owned_classifier(store, classifier_id, tenant)))
-    form = await read_form(request, settings, max_files=settings.max_classify_images + 1)
+    form = await read_form(request, settings, max_files=settings.max_classify_images + 1,
+                           limit_name="RMT_MAX_CLASSIFY_IMAGES", limit=settings.max_classify_images)
     try:
         single, batch = form.getlist("file"), form.getlist("files")
         if (single and batch) or len(single) > 1:

@@ -124,6 +124,9 @@ def test_classify_batch_size_and_total_pixels_are_capped(tuned):
         four = [("files", (f"{i}.png", image_bytes(seed=i), "image/png")) for i in range(4)]
         response = client.post(f"/v1/classifiers/{cid}/classify", files=four)
         assert response.status_code == 413 and "RMT_MAX_CLASSIFY_IMAGES" in response.json()["error"]["message"]
+        many = [("files", (f"{i}.png", image_bytes(seed=i), "image/png")) for i in range(12)]
+        response = client.post(f"/v1/classifiers/{cid}/classify", files=many)  # stopped by the multipart parser
+        assert response.status_code == 413 and "RMT_MAX_CLASSIFY_IMAGES=3" in response.json()["error"]["message"]
         response = client.post(f"/v1/classifiers/{cid}/classify", files=four[:3])
         assert response.status_code == 413 and response.json()["error"]["code"] == "too_many_pixels"
         assert "RMT_MAX_CLASSIFY_PIXELS" in response.json()["error"]["message"]
