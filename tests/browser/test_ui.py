@@ -231,6 +231,13 @@ def test_labels_and_names_render_as_text_never_markup(serve, ui):
     page.locator("#predictions li").nth(1).wait_for()
     assert XSS in page.locator("#predictions").inner_text()
     ui.shot("xss-detail")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
+    page.wait_for_timeout(200)
+    wide = page.evaluate("""() => [...document.querySelectorAll('body *')].filter((el) => el.getBoundingClientRect().right > 391)
+        .map((el) => `${el.tagName}#${el.id}.${el.className} ${Math.round(el.getBoundingClientRect().right)}`).slice(0, 12)""")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390, wide
+    ui.shot("phone-detail")
+    page.set_viewport_size({"width": 1280, "height": 900})
     # the markup never became elements, and the page really forbids inline script
     assert page.locator("img[src='x']").count() == 0 and page.locator("main script").count() == 0
     blocked = page.evaluate("""() => new Promise((resolve) => {

@@ -160,11 +160,11 @@ export function detailView(main, ctx, id) {
 
     const candidates = candidateRows(fv.candidates, published);
     if (candidates.length) {
-      children.push(h("h3", {}, "Candidates"), h("table", { id: "candidates" },
+      children.push(h("h3", {}, "Candidates"), h("div", { class: "scroll" }, h("table", { id: "candidates" },
         h("thead", {}, h("tr", {}, ["Candidate", "Accuracy", "Judged by", "Published"].map((t) => h("th", { scope: "col" }, t)))),
         h("tbody", {}, candidates.map((c) => h("tr", { class: c.published ? "published" : null },
           h("th", { scope: "row" }, c.name), h("td", {}, pct(c.accuracy, 1)), h("td", {}, c.how || "–"),
-          h("td", {}, c.published ? "✓ published" : ""))))));
+          h("td", {}, c.published ? "✓ published" : "")))))));
     }
 
     const matrix = fv.confusion_matrix;
