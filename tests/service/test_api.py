@@ -252,8 +252,9 @@ def test_unknown_ids_answer_404(client, path):
 def test_ready_classifier_shows_its_report(tuned_client, tuned):
     clf = tuned_client.get(f"/v1/classifiers/{tuned['classifier_id']}").json()
     assert clf["status"] == "ready"
-    assert clf["artifacts"]["onnx_bytes"] > 0 and clf["artifacts"]["mask_bytes"] > 0
-    assert {"manifest.json", "model.onnx", "mask.rmtm", "curve.png", "confusion.png"} <= set(clf["artifacts"]["files"])
+    files = set(clf["artifacts"]["files"])  # base + mask + head: the encoder is the shared base, not a file here
+    assert {"manifest.json", "head.npz", "curve.png", "confusion.png"} <= files and "model.onnx" not in files
+    assert ("mask.rmt" in files) == bool(clf["artifacts"]["mask_bytes"])  # a mask ships when the candidate uses one
     assert clf["validation"]["n_holdout"] == 2  # 5 per class, holdout 0.2 -> 1 per class
     assert 0 <= clf["validation"]["tuned_accuracy"] <= 1 and "zero_shot_accuracy" in clf["validation"]
     assert clf["parity_max_abs_diff"] < 1e-3 and 0 <= clf["sparsity"] <= 100
@@ -378,6 +379,10 @@ def test_classify_serves_the_current_version(client, settings, tuned):
 
     source = Store(tuned["settings"])
     tuned_dir = source.model_dir(tuned["classifier_id"])
+    base_id = source.current_version(tuned["classifier_id"]).base_id
+    if base_id:  # the version refers to a shared base: this data dir needs it too
+        shutil.copytree(source.blobs.path(source.blobs.base_key(base_id)),
+                        settings.data_dir / "blobs" / "bases" / base_id, dirs_exist_ok=True)
     source.close()
     files, data = upload_parts(per_class=1)
     created = client.post("/v1/classifiers", files=files, data=data).json()
