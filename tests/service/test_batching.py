@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from app.classifier_cache import ClassifierCache, MicroBatcher
+from app.classifier_cache import ClassifierCache, MicroBatcher, served_loader
 from rmt_service.store import Store
 
 
@@ -88,12 +88,13 @@ def test_a_failing_batch_fails_its_requests_only():
 def test_lru_keeps_at_most_capacity_sessions(tuned, tmp_path):
     store = Store(tuned["settings"])
     source = store.model_dir(tuned["classifier_id"])
+    bases_dir = store.bases_dir
     store.close()
     dirs = []
     for i in range(4):
         shutil.copytree(source, tmp_path / f"m{i}")
         dirs.append(tmp_path / f"m{i}")
-    cache = ClassifierCache(capacity=2, providers="cpu")
+    cache = ClassifierCache(capacity=2, providers="cpu", loader=served_loader(bases_dir, "cpu"))
 
     async def main():
         for i, d in enumerate(dirs):
