@@ -7,8 +7,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import re
+import shlex
+import subprocess
+import sys
 import zipfile
 from urllib.parse import urlparse
 
@@ -18,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from tests.browser.conftest import API_KEY
 from tests.service.helpers import TINY_CONFIG, wait_for
+from tests.service.procs import ROOT
 
 pytestmark = pytest.mark.browser
 
@@ -86,7 +91,28 @@ def wait_ready(server, classifier_id: str, key: str | None = None) -> dict:
     return clf
 
 
-def test_create_watch_report_try_download_delete(serve, ui):
+def run_snippets(workdir, curl: str, python: str, cli: str, key: str | None = None) -> None:
+    """The copy-paste snippets, exactly as the page shows them, run against the server with a photo.jpg
+    (and the key in $RMT_API_KEY, as the snippets expect, when the server has keys)."""
+    Image.open(io.BytesIO(shape_png("red", 7))).convert("RGB").save(workdir / "photo.jpg")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RMT_")}
+    if key:
+        env["RMT_API_KEY"] = key
+        assert cli.startswith("RMT_API_KEY=... ")
+        cli = cli.removeprefix("RMT_API_KEY=... ")
+    out = subprocess.run(["bash", "-c", curl], cwd=workdir, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and len(json.loads(out.stdout)["predictions"]) == 2, out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", python], cwd=workdir, capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode == 0 and "photo.jpg" in out.stdout, out.stdout + out.stderr
+    assert zipfile.ZipFile(workdir / "model-bundle.zip").read("labels.txt")
+    assert cli.startswith("rmt remote classify ")
+    out = subprocess.run([sys.executable, "-m", "rmt_core.cli", *shlex.split(cli)[1:]], cwd=workdir,
+                         capture_output=True, text=True, timeout=120, env={**env, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and "photo.jpg" in out.stdout, out.stdout + out.stderr
+
+
+def test_create_watch_report_try_download_delete(serve, ui, tmp_path):
     page = ui.page
     page.goto(serve.base + "/")
     page.get_by_text("No classifiers yet.").wait_for()
@@ -193,7 +219,8 @@ def test_create_watch_report_try_download_delete(serve, ui):
         assert set(bundle.read("labels.txt").decode().splitlines()) == {"red disc", "green square"}
     curl = page.locator("#snippet-curl").inner_text()
     assert f"/v1/classifiers/{classifier_id}/classify" in curl and "Authorization" not in curl
-    assert f'"{classifier_id}"' in page.locator("#snippet-python").inner_text()
+    run_snippets(tmp_path, curl=curl, python=page.locator("#snippet-python").inner_text(),
+                 cli=page.locator("#snippet-cli").inner_text())
     page.locator("#use").scroll_into_view_if_needed()
     ui.shot("use-it")
 
@@ -251,7 +278,7 @@ def test_labels_and_names_render_as_text_never_markup(serve, ui):
         assert http.delete(f"/v1/classifiers/{created['classifier_id']}").status_code == 204
 
 
-def test_api_key_prompt_then_everything_works(serve_with_key, ui):
+def test_api_key_prompt_then_everything_works(serve_with_key, ui, tmp_path):
     created = create_over_http(serve_with_key, ("red", "green"), per_class=2, name="keyed", key=API_KEY)
     page = ui.page
     page.goto(serve_with_key.base + "/")
@@ -278,6 +305,8 @@ def test_api_key_prompt_then_everything_works(serve_with_key, ui):
     assert any(f"/v1/classifiers/{created['classifier_id']}" in r.url for r in authorised)
     assert "Authorization: Bearer $RMT_API_KEY" in page.locator("#snippet-curl").inner_text()
     assert 'api_key=os.environ["RMT_API_KEY"]' in page.locator("#snippet-python").inner_text()
+    run_snippets(tmp_path, curl=page.locator("#snippet-curl").inner_text(), key=API_KEY,
+                 python=page.locator("#snippet-python").inner_text(), cli=page.locator("#snippet-cli").inner_text())
     with page.expect_download() as got:  # a download behind auth: fetch with the header, then a blob URL
         page.get_by_role("button", name="Download ONNX model").click()
     onnx.checker.check_model(onnx.load(got.value.path()))

@@ -353,10 +353,12 @@ export function detailView(main, ctx, id) {
     const python = [
       "from rmt_client import Client",
       "",
-      `client = Client("${origin}"${auth ? ', api_key=os.environ["RMT_API_KEY"]' : ""})`,
-      `print(client.classify("${id}", "photo.jpg", top_k=3))`,
-      `client.download_model("${id}", "model.onnx")`,
+      `with Client("${origin}"${auth ? ', api_key=os.environ["RMT_API_KEY"]' : ""}) as rmt:`,
+      `    for result in rmt.classify("${id}", "photo.jpg", top_k=3):   # a file, a folder or PIL images`,
+      `        print(result["filename"], result["predictions"])`,
+      `    rmt.export("${id}", "model-bundle.zip")   # model.onnx, labels, preprocessing, a README`,
     ];
+    const cli = `${auth ? "RMT_API_KEY=... " : ""}rmt remote classify ${id} photo.jpg --top-k 3 --url ${origin}`;
     if (auth) python.unshift("import os");
     const modelName = `${(clf.name || id).replace(/[^\w.-]+/g, "_")}`;
     const status = h("p", { role: "status", "aria-live": "polite", class: "muted" });
@@ -378,7 +380,8 @@ export function detailView(main, ctx, id) {
         h("button", { type: "button", id: "download-export", onclick: get(api.exportPath(id), `${modelName}-export.zip`) }, "Download export bundle (zip)")),
       status,
       snippet("curl", curl, "snippet-curl"),
-      snippet("Python", python.join("\n"), "snippet-python"));
+      snippet("Python", python.join("\n"), "snippet-python"),
+      snippet("CLI", cli, "snippet-cli"));
     use.hidden = false;
   }
 
