@@ -73,3 +73,17 @@ def test_perfect_validation_does_not_drive_the_temperature_to_certainty():
     top = softmax(z / t).max(1)
     assert 0.5 < top.mean() < 0.97  # about (n+1)/(n+2) = 5/6, not 1.0
     assert calibrate(z, y, want_min_score=True)["min_score"] < 1
+
+
+def test_a_calibrated_model_keeps_t_1_and_an_overconfident_one_gets_fitted():
+    """On 16 images a fitted T mostly hurts a model that is already calibrated; the cross-fitted NLL test
+    keeps T = 1 there and still applies the fit to an over-confident model."""
+    rng = np.random.default_rng(0)
+
+    def draw(t):
+        z = rng.normal(0, 3, (16, 8))
+        return z, np.array([rng.choice(8, p=row) for row in softmax(z / t)])
+
+    kept = sum(calibrate(*draw(1.0))["temperature"] == 1.0 for _ in range(40))
+    fitted = sum(calibrate(*draw(10.0))["temperature"] > 3 for _ in range(40))
+    assert kept >= 30 and fitted >= 37
