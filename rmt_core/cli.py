@@ -100,11 +100,16 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def normal_permissions(root: Path) -> None:
     """Folders 0777 and files 0666, less the umask (0755/0644 usually): mkdtemp and atomic writes through
     mkstemp make 0700/0600, which would leave a classifier that only its creator can read."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _current_umask()
     os.chmod(root, 0o777 & ~mask)
     for path in root.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
@@ -264,6 +269,7 @@ def cmd_export(args) -> int:
     from .pipeline import rebuild_onnx
 
     path = rebuild_onnx(args.classifier, args.onnx)
+    os.chmod(path, 0o666 & ~_current_umask())  # written through mkstemp (0600): make it an ordinary file
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), parity checked against torch")
     return 0
 

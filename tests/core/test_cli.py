@@ -86,6 +86,20 @@ def test_tune_output_has_ordinary_permissions(tuned_split):
         assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
 
 
+def test_export_writes_an_ordinary_file(tuned_split, tmp_path, capsys):
+    """`rmt export` materialises a self-contained model.onnx readable by others (0644 under umask 022)."""
+    import onnx
+
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["export", str(tuned_split / "runs" / "clf"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["labels"]) == ["blue", "red"]
+
+
 def test_tune_split_tree_needs_test_classes_from_train(tmp_path):
     write_images(tmp_path / "train", 2, seed=0)
     write_images(tmp_path / "test", 1, seed=1)
