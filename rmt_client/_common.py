@@ -128,7 +128,8 @@ def create_parts(source: Samples, name: str | None, config: Mapping[str, Any] | 
 
 def expand_images(images: Any) -> list[Any]:
     """One image, a folder (its images, sorted) or a list of either, as a flat list."""
-    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence) or isinstance(images, (bytes,)):
+    single = (str, os.PathLike, bytes, bytearray, memoryview)  # one image, though some of these are sequences
+    if isinstance(images, single) or not isinstance(images, Sequence):
         images = [images]
     flat: list[Any] = []
     for image in images:

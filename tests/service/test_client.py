@@ -244,3 +244,19 @@ def test_create_parts_from_folders_zips_and_pairs(tmp_path, class_folders):
     assert [name for _, (name, _, _) in files] == ["image-0.png", "image-1"] and data["labels"] == ["a", "b"]
     with pytest.raises(ValueError, match="neither a folder"):
         create_parts(tmp_path / "missing", None, None)
+
+
+def test_expand_images_takes_one_image_a_folder_or_a_list(tmp_path):
+    from rmt_client._common import expand_images
+
+    (tmp_path / "b.png").write_bytes(image_bytes())
+    (tmp_path / "a.jpg").write_bytes(image_bytes(fmt="JPEG"))
+    (tmp_path / "notes.txt").write_text("x")
+    pil = Image.new("RGB", (4, 4))
+    assert expand_images(tmp_path) == [tmp_path / "a.jpg", tmp_path / "b.png"]
+    assert expand_images(str(tmp_path / "b.png")) == [str(tmp_path / "b.png")]
+    assert expand_images(b"raw") == [b"raw"] and expand_images(bytearray(b"raw")) == [bytearray(b"raw")]
+    assert expand_images(pil) == [pil] and expand_images([pil, tmp_path]) == [pil, tmp_path / "a.jpg",
+                                                                               tmp_path / "b.png"]
+    with pytest.raises(ValueError, match="holds no images"):
+        expand_images(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
