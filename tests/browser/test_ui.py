@@ -347,6 +347,9 @@ def test_watch_a_long_job_live_then_cancel_it(serve, ui):
     steps = re.match(r"Step (\d+) of (\d+)", page.locator("#job-progress-text").inner_text())
     assert steps and int(steps[1]) < int(steps[2])
     assert page.locator("#report").is_hidden() and page.locator("#use").is_hidden()
+    drop_files(page, "#try-drop", payloads("red", 1, start=80))
+    page.wait_for_function("() => document.querySelector('#try-status').textContent !== 'Classifying…'")
+    assert "the training was cancelled, so there is no model" in page.locator("#try-status").inner_text()
     ui.shot("cancelled")
     with serve.http() as http:
         assert http.get(f"/v1/jobs/{created['job_id']}").json()["status"] == "cancelled"

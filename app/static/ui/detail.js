@@ -304,9 +304,12 @@ export function detailView(main, ctx, id) {
         note.textContent = bits.join(" ") || `Top ${preds.length} of ${clf ? clf.labels.length : "?"} classes.`;
       } catch (exc) {
         if (!alive) return;
-        note.textContent = exc instanceof ApiError && exc.status === 409
-          ? `Not ready to classify yet: ${exc.message}. Try again when training has finished.`
-          : `Could not classify: ${exc.message}`;
+        const status = clf && clf.status;
+        note.textContent = exc instanceof ApiError && exc.code === "not_ready"
+          ? status === "queued" || status === "running"
+            ? "Not ready to classify yet: the model is still training. Try again when it has finished."
+            : `Not ready to classify: the training ${status === "cancelled" ? "was cancelled" : "did not finish"}, so there is no model.`
+          : exc instanceof ApiError && exc.status === 409 ? `Not ready to classify yet: ${exc.message}` : `Could not classify: ${exc.message}`;
       }
     }
 
