@@ -258,5 +258,6 @@ def test_expand_images_takes_one_image_a_folder_or_a_list(tmp_path):
     assert expand_images(b"raw") == [b"raw"] and expand_images(bytearray(b"raw")) == [bytearray(b"raw")]
     assert expand_images(pil) == [pil] and expand_images([pil, tmp_path]) == [pil, tmp_path / "a.jpg",
                                                                                tmp_path / "b.png"]
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
-        expand_images(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
+        expand_images(tmp_path / "empty")
