@@ -232,6 +232,8 @@ export function createView(main, ctx) {
     if (labels.some((l) => !l)) return "Every class needs a name.";
     const dup = labels.find((l, i) => labels.indexOf(l) !== i);
     if (dup !== undefined) return `Two classes are both called "${dup}"; class names must differ.`;
+    const long = labels.find((l) => l.length > (info.limits.max_label_length || Infinity));
+    if (long) return `The class name "${long.slice(0, 40)}…" is longer than ${info.limits.max_label_length} characters.`;
     const empty = state.classes.find((c) => !c.images.length);
     if (empty) return `Class "${empty.label}" has no images yet.`;
     // the server's limits (GET /v1/info), checked here so a big upload is not sent only to be refused
