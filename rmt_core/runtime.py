@@ -214,11 +214,13 @@ class BaseRegistry:
     """Per process: loaded bases and the ORT sessions their classifiers share, reference-counted.
 
     ``acquire`` returns the plan for (base, masked tensors); ``release`` drops it when its last
-    classifier goes. Classifiers that mask nothing share one plan: the whole base as one session.
+    classifier goes, except the ``keep_idle`` most recently released plans, kept so that a cache that
+    evicts a base's last classifier and loads another one soon does not rebuild the shared sessions.
+    Classifiers that mask nothing share one plan: the whole base as one session.
     """
 
     def __init__(self, bases_dir: Path | str, providers: str = "auto", shared_arena: bool = True,
-                 shared_min_bytes: int | None = None, load_threads: int | None = None):
+                 shared_min_bytes: int | None = None, load_threads: int | None = None, keep_idle: int = 1):
         import threading
 
         from .segments import SHARED_MIN_BYTES
@@ -230,6 +232,8 @@ class BaseRegistry:
         self.load_threads = load_threads if load_threads is not None else min(4, os.cpu_count() or 1)
         self._bases: dict[str, _LoadedBase] = {}
         self._plans: dict[tuple[str, frozenset], _Plan] = {}
+        self._idle: dict[tuple[str, frozenset], None] = {}  # released plans kept, oldest first
+        self.keep_idle = max(0, int(keep_idle))
         self._lock = threading.RLock()
 
     def options(self) -> ort.SessionOptions:
@@ -251,6 +255,7 @@ class BaseRegistry:
 
         with self._lock:
             key = (base_id, frozenset(masked))
+            self._idle.pop(key, None)
             plan = self._plans.get(key)
             if plan is None:
                 base = self.base(base_id)
@@ -267,9 +272,12 @@ class BaseRegistry:
             if plan is not None:
                 plan.refs -= 1
                 if plan.refs <= 0:
-                    del self._plans[key]
-                    if not any(k[0] == base_id for k in self._plans):
-                        self._bases.pop(base_id, None)
+                    self._idle[key] = None
+                    while len(self._idle) > self.keep_idle:
+                        oldest = next(iter(self._idle))
+                        del self._idle[oldest], self._plans[oldest]
+                        if not any(k[0] == oldest[0] for k in self._plans):
+                            self._bases.pop(oldest[0], None)
 
     def stats(self) -> dict:
         """What is held: bases, plans and their reference counts, shared sessions."""

@@ -86,7 +86,7 @@ def test_base_is_exported_once_and_maps_every_maskable_weight(world):
 
 @pytest.mark.parametrize("shared_min_bytes", [0, None])
 def test_two_classifiers_on_one_base_equal_their_own_baked_models(world, shared_min_bytes):
-    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=shared_min_bytes)
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=shared_min_bytes, keep_idle=0)
     a = load_classifier(world["a"], world["bases"], registry)
     b = load_classifier(world["b"], world["bases"], registry)
     x = world["x"]
@@ -121,6 +121,20 @@ def test_nothing_masked_builds_no_encoder_tensors_of_its_own(world):
                                           "shared_sessions": 1, "segments": 1}]
     ref = make_session(_baked_reference(None, world["tmp"] / "ref-zero.onnx"), "cpu")
     np.testing.assert_allclose(zero.logits(world["x"]), ref.run(None, {"image": world["x"]})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_released_plan_is_kept_idle_for_the_next_classifier_then_dropped(world):
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=0, keep_idle=1)
+    a = load_classifier(world["a"], world["bases"], registry)
+    shared = [s for seg, s in a._chain if seg.kind == "shared"]
+    a.close()
+    assert [p["refs"] for p in registry.stats()["plans"]] == [0]  # idle, not rebuilt by the next load
+    b = load_classifier(world["b"], world["bases"], registry)
+    assert [s for seg, s in b._chain if seg.kind == "shared"] == shared
+    b.close()
+    zero = load_classifier(world["zero"], world["bases"], registry)  # another plan: the whole-base session
+    zero.close()  # two idle plans, one kept: the older one goes
+    assert [(p["masked"], p["refs"]) for p in registry.stats()["plans"]] == [(0, 0)]
 
 
 def test_materialised_model_carries_metadata_and_matches_served_outputs(world, tmp_path):
