@@ -357,9 +357,9 @@ export function detailView(main, ctx, id) {
       "from rmt_client import Client",
       "",
       `with Client("${origin}"${auth ? ', api_key=os.environ["RMT_API_KEY"]' : ""}) as rmt:`,
-      `    for result in rmt.classify("${id}", "photo.jpg", top_k=3):   # a file, a folder or PIL images`,
+      `    for result in rmt.classify("${id}", "photo.jpg", top_k=3):  # or a folder`,
       `        print(result["filename"], result["predictions"])`,
-      `    rmt.export("${id}", "model-bundle.zip")   # model.onnx, labels, preprocessing, a README`,
+      `    rmt.export("${id}", "model-bundle.zip")  # ONNX + labels + README`,
     ];
     const cli = `${auth ? "RMT_API_KEY=... " : ""}rmt remote classify ${id} photo.jpg --top-k 3 --url ${origin}`;
     if (auth) python.unshift("import os");
