@@ -10,6 +10,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	# A venv made before the base install went CPU-only holds onnxruntime-gpu: it and onnxruntime share the
+	# `onnxruntime` package, so take both out and let the install below put plain onnxruntime back.
+	if $(BIN)/pip show --quiet onnxruntime-gpu 2>/dev/null; then \
+		$(BIN)/pip uninstall --quiet -y onnxruntime-gpu onnxruntime; fi
 	$(BIN)/pip install --quiet -e '.[tune,test]'
 	touch $(STAMP)
 
