@@ -2,7 +2,7 @@
 
 1. write a generated few-shot sample set (shapes under noise and a colour cast the backbone never saw),
 2. start `rmt serve` (API + a Celery worker on the local SQLite broker) on a free loopback port,
-3. create a classifier over HTTP, watch the job's progress, classify held-back images,
+3. create a classifier over HTTP with rmt_client, watch the job's progress, classify held-back images,
 4. print the validation report (zero-shot vs tuned on the held-out images), stop the server.
 
     python scripts/demo.py [--data-dir runs/demo-data] [--per-class 16] [--keep-running]
@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rmt_client import Client  # noqa: E402
 from rmt_core.world import DEMO_CLASSES as CLASSES, DEMO_SHIFT as SHIFT, write_class_folders  # noqa: E402
 
 
@@ -34,16 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(client: httpx.Client, server: subprocess.Popen, timeout: float = 120) -> None:
+def wait_ready(rmt: Client, server: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"rmt serve exited with {server.returncode}")
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if rmt.ready():
+            return
         time.sleep(0.5)
     raise SystemExit("rmt serve did not become ready")
 
@@ -73,54 +69,36 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, "-m", "rmt_core.cli", "serve", "--host", "127.0.0.1",
                                "--port", str(port), "--data-dir", args.data_dir, "--log-level", "warning"],
                               env=env, start_new_session=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    rmt = Client(f"http://127.0.0.1:{port}", timeout=60)
     try:
-        wait_ready(client, server)
+        wait_ready(rmt, server)
         print(f"[2/4] rmt serve is up on http://127.0.0.1:{port} (embedded broker, data in {args.data_dir})")
 
-        files, labels = [], []
-        for label, paths in train.items():
-            for path in paths:
-                files.append(("files", (path.name, path.read_bytes(), "image/png")))
-                labels.append(label)
         config = {"method": "r-amt", "seed": args.seed, "holdout": 0.25}
-        created = client.post("/v1/classifiers", files=files,
-                              data={"labels": labels, "name": "demo-shapes", "config": json.dumps(config)})
-        if created.status_code != 202:
-            raise SystemExit(f"create failed: {created.status_code} {created.text}")
-        body = created.json()
-        print(f"[3/4] created classifier {body['classifier_id']}, job {body['job_id']}")
-        shown = None
-        while True:
-            job = client.get(f"/v1/jobs/{body['job_id']}").json()
+        created = rmt.create(samples_dir / "train", name="demo-shapes", config=config)  # train/<label>/<image>
+        print(f"[3/4] created classifier {created.classifier_id}, job {created.job_id} (rmt_client)")
+        shown = [None]
+
+        def show(job: dict) -> None:
             p = job.get("progress") or {}
-            if p.get("total_steps") and p["step"] != shown:
-                shown = p["step"]
+            if p.get("total_steps") and p["step"] != shown[0]:
+                shown[0] = p["step"]
                 eta = p.get("eta_seconds")
                 print(f"\r      {job['status']:9s} [{bar(p['step'] / p['total_steps'])}] step {p['step']}/{p['total_steps']} "
                       f"loss {p['loss']:.3f} acc {p['train_accuracy']:.2f} sparsity {p['sparsity']:.2f}% "
                       f"eta {eta if eta is None else round(eta)}s   ", end="", flush=True)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                print()
-                break
-            time.sleep(1.0)
+
+        job = rmt.wait(created, progress=show, poll=1.0, raise_on_failure=False)
+        print()
         if job["status"] != "succeeded":
             raise SystemExit(f"job {job['status']}: {job.get('error')}")
 
-        clf = client.get(f"/v1/classifiers/{body['classifier_id']}").json()
-        correct = total = 0
-        for label, paths in test.items():
-            batch = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
-            results = client.post(f"/v1/classifiers/{body['classifier_id']}/classify", files=batch,
-                                  params={"top_k": 2}).json()["results"]
-            for r in results:
-                correct += r["predictions"][0]["label"] == label
-                total += 1
-        first = test[CLASSES[0]][0]
-        one = client.post(f"/v1/classifiers/{body['classifier_id']}/classify",
-                          files={"file": (first.name, first.read_bytes(), "image/png")}, params={"top_k": 3}).json()
-        print(f"[4/4] classified {total} new images over HTTP: {correct}/{total} correct; "
-              f"one {CLASSES[0]}: {one['predictions']}")
+        clf = rmt.get(created.classifier_id)
+        results = rmt.classify(created.classifier_id, [p for paths in test.values() for p in paths], top_k=2)
+        correct = sum(Path(r["path"]).parent.name == r["predictions"][0]["label"] for r in results)
+        one = results[0]
+        print(f"[4/4] classified {len(results)} new images over HTTP: {correct}/{len(results)} correct; "
+              f"{Path(one['path']).parent.name}/{one['filename']}: {one['predictions']}")
         print("\nValidation report")
         print(json.dumps({k: clf.get(k) for k in ("labels", "backbone", "method", "sparsity", "validation",
                                                   "artifacts", "status")}, indent=2))
@@ -135,7 +113,7 @@ def main() -> int:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
-        client.close()
+        rmt.close()
 
 
 if __name__ == "__main__":
