@@ -16,7 +16,10 @@ The head (rmt_core/head.py) runs in numpy. Old directories with a baked model.on
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
+import io
 import json
 import logging
 import os
@@ -33,14 +36,60 @@ MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 
 
+def _cuda_probe_session() -> list[str]:
+    """The providers a one-node session really gets when CUDA is asked for (ORT falls back to the CPU, with its
+    own error line, when the CUDA EP cannot start: no device, missing CUDA/cuDNN libraries, driver too old)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "cuda_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return session.get_providers()
+
+
+@functools.lru_cache(maxsize=1)
 def _cuda_usable() -> bool:
-    """CUDA is offered only if ORT was built with it AND the driver library loads (else ORT logs an error)."""
+    """Whether sessions can run on CUDA here; decided once per process, and a CPU fallback is logged once.
+
+    Needs the CUDA build of ONNX Runtime (onnxruntime-gpu: the GPU API image), the NVIDIA driver's libcuda,
+    and a CUDA EP that really starts. CUDA/cuDNN libraries installed as pip wheels (nvidia-*) are loaded from
+    site-packages first by ``onnxruntime.preload_dlls`` (ORT >= 1.21), so no LD_LIBRARY_PATH is needed.
+    """
     if "CUDAExecutionProvider" not in ort.get_available_providers():
+        log.info("ONNX Runtime %s serves on the CPU: this is its CPU build (the GPU API image carries "
+                 "onnxruntime-gpu)", ort.__version__)
         return False
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
+        log.warning("ONNX Runtime serves on the CPU: onnxruntime-gpu is installed but this host has no NVIDIA "
+                    "driver (libcuda.so.1 not found; no GPU, or the container was started without one)")
         return False
+    if hasattr(ort, "preload_dlls"):
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):  # preload_dlls reports missing libraries with print()
+                ort.preload_dlls()
+        except Exception:  # a failed preload shows up in the probe below; its reason goes to the debug log
+            log.debug("onnxruntime.preload_dlls failed", exc_info=True)
+        if printed.getvalue().strip():
+            log.debug("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
+    try:
+        got = _cuda_probe_session()
+    except Exception as exc:
+        got = [f"error: {exc}"]
+    if "CUDAExecutionProvider" not in got:
+        log.warning("ONNX Runtime serves on the CPU: its CUDA execution provider did not start (%s); see ONNX "
+                    "Runtime's error above for the missing library or device", got)
+        return False
+    log.info("ONNX Runtime %s serves on CUDA", ort.__version__)
     return True
 
 
@@ -51,6 +100,13 @@ def _providers(providers: str) -> list[str]:
     if providers in ("auto", "cuda") and _cuda_usable():
         wanted.insert(0, "CUDAExecutionProvider")
     return wanted
+
+
+def inference_device(providers: str = "auto") -> dict:
+    """What serving runs on for the ``ort_providers`` setting: {"device": "cuda" | "cpu", "providers": [...]}
+    (the execution providers every session gets, in priority order); reported by /readyz."""
+    wanted = _providers(providers)
+    return {"device": "cuda" if "CUDAExecutionProvider" in wanted else "cpu", "providers": wanted}
 
 
 def session_options() -> ort.SessionOptions:
@@ -71,7 +127,9 @@ def make_session(model: Path | str | bytes, providers: str = "auto",
     options = options or session_options()
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options,
                                    providers=wanted)
-    if providers == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+    # A host without a usable CUDA EP was logged once by _cuda_usable; warn here only when a session that
+    # should have got CUDA did not (e.g. the device ran out of memory).
+    if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("CUDA was asked for but ONNX Runtime runs on %s", session.get_providers())
     return session
 

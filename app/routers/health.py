@@ -1,4 +1,4 @@
-"""Probes and metrics: /healthz (process up), /readyz (store writable, broker reachable), /metrics."""
+"""Probes and metrics: /healthz (process up), /readyz (store writable, broker reachable; inference device), /metrics."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from ..deps import MetricsDep, QueueDep, StoreDep
+from rmt_core.runtime import inference_device
+
+from ..deps import MetricsDep, QueueDep, SettingsDep, StoreDep
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,12 @@ def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(store: StoreDep, queue: QueueDep) -> JSONResponse:
-    """Ready to accept work: the data directory is writable and the broker answers."""
+async def readyz(store: StoreDep, queue: QueueDep, settings: SettingsDep) -> JSONResponse:
+    """Ready to accept work: the data directory is writable and the broker answers.
+
+    ``inference`` says what classification runs on: ``device`` "cuda" or "cpu" and the ONNX Runtime execution
+    providers in priority order (the GPU API image on a host without a usable GPU reports "cpu").
+    """
     checks = {}
     for name, check in (("store", store.check_writable), ("broker", queue.ping)):
         try:
@@ -34,7 +40,9 @@ async def readyz(store: StoreDep, queue: QueueDep) -> JSONResponse:
             log.warning("readiness check %s failed", name, exc_info=True)
             checks[name] = "unavailable"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
+    # Decided once per process (the first call may probe CUDA with a one-node session, hence the thread).
+    inference = await run_in_threadpool(inference_device, settings.ort_providers)
+    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks, "inference": inference},
                         status_code=200 if ready else 503)
 
 
