@@ -193,3 +193,22 @@ def test_cancel_a_running_job(api, worker):
     assert final["progress"]["step"] < 200
     clf = api.get(f"/v1/classifiers/{created['classifier_id']}").json()
     assert clf["status"] == "cancelled" and clf["artifacts"] is None
+
+
+def test_a_lost_broker_message_is_sent_again(redis_server, data_dir, tmp_path):
+    """The queue loses a job's message (Redis flushed before any worker took it): the lease sweep of the next
+    worker sends it again once its resend time has passed, and the job finishes instead of waiting forever."""
+    import redis
+
+    settings = make_settings(data_dir, broker_url=redis_server.url, job_lease_seconds=4, job_resend_seconds=2)
+    with TestClient(create_app(settings)) as api:
+        created = _create(api)
+        redis.Redis(port=redis_server.port).flushall()  # the message is gone; the job row says "queued"
+        assert _job(api, created["job_id"])["status"] == "queued"
+        child = start_worker(data_dir, redis_server.url, tmp_path / "w.log")
+        try:
+            final = wait_job(lambda: _job(api, created["job_id"]), 120)
+            assert final["status"] == "succeeded", (final, child.log())
+        finally:
+            child.stop()
+    assert "resent" in child.log_path.read_text()
