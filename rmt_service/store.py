@@ -214,6 +214,13 @@ class Store:
         quota = conn.execute(query).scalar_one()
         return self.settings.max_queued_jobs if quota is None else int(quota)
 
+    def quota_state(self, tenant: str) -> tuple[int, int]:
+        """(active jobs, limit) for a tenant, read without locking: the API's early answer before an upload."""
+        with self.db.read() as conn:
+            quota = conn.execute(select(tenants.c.max_active_jobs).where(tenants.c.tenant == tenant)).scalar()
+            active = jobsm.count_active(conn, tenant)
+        return active, self.settings.max_queued_jobs if quota is None else int(quota)
+
     def set_quota(self, tenant: str, max_active_jobs: int | None) -> None:
         with self.db.write() as conn:
             self._lock_tenant(conn, tenant)

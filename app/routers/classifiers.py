@@ -61,9 +61,9 @@ def _too_many(active: int, limit: int) -> ApiError:
 async def create_classifier(request: Request, response: Response, settings: SettingsDep, store: StoreDep,
                             queue: QueueDep, tenant: TenantDep, metrics: MetricsDep) -> ClassifierCreated:
     """Upload example images and queue the tuning job that turns them into a classifier."""
-    active = await run_in_threadpool(store.count_active_jobs, tenant)  # early answer, before the upload
-    if active >= settings.max_queued_jobs:
-        raise _too_many(active, settings.max_queued_jobs)
+    active, limit = await run_in_threadpool(store.quota_state, tenant)  # early answer, before the upload
+    if active >= limit:
+        raise _too_many(active, limit)
     parsed = await parse_create(request, settings)
     try:  # the authoritative check: quota and create in one transaction
         record, job = await run_in_threadpool(store.create_classifier, tenant, parsed.name, parsed.samples,

@@ -330,3 +330,13 @@ def test_concurrent_migrations_run_once(database_url, tmp_path, settings):
             assert sorted(r.status for r in conn.execute(select(job_counts.c.status))) == sorted(jobsm.JOB_STATUSES)
     finally:
         db.dispose()
+
+
+def test_a_tenant_quota_overrides_the_default(store):
+    assert store.quota_state("vip") == (0, store.settings.max_queued_jobs)
+    store.set_quota("vip", store.settings.max_queued_jobs + 2)
+    for _ in range(store.settings.max_queued_jobs + 2):
+        store.create_classifier("vip", "", _samples(), {})
+    assert store.quota_state("vip") == (store.settings.max_queued_jobs + 2,) * 2
+    with pytest.raises(QuotaExceeded):
+        store.create_classifier("vip", "", _samples(), {})
