@@ -55,6 +55,8 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-running", action="store_true", help="Leave the server up at the end.")
+    parser.add_argument("--config", default="{}", help="TuneConfig fields (JSON) over the demo's, e.g. for a "
+                                                       'quick run: \'{"epochs": 1, "min_steps": 4}\'')
     args = parser.parse_args()
 
     samples_dir = ROOT / "runs" / "demo-samples"
@@ -74,7 +76,7 @@ def main() -> int:
         wait_ready(rmt, server)
         print(f"[2/4] rmt serve is up on http://127.0.0.1:{port} (embedded broker, data in {args.data_dir})")
 
-        config = {"method": "r-amt", "seed": args.seed, "holdout": 0.25}
+        config = {"method": "r-amt", "seed": args.seed, "holdout": 0.25, **json.loads(args.config)}
         created = rmt.create(samples_dir / "train", name="demo-shapes", config=config)  # train/<label>/<image>
         print(f"[3/4] created classifier {created.classifier_id}, job {created.job_id} (rmt_client)")
         shown = [None]
