@@ -12,19 +12,37 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _TrackedSend:
+    """Wraps an ASGI send and remembers whether the response has started (after which no error answer can be
+    sent in its place)."""
+
+    def __init__(self, send: Send):
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
+async def _send_json_error(send: Send, status: int, code: str, message: str,
+                           extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra_headers, (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodySizeLimit:
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps({"error": {"code": "payload_too_large",
-                                     "message": f"request body is larger than {self.max_bytes} bytes "
-                                                "(RMT_MAX_UPLOAD_BYTES)"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json_error(send, 413, "payload_too_large",
+                               f"request body is larger than {self.max_bytes} bytes (RMT_MAX_UPLOAD_BYTES)")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -35,7 +53,6 @@ class BodySizeLimit:
                 await self._reject(send)
                 return
         received = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -46,16 +63,11 @@ class BodySizeLimit:
                     raise _BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _TrackedSend(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracked)
         except _BodyTooLarge:
-            if not started:
+            if not tracked.started:
                 await self._reject(send)
 
 
@@ -73,27 +85,15 @@ class ShutdownAnswer:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
-            if not started:
-                body = json.dumps({"error": {"code": "shutting_down",
-                                             "message": "the server shut down before this request finished; "
-                                                        "retry shortly"}}).encode()
+            if not tracked.started:
                 try:
-                    await send({"type": "http.response.start", "status": 503,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode()),
-                                            (b"retry-after", b"5"), (b"connection", b"close")]})
-                    await send({"type": "http.response.body", "body": body})
+                    await _send_json_error(send, 503, "shutting_down",
+                                           "the server shut down before this request finished; retry shortly",
+                                           ((b"retry-after", b"5"),))
                 except Exception:  # noqa: BLE001 - the connection is already gone: nothing to tell
                     pass
             raise
