@@ -70,6 +70,24 @@ def export_onnx(head: ClassifierHead, path: Path | str, opset: int = 17) -> Path
     return path
 
 
+def _compare_with_torch(model: nn.Module, run, what: str, batch: torch.Tensor | None, atol: float,
+                        seed: int) -> float:
+    """Class probabilities of ``model`` (image -> logits) against ``run`` (float32 image batch -> probabilities)
+    on ``batch`` (a seeded random one of the model's image size when None); max |dp|, or ExportParityError
+    naming ``what`` when it exceeds ``atol``."""
+    model = model.eval().cpu()
+    if batch is None:
+        size = model.visual.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        batch = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(seed))
+    expected = torch.softmax(model(batch.float()), dim=-1).numpy()
+    got = run(batch.float().numpy())
+    diff = float(np.abs(expected - got).max())
+    if not diff <= atol:
+        raise ExportParityError(f"{what} differs from torch by {diff:.3g} (> {atol}) on class probabilities")
+    return diff
+
+
 @torch.no_grad()
 def check_parity(head: ClassifierHead, onnx_path: Path | str, batch: torch.Tensor | None = None,
                  atol: float = 1e-3, seed: int = 0) -> float:
@@ -77,18 +95,9 @@ def check_parity(head: ClassifierHead, onnx_path: Path | str, batch: torch.Tenso
 
     Raises ExportParityError when it exceeds ``atol``.
     """
-    head = head.eval().cpu()
-    if batch is None:
-        size = head.visual.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        batch = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(seed))
-    expected = torch.softmax(head(batch.float()), dim=-1).numpy()
     session = make_session(onnx_path, "cpu")
-    got = softmax(session.run(None, {"image": batch.float().numpy()})[0])
-    diff = float(np.abs(expected - got).max())
-    if not diff <= atol:
-        raise ExportParityError(f"ONNX Runtime differs from torch by {diff:.3g} (> {atol}) on class probabilities")
-    return diff
+    return _compare_with_torch(head, lambda images: softmax(session.run(None, {"image": images})[0]),
+                               "ONNX Runtime", batch, atol, seed)
 
 
 @torch.no_grad()
@@ -101,18 +110,8 @@ def check_served_parity(model: nn.Module, version_dir: Path | str, bases_dir: Pa
     """
     from .runtime import BaseRegistry, load_classifier
 
-    model = model.eval().cpu()
-    if batch is None:
-        size = model.visual.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        batch = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(seed))
-    expected = torch.softmax(model(batch.float()), dim=-1).numpy()
     served = load_classifier(version_dir, bases_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False))
     try:
-        got = served.run(batch.float().numpy())
+        return _compare_with_torch(model, served.run, "the served classifier", batch, atol, seed)
     finally:
         served.close()
-    diff = float(np.abs(expected - got).max())
-    if not diff <= atol:
-        raise ExportParityError(f"the served classifier differs from torch by {diff:.3g} (> {atol}) on class probabilities")
-    return diff
