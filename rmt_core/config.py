@@ -89,6 +89,10 @@ class TuneConfig:
         default=False,
         metadata={"help": "Answer 'unknown' below a score threshold: a default min_score is chosen on validation "
                           "data and stored with the classifier."})
+    keep_preview: bool = field(
+        default=False,
+        metadata={"help": "If the job fails or is cancelled, keep answering classify with the preview model "
+                          "(zero-shot or the fitted head) instead of 409."})
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -194,7 +198,8 @@ class TuneConfig:
             n_images, held = n_train, 0
         else:
             counts = [int(n) for n in n_train]
-            held = self.n_holdout(counts)
+            # as the pipeline splits: a holdout only when every class can spare images (candidates.has_holdout)
+            held = self.n_holdout(counts) if counts and min(counts) >= MIN_PER_CLASS_FOR_HOLDOUT else 0
             n_images = sum(counts) - held
         if n_images < 1:
             raise ValueError(f"n_train={n_images}: need at least one training image")

@@ -192,18 +192,34 @@ def _drop_masks(model) -> None:
         parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
 
 
+def write_preview(out_dir: Path | str, shared: dict, name: str, head: Head, accuracy: float | None = None) -> dict:
+    """A preview version directory: manifest.json + head.npz over the shared base, no mask (only candidates
+    that use no mask can be previews). ``shared`` is what build_classifier's ``on_base`` received."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = write_version_files(out_dir, base_id=shared["base_id"], head=head)
+    manifest = {**shared, "candidate": name, "preview": True, "preview_accuracy": accuracy, **files,
+                "sparsity": 0.0, "validation": None, "min_score": None,
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
 def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path | str,
                      progress: Callable[[Progress], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, device: str = "auto",
-                     on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None) -> dict:
+                     on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None,
+                     on_base: Callable[[dict], None] | None = None) -> dict:
     """Tune a classifier from ``samples`` = [(image path or PIL image, label), ...] into ``out_dir``.
 
     Candidates (zero-shot, a head fitted on frozen features, the mask-tuned encoder, a head on it) are
     judged on validation data and the best is published (rmt_core.candidates); ``on_candidate(name, head,
     uses_mask, accuracy)`` is called as each is ready, zero-shot and the head before tuning starts, so a
     service can publish previews. The backbone's base is ensured in ``bases_dir`` (default: a ``bases``
-    folder beside ``out_dir``) before tuning. Returns the manifest. Raises TuningCancelled, ValueError (bad
-    input), ExportParityError (the served path disagrees with torch).
+    folder beside ``out_dir``) before tuning; ``on_base(fields)`` is then called once with the manifest fields
+    every version of this build shares (labels, preprocess, base_id, ...), which ``write_preview`` needs to
+    turn an ``on_candidate`` head into a servable version directory. Returns the manifest. Raises
+    TuningCancelled, ValueError (bad input), ExportParityError (the served path disagrees with torch).
     """
     import torch
 
@@ -230,6 +246,10 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                              quick_gelu=config.quick_gelu_setting)
     preprocess = PreprocessConfig.from_dict(backbone.preprocess)
     base = ensure_base(backbone, bases_dir)  # before tuning: the base is the untouched encoder
+    if on_base is not None:
+        on_base({"labels": labels, "backbone": config.backbone, "pretrained": config.pretrained,
+                 "method": config.method, "config": config.to_dict(), "preprocess": preprocess.to_dict(),
+                 "base_id": base.base_id, "quick_gelu": backbone.quick_gelu})
     text_features = encode_class_texts(backbone, labels, config.prompt_template)
     zero_shot = Head.zero_shot(text_features.cpu().numpy(), float(backbone.model.logit_scale.detach().exp()),
                                prompt_template=config.prompt_template)

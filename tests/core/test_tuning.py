@@ -127,9 +127,12 @@ def test_schedule_reports_epochs_min_steps_and_total_with_the_warning():
     assert "30 epochs would be 60 steps" in plan["warning"]
     big = config.schedule(3200)
     assert (big["epochs"], big["total_steps"], big["raised_by_min_steps"], big["warning"]) == (30, 3000, False, None)
-    # per-class upload counts: the holdout (20% of classes with >= 5 images) does not train
-    per_class = TuneConfig(holdout=0.2).schedule([10, 10, 3])
-    assert (per_class["n_holdout"], per_class["n_train"]) == (4, 19)
+    # per-class upload counts: the holdout (20% of each class, when every class has >= 5 images) does not train
+    per_class = TuneConfig(holdout=0.2).schedule([10, 10, 5])
+    assert (per_class["n_holdout"], per_class["n_train"]) == (5, 20)
+    # as the pipeline splits: one class too small to spare images means no holdout at all
+    small = TuneConfig(holdout=0.2).schedule([10, 10, 3])
+    assert (small["n_holdout"], small["n_train"]) == (0, 23)
     assert plan_schedule(40, config) == (2, 150, 300)
 
 
