@@ -106,12 +106,20 @@ def get(conn: Connection, job_id: str, tenant: str | None = None) -> JobRecord |
     return None if row is None else JobRecord.from_row(row)
 
 
-def insert(conn: Connection, job_id: str, classifier_id: str, tenant: str, resend_s: float) -> None:
+def insert(conn: Connection, job_id: str, classifier_id: str, tenant: str, resend_s: float,
+           progress: dict[str, Any] | None = None) -> None:
     """A new queued job (inside the create transaction)."""
     now = db_now()
     conn.execute(jobs.insert().values(
         id=job_id, classifier_id=classifier_id, tenant=tenant, status="queued", attempts=0, sends=1,
-        cancel_requested=False, created_at=now, enqueued_at=now, updated_at=now, resend_at=now + resend_s))
+        cancel_requested=False, created_at=now, enqueued_at=now, updated_at=now, resend_at=now + resend_s,
+        progress=progress))
+
+
+def holds(conn: Connection, job_id: str, owner: str) -> bool:
+    """Whether ``owner`` runs the job under its lease (read inside the caller's transaction)."""
+    return conn.execute(select(jobs.c.id).where(jobs.c.id == job_id, jobs.c.status == "running",
+                                                 jobs.c.lease_owner == owner)).first() is not None
     _bump(conn, None, "queued")
 
 

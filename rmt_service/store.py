@@ -162,8 +162,10 @@ class Store:
 
     # ---------------------------------------------------------------- classifiers
     def create_classifier(self, tenant: str, name: str, samples: list[Sample], config: dict[str, Any],
-                          max_active_jobs: int | None = None) -> tuple[ClassifierRecord, JobRecord]:
-        """Store uploads, then in one transaction: check the tenant's quota, insert classifier, uploads, job.
+                          max_active_jobs: int | None = None, progress: dict[str, Any] | None = None
+                          ) -> tuple[ClassifierRecord, JobRecord]:
+        """Store uploads, then in one transaction: check the tenant's quota, insert classifier, uploads, job
+        (with ``progress`` as the queued job's first progress, e.g. the schedule a create reports).
 
         Raises QuotaExceeded (nothing stored) when the tenant already has its limit of active jobs.
         """
@@ -189,7 +191,7 @@ class Store:
                 conn.execute(uploads.insert(), [
                     {"classifier_id": classifier_id, "idx": i, "blob_key": key, "label": s.label,
                      "original_name": s.original_name[:255]} for i, (key, s) in enumerate(zip(keys, samples))])
-                jobsm.insert(conn, job_id, classifier_id, tenant, self.settings.job_resend_seconds)
+                jobsm.insert(conn, job_id, classifier_id, tenant, self.settings.job_resend_seconds, progress)
                 conn.execute(update(tenants).where(tenants.c.tenant == tenant)
                              .values(n_classifiers=tenants.c.n_classifiers + 1))
                 job = jobsm.get(conn, job_id)
@@ -372,7 +374,8 @@ class Store:
         With ``job_id``/``owner`` and ``final``, the same transaction ends the job as succeeded, and only if
         the caller still holds its lease: a worker that lost its lease (frozen, then resumed) cannot publish,
         so one job publishes once. A preview (``final=False``) becomes current only while no final version
-        exists. Raises StoreError (and removes the blob) when the classifier is gone or the lease was lost.
+        exists (with ``job_id``/``owner``, only while the caller holds the job's lease). Raises StoreError (and
+        removes the blob) when the classifier is gone or the lease was lost.
         """
         build_dir = Path(build_dir)
         manifest_path = build_dir / MANIFEST
@@ -399,6 +402,8 @@ class Store:
                 if final and job_id is not None:
                     if not jobsm.finish_in(conn, job_id, owner or "", "succeeded"):
                         raise StoreError(f"job {job_id} is no longer held by this worker; not publishing")
+                elif job_id is not None and not jobsm.holds(conn, job_id, owner or ""):
+                    raise StoreError(f"job {job_id} is no longer held by this worker; no preview")
                 if base_id:
                     self._register_base(conn, str(base_id), manifest, now)
                 conn.execute(versions.insert().values(
