@@ -140,23 +140,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class OnnxClassifier:
-    """A published classifier: labels + preprocessing from manifest.json, the baked model from model.onnx."""
+def _read_manifest(model_dir: Path) -> dict:
+    manifest_path = model_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a classifier directory (no {MANIFEST})")
+    return json.loads(manifest_path.read_text())
 
-    def __init__(self, model_dir: Path | str, providers: str = "auto"):
-        self.model_dir = Path(model_dir)
-        manifest_path = self.model_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.model_dir} is not a classifier directory (no {MANIFEST})")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.labels: list[str] = list(self.manifest["labels"])
-        self.preprocess_config = PreprocessConfig.from_dict(self.manifest["preprocess"])
-        self.session = make_session(self.model_dir / ONNX_FILE, providers)
-        self._input = self.session.get_inputs()[0].name
 
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
+class _Classifier:
+    """What every served classifier shares around its ``logits``: preprocessing, the batch check, softmax, top-k.
+    Subclasses set ``labels`` and ``preprocess_config`` and define ``logits(batch)``."""
+
+    labels: list[str]
+    preprocess_config: PreprocessConfig
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -165,11 +161,14 @@ class OnnxClassifier:
     def preprocess(self, img) -> np.ndarray:
         return preprocess_image(img, self.preprocess_config)
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def _checked_batch(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[1:] != (3, *self.input_size):
             raise ValueError(f"batch has shape {batch.shape}; expected [N, 3, {self.input_size[0]}, {self.input_size[1]}]")
-        return self.session.run(None, {self._input: batch})[0]
+        return batch
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Preprocessed batch [N,3,H,W] -> class probabilities [N,C]."""
@@ -182,6 +181,25 @@ class OnnxClassifier:
 
     def classify(self, images, top_k: int = 5) -> list[list[dict]]:
         return self.top_k(self.run(preprocess_batch(images, self.preprocess_config)), top_k)
+
+
+class OnnxClassifier(_Classifier):
+    """A published classifier: labels + preprocessing from manifest.json, the baked model from model.onnx."""
+
+    def __init__(self, model_dir: Path | str, providers: str = "auto"):
+        self.model_dir = Path(model_dir)
+        self.manifest = _read_manifest(self.model_dir)
+        self.labels: list[str] = list(self.manifest["labels"])
+        self.preprocess_config = PreprocessConfig.from_dict(self.manifest["preprocess"])
+        self.session = make_session(self.model_dir / ONNX_FILE, providers)
+        self._input = self.session.get_inputs()[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: self._checked_batch(batch)})[0]
 
 
 # ---- base + mask + head --------------------------------------------------------------------------------
@@ -346,7 +364,7 @@ class BaseRegistry:
                               for k, p in self._plans.items()]}
 
 
-class ServedClassifier:
+class ServedClassifier(_Classifier):
     """A classifier served over a shared base: same interface as OnnxClassifier (labels, run, top_k, ...)."""
 
     def __init__(self, version_dir: Path | str, registry: BaseRegistry):
@@ -356,10 +374,7 @@ class ServedClassifier:
         from .head import HEAD_FILE, Head
 
         self.model_dir = Path(version_dir)
-        manifest_path = self.model_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.model_dir} is not a classifier directory (no {MANIFEST})")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = _read_manifest(self.model_dir)
         if not self.manifest.get("base_id"):
             raise ValueError(f"{self.model_dir} names no base (manifest has no base_id)")
         self.labels: list[str] = list(self.manifest["labels"])
@@ -423,18 +438,9 @@ class ServedClassifier:
     def providers(self) -> list[str]:
         return self._providers
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.preprocess_config.size
-
-    def preprocess(self, img) -> np.ndarray:
-        return preprocess_image(img, self.preprocess_config)
-
     def features(self, batch: np.ndarray) -> np.ndarray:
         """Preprocessed batch [N,3,H,W] -> raw image features [N,D] (the base's output)."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or batch.shape[1:] != (3, *self.input_size):
-            raise ValueError(f"batch has shape {batch.shape}; expected [N, 3, {self.input_size[0]}, {self.input_size[1]}]")
+        batch = self._checked_batch(batch)
         if len(self._chain) == 1:
             seg, session = self._chain[0]
             return session.run([self._output], {self._input: batch})[0]
@@ -451,15 +457,6 @@ class ServedClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.head.logits(self.features(batch))
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed batch [N,3,H,W] -> class probabilities [N,C]."""
-        return softmax(self.logits(batch))
-
-    top_k = OnnxClassifier.top_k
-
-    def classify(self, images, top_k: int = 5) -> list[list[dict]]:
-        return self.top_k(self.run(preprocess_batch(images, self.preprocess_config)), top_k)
-
     def close(self) -> None:
         """Give the shared sessions back to the registry now (otherwise when this object is collected)."""
         self._chain = []
@@ -473,10 +470,7 @@ def load_classifier(version_dir: Path | str, bases_dir: Path | str | None = None
     Pass one ``registry`` per process so classifiers on the same base share it.
     """
     version_dir = Path(version_dir)
-    manifest_path = version_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{version_dir} is not a classifier directory (no {MANIFEST})")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(version_dir)
     if not manifest.get("base_id"):
         if (version_dir / ONNX_FILE).is_file():
             return OnnxClassifier(version_dir, providers=registry.providers if registry else providers)
