@@ -36,15 +36,22 @@ def _page(title: str, head: str, body: str) -> HTMLResponse:
     return HTMLResponse(html, headers={"Content-Security-Policy": DOCS_CSP, "Cache-Control": "no-cache"})
 
 
+def _urls(request: Request) -> tuple[str, str]:
+    """The assets base URL and the OpenAPI document's URL, both under the app's root_path."""
+    root = request.scope.get("root_path", "")
+    return f"{root}{ASSETS_URL}", f"{root}{request.app.openapi_url}"
+
+
+def _favicon(assets: str) -> str:
+    return f'<link rel="icon" type="image/png" href="{assets}/vendor/swagger-ui/favicon-32x32.png">\n'
+
+
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
     """Interactive API docs (Swagger UI), with an Authorize button for the API key."""
-    root = request.scope.get("root_path", "")
-    assets = f"{root}{ASSETS_URL}"
-    openapi_url = f"{root}{request.app.openapi_url}"
+    assets, openapi_url = _urls(request)
     return _page(f"{request.app.title} - API docs",
-                 f'<link rel="icon" type="image/png" href="{assets}/vendor/swagger-ui/favicon-32x32.png">\n'
-                 f'<link rel="stylesheet" href="{assets}/vendor/swagger-ui/swagger-ui.css">\n',
+                 _favicon(assets) + f'<link rel="stylesheet" href="{assets}/vendor/swagger-ui/swagger-ui.css">\n',
                  f'<div id="swagger-ui" data-openapi-url="{escape(openapi_url)}"></div>\n'
                  f'<script src="{assets}/vendor/swagger-ui/swagger-ui-bundle.js"></script>\n'
                  f'<script src="{assets}/docs/swagger-init.js"></script>\n')
@@ -53,10 +60,8 @@ def swagger_ui(request: Request) -> HTMLResponse:
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
     """The same API reference, rendered by ReDoc."""
-    root = request.scope.get("root_path", "")
-    assets = f"{root}{ASSETS_URL}"
-    openapi_url = f"{root}{request.app.openapi_url}"
+    assets, openapi_url = _urls(request)
     return _page(f"{request.app.title} - API reference",
-                 f'<link rel="icon" type="image/png" href="{assets}/vendor/swagger-ui/favicon-32x32.png">\n',
+                 _favicon(assets),
                  f'<redoc spec-url="{escape(openapi_url)}"></redoc>\n'
                  f'<script src="{assets}/vendor/redoc/redoc.standalone.js"></script>\n')
