@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,38 @@ def check(response: httpx.Response) -> httpx.Response:
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", response.text[:500] or response.reason_phrase
     raise RmtError(response.status_code, code, message)
+
+
+def created_from(response: httpx.Response) -> Created:
+    """The answer to POST /v1/classifiers."""
+    body = check(response).json()
+    return Created(classifier_id=body["classifier_id"], job_id=body["job_id"])
+
+
+def next_page_params(page: Mapping[str, Any], page_size: int) -> dict[str, Any] | None:
+    """The query for the page after ``page`` of GET /v1/classifiers (by cursor, or by offset from a service
+    without cursors), or None when it was the last."""
+    if page.get("next_cursor"):
+        return {"limit": page_size, "cursor": page["next_cursor"]}
+    if "next_cursor" not in page and page["offset"] + len(page["items"]) < page["total"] and page["items"]:
+        return {"limit": page_size, "offset": page["offset"] + len(page["items"])}
+    return None
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def wait_is_over(state: dict, raise_on_failure: bool, deadline: float | None, timeout: float | None) -> bool:
+    """For wait(): True when the job has finished; JobFailed if it failed or was cancelled (and
+    ``raise_on_failure``), TimeoutError once ``deadline`` has passed; False to poll again."""
+    if state["status"] in FINISHED:
+        if raise_on_failure and state["status"] != "succeeded":
+            raise JobFailed(state)
+        return True
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f"job {state['job_id']} still {state['status']} after {timeout} s")
+    return False
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

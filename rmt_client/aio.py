@@ -4,14 +4,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
 import httpx
 
-from ._common import (DEFAULT_URL, FINISHED, Created, JobFailed, PathLike, Samples, auth_headers, check,
-                      classify_parts, classify_results, create_parts, expand_images, job_id_of, part_path)
+from ._common import (DEFAULT_URL, Created, PathLike, Samples, auth_headers, check, classify_parts,
+                      classify_results, create_parts, created_from, deadline_after, expand_images, job_id_of,
+                      next_page_params, part_path, wait_is_over)
 
 
 class AsyncClient:
@@ -41,8 +41,7 @@ class AsyncClient:
                      config: Mapping[str, Any] | None = None) -> Created:
         """Upload examples and queue tuning (see ``Client.create``)."""
         files, data = await asyncio.to_thread(create_parts, source, name, config)  # reads image files
-        body = check(await self._http.post("/v1/classifiers", files=files, data=data)).json()
-        return Created(classifier_id=body["classifier_id"], job_id=body["job_id"])
+        return created_from(await self._http.post("/v1/classifiers", files=files, data=data))
 
     async def get(self, classifier_id: str) -> dict:
         return check(await self._http.get(f"/v1/classifiers/{classifier_id}")).json()
@@ -51,16 +50,13 @@ class AsyncClient:
         return [item async for item in self.iter_classifiers(page_size)]
 
     async def iter_classifiers(self, page_size: int = 100) -> AsyncIterator[dict]:
-        params: dict[str, Any] = {"limit": page_size}
+        params: dict[str, Any] | None = {"limit": page_size}
         while True:
             page = check(await self._http.get("/v1/classifiers", params=params)).json()
             for item in page["items"]:
                 yield item
-            if page.get("next_cursor"):
-                params = {"limit": page_size, "cursor": page["next_cursor"]}
-            elif "next_cursor" not in page and page["offset"] + len(page["items"]) < page["total"] and page["items"]:
-                params = {"limit": page_size, "offset": page["offset"] + len(page["items"])}
-            else:
+            params = next_page_params(page, page_size)
+            if params is None:
                 return
 
     async def delete(self, classifier_id: str) -> None:
@@ -75,7 +71,7 @@ class AsyncClient:
     async def wait(self, job: Created | Mapping | str, progress: Callable[[dict], Any] | None = None,
                    poll: float = 1.0, timeout: float | None = None, raise_on_failure: bool = True) -> dict:
         """Poll until the job has finished (see ``Client.wait``); ``progress`` may be a coroutine function."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_after(timeout)
         last = None
         while True:
             state = await self.job(job)
@@ -84,12 +80,8 @@ class AsyncClient:
                 if inspect.isawaitable(outcome):
                     await outcome
             last = state
-            if state["status"] in FINISHED:
-                if raise_on_failure and state["status"] != "succeeded":
-                    raise JobFailed(state)
+            if wait_is_over(state, raise_on_failure, deadline, timeout):
                 return state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {state['job_id']} still {state['status']} after {timeout} s")
             await asyncio.sleep(poll)
 
     async def classify(self, classifier_id: str, images: Any, top_k: int = 5, batch_size: int = 32) -> list[dict]:

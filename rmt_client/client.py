@@ -8,8 +8,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import httpx
 
-from ._common import (DEFAULT_URL, FINISHED, Created, JobFailed, PathLike, Samples, auth_headers, check,
-                      classify_parts, classify_results, create_parts, expand_images, job_id_of, part_path)
+from ._common import (DEFAULT_URL, Created, PathLike, Samples, auth_headers, check, classify_parts,
+                      classify_results, create_parts, created_from, deadline_after, expand_images, job_id_of,
+                      next_page_params, part_path, wait_is_over)
 
 
 class Client:
@@ -41,8 +42,7 @@ class Client:
         """Upload examples and queue tuning. ``source``: a folder of class folders, a zip with a folder per
         class, or (image, label) pairs (image = path, bytes or PIL image)."""
         files, data = create_parts(source, name, config)
-        body = check(self._http.post("/v1/classifiers", files=files, data=data)).json()
-        return Created(classifier_id=body["classifier_id"], job_id=body["job_id"])
+        return created_from(self._http.post("/v1/classifiers", files=files, data=data))
 
     def get(self, classifier_id: str) -> dict:
         """A classifier: status, labels, settings, validation report."""
@@ -53,15 +53,12 @@ class Client:
         return list(self.iter_classifiers(page_size))
 
     def iter_classifiers(self, page_size: int = 100) -> Iterator[dict]:
-        params: dict[str, Any] = {"limit": page_size}
+        params: dict[str, Any] | None = {"limit": page_size}
         while True:
             page = check(self._http.get("/v1/classifiers", params=params)).json()
             yield from page["items"]
-            if page.get("next_cursor"):
-                params = {"limit": page_size, "cursor": page["next_cursor"]}
-            elif "next_cursor" not in page and page["offset"] + len(page["items"]) < page["total"] and page["items"]:
-                params = {"limit": page_size, "offset": page["offset"] + len(page["items"])}
-            else:
+            params = next_page_params(page, page_size)
+            if params is None:
                 return
 
     def delete(self, classifier_id: str) -> None:
@@ -83,19 +80,15 @@ class Client:
         Raises JobFailed if it failed or was cancelled (unless ``raise_on_failure=False``), TimeoutError after
         ``timeout`` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_after(timeout)
         last = None
         while True:
             state = self.job(job)
             if progress is not None and state != last:
                 progress(state)
             last = state
-            if state["status"] in FINISHED:
-                if raise_on_failure and state["status"] != "succeeded":
-                    raise JobFailed(state)
+            if wait_is_over(state, raise_on_failure, deadline, timeout):
                 return state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {state['job_id']} still {state['status']} after {timeout} s")
             time.sleep(poll)
 
     # -- classify and download -----------------------------------------------------------------------------
