@@ -114,13 +114,13 @@ def insert(conn: Connection, job_id: str, classifier_id: str, tenant: str, resen
         id=job_id, classifier_id=classifier_id, tenant=tenant, status="queued", attempts=0, sends=1,
         cancel_requested=False, created_at=now, enqueued_at=now, updated_at=now, resend_at=now + resend_s,
         progress=progress))
+    _bump(conn, None, "queued")
 
 
 def holds(conn: Connection, job_id: str, owner: str) -> bool:
     """Whether ``owner`` runs the job under its lease (read inside the caller's transaction)."""
     return conn.execute(select(jobs.c.id).where(jobs.c.id == job_id, jobs.c.status == "running",
                                                  jobs.c.lease_owner == owner)).first() is not None
-    _bump(conn, None, "queued")
 
 
 def count_active(conn: Connection, tenant: str) -> int:
