@@ -80,11 +80,25 @@ def _run(coro, debug: bool = False, timeout: float = 20.0):
     return box.get("value")
 
 
-def test_evict_from_a_worker_thread_is_done_on_the_event_loop(tmp_path):
+@pytest.fixture
+def new_cache():
+    """ClassifierCache(capacity, loader), closed when the test ends (also when it fails)."""
+    made: list[ClassifierCache] = []
+
+    def make(loader: _Loader, capacity: int = 2) -> ClassifierCache:
+        made.append(ClassifierCache(capacity=capacity, loader=loader))
+        return made[-1]
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def test_evict_from_a_worker_thread_is_done_on_the_event_loop(tmp_path, new_cache):
     """DELETE /v1/classifiers/{id} is a sync route: its evict runs on a threadpool thread. The old evict
     mutated the LRU there and called asyncio.Queue.put_nowait off the loop (RuntimeError in debug mode,
     a lost wake-up otherwise)."""
-    cache = ClassifierCache(capacity=4, loader=_Loader())
+    cache = new_cache(_Loader(), capacity=4)
     errors: list[BaseException] = []
 
     async def main():
@@ -113,7 +127,6 @@ def test_evict_from_a_worker_thread_is_done_on_the_event_loop(tmp_path):
         await asyncio.wait_for(entry.batcher._task, 2)  # the batcher saw its close and stopped
 
     _run(main(), debug=True)
-    cache.close()
     assert not errors, errors
 
 
@@ -175,9 +188,9 @@ def test_a_dead_serving_task_is_restarted_by_the_next_request():
     assert _run(main()).shape == (1, 2)
 
 
-def test_a_failed_load_leaves_no_lock_behind_and_the_next_request_loads(tmp_path):
+def test_a_failed_load_leaves_no_lock_behind_and_the_next_request_loads(tmp_path, new_cache):
     loader = _Loader(fail_first=1)
-    cache = ClassifierCache(capacity=2, loader=loader)
+    cache = new_cache(loader)
 
     async def main():
         with pytest.raises(OSError):
@@ -188,30 +201,28 @@ def test_a_failed_load_leaves_no_lock_behind_and_the_next_request_loads(tmp_path
         assert not cache._loading
 
     _run(main())
-    cache.close()
     assert loader.loads == ["c1", "c1"]
 
 
-def test_concurrent_requests_share_one_load(tmp_path):
+def test_concurrent_requests_share_one_load(tmp_path, new_cache):
     loader = _Loader(delay=0.05)
-    cache = ClassifierCache(capacity=2, loader=loader)
+    cache = new_cache(loader)
 
     async def main():
         entries = await asyncio.gather(*(cache.get("c1", tmp_path) for _ in range(10)))
         assert len({id(e) for e in entries}) == 1
 
     _run(main())
-    cache.close()
     assert loader.loads == ["c1"]
 
 
-def test_under_eviction_an_id_never_loads_twice_at_once_and_no_session_leaks(tmp_path):
+def test_under_eviction_an_id_never_loads_twice_at_once_and_no_session_leaks(tmp_path, new_cache):
     """Capacity 1 and two ids requested at random: the old cache dropped an id's lock after its load, so a
     request that had waited on that lock and a newer one could load the id side by side; the second insert
     overwrote the first entry without closing it (a leaked ORT session)."""
     random.seed(7)
     loader = _Loader(delay=0.001, jitter=0.01)
-    cache = ClassifierCache(capacity=1, loader=loader)
+    cache = new_cache(loader, capacity=1)
     returned = []
 
     async def request(cid: str):
@@ -230,13 +241,12 @@ def test_under_eviction_an_id_never_loads_twice_at_once_and_no_session_leaks(tmp
     leaked = {id(e) for e in returned if id(e) not in live and not e.batcher._closed}
     assert not leaked, f"{len(leaked)} dropped entries were never closed (leaked sessions)"
     assert len(cache) <= 1
-    cache.close()
 
 
-def test_a_new_version_dir_replaces_the_cached_classifier(tmp_path):
+def test_a_new_version_dir_replaces_the_cached_classifier(tmp_path, new_cache):
     """When a classifier publishes a new version, the next request serves it (the old one is closed)."""
     loader = _Loader()
-    cache = ClassifierCache(capacity=2, loader=loader)
+    cache = new_cache(loader)
     v1, v2 = tmp_path / "v1", tmp_path / "v2"
 
     async def main():
@@ -246,13 +256,12 @@ def test_a_new_version_dir_replaces_the_cached_classifier(tmp_path):
         assert (await cache.get("c1", v2)) is new
 
     _run(main())
-    cache.close()
     assert loader.loads == ["c1", "c1"]
 
 
-def test_a_classifier_deleted_while_it_loads_is_not_kept(tmp_path):
+def test_a_classifier_deleted_while_it_loads_is_not_kept(tmp_path, new_cache):
     loader = _Loader(delay=0.2)
-    cache = ClassifierCache(capacity=2, loader=loader)
+    cache = new_cache(loader)
 
     async def main():
         pending = asyncio.ensure_future(cache.get("c1", tmp_path))
@@ -263,4 +272,3 @@ def test_a_classifier_deleted_while_it_loads_is_not_kept(tmp_path):
         assert "c1" not in cache and entry.batcher._closed  # ...but the deleted classifier is not cached
 
     _run(main())
-    cache.close()
