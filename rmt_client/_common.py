@@ -4,6 +4,7 @@ Nothing here does I/O over the network, so both clients stay a thin layer of req
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence, Union
 
 import httpx
 
@@ -202,9 +203,17 @@ def job_id_of(job_or_created: Any) -> str:
     return str(job_or_created)
 
 
-def part_path(path: PathLike) -> tuple[Path, Path]:
-    """(final path, temporary path) for a download: written under the temporary name, then renamed, so a cut-off
-    download never leaves a file that looks complete."""
+@contextlib.contextmanager
+def download_file(path: PathLike) -> Iterator[BinaryIO]:
+    """A file to write a download into: it is written under a temporary name and renamed to ``path`` when the
+    block ends without error (removed otherwise), so a cut-off download never leaves a file that looks complete."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out, out.with_name(f".{out.name}.part")
+    tmp = out.with_name(f".{out.name}.part")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)

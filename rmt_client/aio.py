@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
 import httpx
 
 from ._common import (DEFAULT_URL, Created, PathLike, Samples, auth_headers, check, classify_parts,
-                      classify_results, create_parts, created_from, deadline_after, expand_images, job_id_of,
-                      next_page_params, part_path, wait_is_over)
+                      classify_results, create_parts, created_from, deadline_after, download_file, expand_images,
+                      job_id_of, next_page_params, wait_is_over)
 
 
 class AsyncClient:
@@ -103,20 +102,14 @@ class AsyncClient:
         return await self._download(f"/v1/classifiers/{classifier_id}/export", path)
 
     async def _download(self, url: str, path: PathLike) -> Path:
-        out, tmp = part_path(path)
-        async with self._http.stream("GET", url) as response:
-            if not response.is_success:
-                await response.aread()
-                check(response)
-            try:
-                with open(tmp, "wb") as fh:
-                    async for chunk in response.aiter_bytes(1 << 20):
-                        fh.write(chunk)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        os.replace(tmp, out)
-        return out
+        with download_file(path) as fh:
+            async with self._http.stream("GET", url) as response:
+                if not response.is_success:
+                    await response.aread()
+                    check(response)
+                async for chunk in response.aiter_bytes(1 << 20):
+                    fh.write(chunk)
+        return Path(path)
 
     async def ready(self) -> bool:
         try:

@@ -1,7 +1,6 @@
 """The synchronous client: ``Client(url, api_key)``; the async one in ``aio.py`` has the same methods."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -9,8 +8,8 @@ from typing import Any, Callable, Iterator, Mapping
 import httpx
 
 from ._common import (DEFAULT_URL, Created, PathLike, Samples, auth_headers, check, classify_parts,
-                      classify_results, create_parts, created_from, deadline_after, expand_images, job_id_of,
-                      next_page_params, part_path, wait_is_over)
+                      classify_results, create_parts, created_from, deadline_after, download_file, expand_images,
+                      job_id_of, next_page_params, wait_is_over)
 
 
 class Client:
@@ -116,20 +115,14 @@ class Client:
         return self._download(f"/v1/classifiers/{classifier_id}/export", path)
 
     def _download(self, url: str, path: PathLike) -> Path:
-        out, tmp = part_path(path)
-        with self._http.stream("GET", url) as response:
-            if not response.is_success:
-                response.read()
-                check(response)
-            try:
-                with open(tmp, "wb") as fh:
-                    for chunk in response.iter_bytes(1 << 20):
-                        fh.write(chunk)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        os.replace(tmp, out)
-        return out
+        with download_file(path) as fh:
+            with self._http.stream("GET", url) as response:
+                if not response.is_success:
+                    response.read()
+                    check(response)
+                for chunk in response.iter_bytes(1 << 20):
+                    fh.write(chunk)
+        return Path(path)
 
     # -- service -------------------------------------------------------------------------------------------
     def ready(self) -> bool:
