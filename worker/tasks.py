@@ -59,28 +59,91 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def _progress_writer(store: Store, job_id: str, owner: str) -> Callable[[Any], None]:
-    last = {"t": 0.0}
+class _JobReport:
+    """What the job record shows while it runs: progress, plus the schedule, the preview and warnings.
 
-    def report(progress: Any) -> None:
+    Every write replaces the progress JSON, so the schedule (set at create) and the preview ride along.
+    """
+
+    def __init__(self, store: Store, job_id: str, owner: str, schedule: dict[str, Any] | None):
+        self.store, self.job_id, self.owner = store, job_id, owner
+        self.values: dict[str, Any] = {}
+        self.schedule = schedule
+        self.preview: dict[str, Any] | None = None
+        self.warnings: list[str] = [schedule["warning"]] if schedule and schedule.get("warning") else []
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def write(self, warnings: list[str] | None = None) -> None:
+        with self._lock:
+            if warnings is not None:
+                self.warnings = list(dict.fromkeys(warnings))
+            values = {**self.values, "schedule": self.schedule, "preview": self.preview}
+            self.store.set_progress(self.job_id, self.owner, values, self.warnings)
+
+    def progress(self, progress: Any) -> None:
         values = progress.to_dict()
         step, total = values.get("step") or 0, values.get("total_steps") or 0
         if "eta_seconds" not in values:
             elapsed = values.get("elapsed_s") or 0.0
             values["eta_seconds"] = round(elapsed / step * (total - step), 1) if step and total >= step else None
+        self.values = values
         now = time.monotonic()
-        if now - last["t"] < PROGRESS_WRITE_INTERVAL_S and step != total:
+        if now - self._last < PROGRESS_WRITE_INTERVAL_S and step != total:
             return
-        last["t"] = now
-        store.set_progress(job_id, owner, values)
-
-    return report
+        self._last = now
+        self.write()
 
 
-def _build_kwargs(build_classifier: Callable, store: Store) -> dict[str, Any]:
+class _Previews:
+    """``on_candidate`` for build_classifier: publishes zero-shot, then the fitted head if it validates better,
+    as preview versions (final=False) while this worker holds the lease, so classify answers at once."""
+
+    def __init__(self, store: Store, classifier_id: str, report: _JobReport):
+        self.store, self.classifier_id, self.report = store, classifier_id, report
+        self.shared: dict[str, Any] | None = None  # manifest fields from on_base (labels, base_id, ...)
+
+    def on_base(self, shared: dict[str, Any]) -> None:
+        self.shared = shared
+
+    def __call__(self, name: str, head: Any, uses_mask: bool, accuracy: float | None) -> None:
+        from rmt_core.pipeline import write_preview
+
+        if uses_mask or self.shared is None:
+            return  # a preview serves the shared base as it is: no mask
+        current = self.report.preview
+        if current is not None and not (accuracy is not None and (current["accuracy"] is None
+                                                                  or accuracy > current["accuracy"])):
+            return  # the preview answering now validated at least as well (near-ties stay with the simpler)
+        build_dir = self.store.new_build_dir(self.classifier_id)
+        try:
+            write_preview(build_dir, self.shared, name, head, accuracy)
+            self.store.publish_version(self.classifier_id, build_dir, job_id=self.report.job_id,
+                                       owner=self.report.owner, final=False, candidate=name)
+        except StoreError as exc:  # lease lost or classifier deleted: the heartbeat stops the build
+            log.warning("job %s: preview %s not published (%s)", self.report.job_id, name, exc)
+            return
+        finally:
+            self.store.discard(build_dir)
+        log.info("job %s: preview %s published (validation accuracy %s)", self.report.job_id, name, accuracy)
+        self.report.preview = {"model": name, "accuracy": accuracy}
+        self.report.write()
+
+
+def _schedule(config: TuneConfig, samples: list) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for _, label in samples:
+        counts[label] = counts.get(label, 0) + 1
+    return config.schedule(list(counts.values()))
+
+
+def _build_kwargs(build_classifier: Callable, store: Store, previews: _Previews) -> dict[str, Any]:
     """Optional arguments the installed pipeline takes (the shared bases live on the blob volume)."""
     params = inspect.signature(build_classifier).parameters
-    return {"bases_dir": store.bases_dir} if "bases_dir" in params else {}
+    kwargs: dict[str, Any] = {"bases_dir": store.bases_dir} if "bases_dir" in params else {}
+    if "on_base" in params and "on_candidate" in params:
+        kwargs.update(on_base=previews.on_base, on_candidate=previews)
+    return kwargs
 
 
 def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
@@ -111,12 +174,16 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
         samples = store.samples(job.classifier_id)
         log.info("job %s: tuning %s (%d images, %d classes, attempt %d)", job_id, job.classifier_id,
                  len(samples), len(classifier.labels), job.attempts)
-        build_classifier(samples, config, build_dir, progress=_progress_writer(store, job_id, owner),
-                         should_stop=heartbeat.stop_requested.is_set, device=settings.device,
-                         **_build_kwargs(build_classifier, store))
+        report = _JobReport(store, job_id, owner, _schedule(config, samples))
+        report.write()
+        previews = _Previews(store, job.classifier_id, report)
+        manifest = build_classifier(samples, config, build_dir, progress=report.progress,
+                                    should_stop=heartbeat.stop_requested.is_set, device=settings.device,
+                                    **_build_kwargs(build_classifier, store, previews))
         heartbeat.beat()  # one last look: cancelled or taken over during export?
         if heartbeat.stop_requested.is_set():
             raise TuningCancelled(heartbeat.reason)
+        report.write(warnings=[*report.warnings, *((manifest or {}).get("warnings") or [])])  # the job shows them too
         # Blob first, then one transaction: version row + job succeeded, only while we hold the lease.
         store.publish_version(job.classifier_id, build_dir, job_id=job_id, owner=owner, final=True)
         return "succeeded"
