@@ -25,10 +25,47 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class Schedule(BaseModel):
+    """The optimizer schedule a create runs (TuneConfig.schedule): epochs are raised until min_steps steps run."""
+    n_train: int = Field(description="Training images (the upload minus the validation holdout).")
+    n_holdout: int = 0
+    batch_size: int
+    steps_per_epoch: int
+    epochs_requested: int = Field(description="config.epochs as asked.")
+    min_steps: int
+    epochs: int = Field(description="Epochs that will run (raised when min_steps needs more).")
+    total_steps: int
+    raised_by_min_steps: bool = False
+    warning: str | None = Field(None, description="Says, with the numbers, when min_steps raised the epochs.")
+
+
+class PreviewState(BaseModel):
+    """The candidate classify answers with before the final model is published (``final: false``)."""
+    model: str = Field(description="zero-shot or head: the best candidate ready so far.")
+    accuracy: float | None = Field(None, description="Its validation accuracy (holdout or k-fold), when measured.")
+
+
+def _schedule(values: Any) -> Schedule | None:
+    return Schedule(**values) if isinstance(values, dict) else None
+
+
+def _job_warnings(job: JobRecord) -> list[str]:
+    """The worker's warnings; before it starts, the schedule's (epochs raised by min_steps) from the create."""
+    if job.warnings is not None:
+        return list(job.warnings)
+    schedule = (job.progress or {}).get("schedule") or {}
+    return [schedule["warning"]] if schedule.get("warning") else []
+
+
+def _preview(values: Any) -> PreviewState | None:
+    return PreviewState(**values) if isinstance(values, dict) and values.get("model") else None
+
+
 class ClassifierCreated(BaseModel):
     classifier_id: str
     job_id: str
     status: Literal["queued"] = "queued"
+    schedule: Schedule | None = Field(None, description="Epochs, min_steps and total optimizer steps this job runs.")
 
 
 class JobProgress(BaseModel):
@@ -50,19 +87,26 @@ class JobPublic(BaseModel):
     error: ErrorDetail | None
     attempts: int = Field(description="Times a worker started this job (more than 1 after a worker was lost).")
     cancel_requested: bool = False
+    schedule: Schedule | None = Field(None, description="Epochs, min_steps and total optimizer steps.")
+    preview: PreviewState | None = Field(None, description="The preview classify answers with while this job "
+                                                           "runs (null until zero-shot is ready).")
+    warnings: list[str] = Field(default_factory=list, description="No mask flipped, epochs raised by min_steps, "
+                                                                  "tuned below zero-shot, too few images to validate.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
 
     @classmethod
     def from_record(cls, job: JobRecord) -> "JobPublic":
+        values = job.progress or {}
         progress = None
-        if job.progress:
-            progress = JobProgress(**{k: job.progress.get(k) for k in JobProgress.model_fields})
+        if values.get("step") is not None:  # (before the first step it holds only the schedule and preview)
+            progress = JobProgress(**{k: values.get(k) for k in JobProgress.model_fields})
         return cls(job_id=job.job_id, classifier_id=job.classifier_id, status=job.status, progress=progress,
                    error=ErrorDetail(**job.error) if job.error else None, attempts=job.attempts,
-                   cancel_requested=job.cancel_requested, created_at=_ts(job.created_at),
-                   started_at=_ts(job.started_at), finished_at=_ts(job.finished_at))
+                   cancel_requested=job.cancel_requested, schedule=_schedule(values.get("schedule")),
+                   preview=_preview(values.get("preview")), warnings=_job_warnings(job),
+                   created_at=_ts(job.created_at), started_at=_ts(job.started_at), finished_at=_ts(job.finished_at))
 
 
 class Artifacts(BaseModel):
@@ -89,14 +133,18 @@ class ClassifierPublic(BaseModel):
     parity_max_abs_diff: float | None = None
     warnings: list[str] = Field(default_factory=list)
     error: ErrorDetail | None = None
+    final: bool | None = Field(None, description="true: the published model answers classify; false: a preview "
+                                                 "(see preview); null: nothing answers yet.")
+    preview: PreviewState | None = Field(None, description="The preview answering while the job runs.")
+    schedule: Schedule | None = Field(None, description="The job's schedule (epochs, min_steps, total steps).")
     created_at: datetime
     ready_at: datetime | None = None
 
     @classmethod
     def from_record(cls, record: ClassifierRecord, job: JobRecord | None, manifest: dict[str, Any] | None,
-                    files: list[str]) -> "ClassifierPublic":
-        if manifest is not None and (job is None or job.status not in ("queued", "running")):
-            status = "ready"  # (a preview version while the job runs leaves the status to the job)
+                    files: list[str], final: bool = True) -> "ClassifierPublic":
+        if manifest is not None and final:
+            status = "ready"  # (a preview version leaves the status to the job)
         elif job is None:
             status = "failed"
         elif job.status == "succeeded":  # succeeded but the model is gone: should not happen
@@ -111,13 +159,23 @@ class ClassifierPublic(BaseModel):
                   labels=record.labels, n_images=record.n_images, backbone=config.get("backbone"),
                   pretrained=config.get("pretrained"), method=config.get("method"), config=config,
                   error=error, created_at=_ts(record.created_at))
+        job_values = (job.progress or {}) if job is not None else {}
+        out.schedule = _schedule(job_values.get("schedule") or (manifest or {}).get("schedule"))
+        out.warnings = _job_warnings(job) if job is not None else []
+        if manifest is not None and not final:
+            out.final = False
+            out.preview = _preview(job_values.get("preview")) or PreviewState(
+                model=str(manifest.get("candidate") or "zero-shot"), accuracy=manifest.get("preview_accuracy"))
+            out.artifacts = Artifacts(files=files)
+            return out
         if manifest is not None:
+            out.final = True
             out.sparsity = manifest.get("sparsity")
             out.artifacts = Artifacts(mask_bytes=manifest.get("mask_bytes"), onnx_bytes=manifest.get("onnx_bytes"),
                                       files=files)
             out.validation = manifest.get("validation")
             out.parity_max_abs_diff = manifest.get("parity_max_abs_diff")
-            out.warnings = list(manifest.get("warnings") or [])
+            out.warnings = list(dict.fromkeys([*(manifest.get("warnings") or []), *out.warnings]))
             out.ready_at = _ts(job.finished_at) if job is not None else None
         return out
 
@@ -137,14 +195,23 @@ class Prediction(BaseModel):
 
 class Classification(BaseModel):
     filename: str | None = Field(None, description="The uploaded part's file name, as the client sent it.")
-    predictions: list[Prediction] = Field(description="The top-k labels, best first.")
+    label: str | None = Field(None, description="The top label, or null when its score is below min_score.")
+    unknown: bool = Field(False, description="true when the top score is below min_score (label is null).")
+    predictions: list[Prediction] = Field(description="The top-k labels, best first (also when unknown).")
 
 
 class ClassifyResponse(BaseModel):
     """One shape for both uploads: ``results`` has one entry per image, in upload order."""
+    model: str | None = Field(None, description="The candidate that answered: zero-shot, head, mask, mask+head.")
+    final: bool = Field(True, description="false while a preview answers (the job is still tuning); true once "
+                                          "the published model answers.")
+    min_score: float | None = Field(None, description="The threshold applied (the query's, else the "
+                                                      "classifier's default when it was built with unknown).")
     results: list[Classification]
     predictions: list[Prediction] | None = Field(
         None, description="Only for a single `file` upload: the same as results[0].predictions.")
+    label: str | None = Field(None, description="Only for a single `file` upload: results[0].label.")
+    unknown: bool | None = Field(None, description="Only for a single `file` upload: results[0].unknown.")
 
 
 def multipart_body(properties: dict, encoding: dict | None = None) -> dict:

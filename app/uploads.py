@@ -38,6 +38,7 @@ class CreateRequest:
     name: str
     config: dict[str, Any]
     samples: list[Sample]
+    schedule: dict[str, Any] | None = None  # TuneConfig.schedule for this upload: what the 202 reports
 
 
 def image_error(exc: InvalidImage, what: str) -> ApiError:
@@ -164,7 +165,7 @@ def _check_allowed(values: dict[str, Any], settings: Settings) -> None:
                                               f"choose one of {shown} (RMT_ALLOWED_PRETRAINED)")
 
 
-def check_schedule(config: dict[str, Any], samples: list[Sample], settings: Settings) -> None:
+def check_schedule(config: dict[str, Any], samples: list[Sample], settings: Settings) -> dict[str, Any]:
     """Epochs x batches (raised by min_steps) within RMT_MAX_TUNE_STEPS: each field alone is bounded, their
     product with the upload's size is what costs GPU time."""
     counts: dict[str, int] = {}
@@ -178,6 +179,7 @@ def check_schedule(config: dict[str, Any], samples: list[Sample], settings: Sett
                        f"{plan['steps_per_epoch']} batches of {tune.batch_size} from {plan['n_train']} training "
                        f"images); the limit is {settings.max_tune_steps} (RMT_MAX_TUNE_STEPS). Lower epochs or "
                        "min_steps, or raise batch_size")
+    return plan
 
 
 async def parse_create(request: Request, settings: Settings) -> CreateRequest:
@@ -210,8 +212,8 @@ async def parse_create(request: Request, settings: Settings) -> CreateRequest:
             raise ApiError(400, "no_images", "no images: send repeated 'files' parts with a parallel 'labels' "
                                              "field, or one 'archive' zip with a folder per class")
         _check_classes(samples, settings)
-        check_schedule(config, samples, settings)
-        return CreateRequest(name=name, config=config, samples=samples)
+        schedule = check_schedule(config, samples, settings)
+        return CreateRequest(name=name, config=config, samples=samples, schedule=schedule)
     finally:
         await form.close()
 

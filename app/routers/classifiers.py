@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from rmt_service.store import ClassifierRecord, ClassifierView, QuotaExceeded, Store
+from rmt_service.store import ClassifierRecord, ClassifierView, QuotaExceeded, Store, VersionRecord
 
 from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
@@ -34,7 +34,8 @@ _MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "applicatio
 def public(view: ClassifierView) -> ClassifierPublic:
     version = view.version
     manifest = version.manifest if version is not None else None
-    return ClassifierPublic.from_record(view.classifier, view.job, manifest, list(version.files) if version else [])
+    return ClassifierPublic.from_record(view.classifier, view.job, manifest, list(version.files) if version else [],
+                                        final=version.final if version is not None else True)
 
 
 def classifier_public(store: Store, record: ClassifierRecord) -> ClassifierPublic:
@@ -67,7 +68,7 @@ async def create_classifier(request: Request, response: Response, settings: Sett
     parsed = await parse_create(request, settings)
     try:  # the authoritative check: quota and create in one transaction
         record, job = await run_in_threadpool(store.create_classifier, tenant, parsed.name, parsed.samples,
-                                              parsed.config)
+                                              parsed.config, None, {"schedule": parsed.schedule})
     except QuotaExceeded as exc:
         raise _too_many(exc.active, exc.limit) from None
     try:
@@ -79,7 +80,7 @@ async def create_classifier(request: Request, response: Response, settings: Sett
                        headers={"Retry-After": "10"}) from None
     metrics.jobs_created.inc()
     response.headers["Location"] = f"/v1/jobs/{job.job_id}"
-    return ClassifierCreated(classifier_id=record.classifier_id, job_id=job.job_id)
+    return ClassifierCreated(classifier_id=record.classifier_id, job_id=job.job_id, schedule=parsed.schedule)
 
 
 @router.get("", response_model=ClassifierList, responses=_ERRORS)
@@ -115,15 +116,32 @@ async def delete_classifier(classifier_id: str, store: StoreDep, tenant: TenantD
     return Response(status_code=204)
 
 
+def served_version(store: Store, record: ClassifierRecord) -> VersionRecord:
+    """The version classify answers with: the published one; while the job is queued or running, the preview
+    (zero-shot, then the fitted head); after a failed or cancelled job, the preview only with
+    config.keep_preview. 409 not_ready otherwise (retryable while the job is active)."""
+    view = store.view(record.classifier_id)
+    if view is None:
+        raise ApiError(404, "not_found", f"no classifier {record.classifier_id!r}")
+    version, job = view.version, view.job
+    status = job.status if job is not None else "failed"
+    if version is not None and (version.final or status in ("queued", "running")):
+        return version
+    if status in ("queued", "running"):
+        raise ApiError(409, "not_ready", f"classifier {record.classifier_id} is {status} and its zero-shot preview "
+                                         "is not ready yet; retry in a few seconds, or follow "
+                                         f"GET /v1/jobs/{record.job_id}", headers={"Retry-After": "2"})
+    if version is not None and (view.classifier.config or {}).get("keep_preview"):
+        return version
+    hint = " (its preview is not served after the job ended; create with config.keep_preview=true for that)" \
+        if version is not None else ""
+    raise ApiError(409, "not_ready", f"classifier {record.classifier_id} is {status}, not ready{hint}; "
+                                     f"follow GET /v1/jobs/{record.job_id}")
+
+
 def _ready_model(store: Store, record: ClassifierRecord):
-    """The current version's artifact directory, or 409 while there is none."""
-    model = store.model_dir(record.classifier_id)
-    if model is None:
-        job = store.get_job(record.job_id)
-        status = job.status if job is not None else "failed"
-        raise ApiError(409, "not_ready", f"classifier {record.classifier_id} is {status}, not ready; "
-                                         f"follow GET /v1/jobs/{record.job_id}")
-    return model
+    """The served version's artifact directory (see served_version), or 409 while there is none."""
+    return store.version_dir(served_version(store, record))
 
 
 @router.get("/{classifier_id}/model.onnx", response_class=FileResponse, responses=_ERRORS)

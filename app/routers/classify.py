@@ -15,7 +15,7 @@ from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import Classification, ClassifyResponse, multipart_body
 from ..uploads import PixelBudget, decode_image, read_form
-from .classifiers import _ERRORS, _ready_model, owned_classifier
+from .classifiers import _ERRORS, owned_classifier, served_version
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classify"])
 log = logging.getLogger(__name__)
@@ -37,11 +37,24 @@ def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, setting
              openapi_extra=_CLASSIFY_BODY, responses=_ERRORS)
 async def classify(classifier_id: str, request: Request, settings: SettingsDep, store: StoreDep,
                    tenant: TenantDep, cache: CacheDep, metrics: MetricsDep,
-                   top_k: int = Query(5, ge=1, le=1000, description="Labels returned per image.")
+                   top_k: int = Query(5, ge=1, le=1000, description="Labels returned per image."),
+                   min_score: float | None = Query(
+                       None, ge=0.0, le=1.0,
+                       description="Below this top score the answer is unknown (label null, top-k still listed). "
+                                   "Default: the classifier's own, chosen on validation data, when it was created "
+                                   "with config.unknown; otherwise none.")
                    ) -> ClassifyResponse:
-    """Classify one image (`file`) or a batch (`files`) with a ready classifier."""
+    """Classify one image (`file`) or a batch (`files`): with the published model, or while the job still
+    tunes, with the best preview ready so far (`final: false`, `model` names it)."""
     # The records database is read in the threadpool: never a blocking query on the event loop.
-    model_dir = await run_in_threadpool(lambda: _ready_model(store, owned_classifier(store, classifier_id, tenant)))
+    record = await run_in_threadpool(owned_classifier, store, classifier_id, tenant)
+    version = await run_in_threadpool(served_version, store, record)
+    model_dir = store.version_dir(version)
+    if min_score is None and record.config.get("unknown"):
+        manifest = version.manifest or {}
+        min_score = manifest.get("min_score")
+        if min_score is None:
+            min_score = (manifest.get("validation") or {}).get("min_score")
     form = await read_form(request, settings, max_files=settings.max_classify_images + 1,
                            limit_name="RMT_MAX_CLASSIFY_IMAGES", limit=settings.max_classify_images)
     try:
@@ -74,5 +87,13 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
     probs = await entry.batcher.submit(arrays)
     metrics.classified.inc(len(blobs))
     predictions = entry.classifier.top_k(probs, top_k)
-    results = [Classification(filename=name, predictions=p) for name, p in zip(names, predictions)]
-    return ClassifyResponse(results=results, predictions=predictions[0] if single else None)
+    top = np.asarray(probs).max(axis=1)
+    results = []
+    for name, preds, score in zip(names, predictions, top):
+        unknown = min_score is not None and float(score) < min_score
+        results.append(Classification(filename=name, predictions=preds, unknown=unknown,
+                                      label=None if unknown or not preds else preds[0]["label"]))
+    first = results[0] if single else None
+    return ClassifyResponse(model=version.candidate or None, final=version.final, min_score=min_score,
+                            results=results, predictions=predictions[0] if single else None,
+                            label=first.label if first else None, unknown=first.unknown if first else None)

@@ -65,7 +65,7 @@ export function detailView(main, ctx, id) {
       replace(headStatus, badge(job.status));
     }
     replace(jobStatus, "Job ", badge(job.status), job.cancel_requested && !FINISHED.has(job.status) ? " (cancelling…)" : "",
-      job.model ? ` · preview model: ${job.model}` : "");
+      job.preview && job.preview.model ? ` · preview model: ${job.preview.model}` : "");
     if (p.total_steps) { bar.max = p.total_steps; bar.value = p.step || 0; }
     else if (job.status === "succeeded") { bar.max = 1; bar.value = 1; }
     else bar.removeAttribute("value");  // indeterminate while queued
