@@ -40,12 +40,15 @@ def test_success_then_redelivery_is_a_no_op(store, settings):
     assert run_tune_job(store, settings, job.job_id) == "succeeded"
     version = store.current_version(record.classifier_id)
     assert version.final and "manifest.json" in version.files
+    # the final version, after the previews (zero-shot, and the fitted head if it validated better)
+    published = sorted(p.name for p in (store.blobs.root / "versions").iterdir())
+    assert version.version_id in published and 2 <= len(published) <= 3
     assert run_tune_job(store, settings, job.job_id) == "done"
     assert store.current_version(record.classifier_id).version_id == version.version_id
     final = store.get_job(job.job_id)
     assert final.status == "succeeded" and final.attempts == 1 and final.lease_owner is None
     assert _uploads_left(store) == []
-    assert len(list((store.blobs.root / "versions").iterdir())) == 1
+    assert sorted(p.name for p in (store.blobs.root / "versions").iterdir()) == published  # nothing new
 
 
 def test_job_held_by_a_live_lease_is_left_alone(store, settings):
@@ -104,7 +107,8 @@ def test_cancel_stops_a_running_job(store, settings):
     assert outcome["v"] == "cancelled"
     final = store.get_job(job.job_id)
     assert final.status == "cancelled" and final.finished_at and final.progress["step"] < 400
-    assert store.model_dir(record.classifier_id) is None and _uploads_left(store) == []
+    # only a preview was published (classify serves it after a cancel only with config.keep_preview)
+    assert not store.current_version(record.classifier_id).final and _uploads_left(store) == []
 
 
 def test_deleted_during_tuning_stops_and_publishes_nothing(store, settings):

@@ -1,0 +1,162 @@
+"""Instant preview, the honest schedule, calibrated "unknown" and job warnings, through the HTTP API.
+
+A real (tiny) worker run goes on in a thread; the only thing the test adds is a gate in front of mask
+tuning, so it can look at the service while the previews are published and tuning has not finished.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+import rmt_core.tuning as tuning
+from rmt_service.store import Store
+from tests.service.helpers import TINY_CONFIG, image_bytes, pretty, upload_parts, wait_for
+from worker.tasks import run_tune_job
+
+
+class Gate:
+    """Wraps rmt_core.tuning.tune: waits until the test opens it, then tunes (or raises ``fault``)."""
+
+    def __init__(self, monkeypatch):
+        self.reached, self.open = threading.Event(), threading.Event()
+        self.fault: Exception | None = None
+        real = tuning.tune
+
+        def gated(*args, **kwargs):
+            self.reached.set()
+            assert self.open.wait(60), "the test never opened the gate"
+            if self.fault is not None:
+                raise self.fault
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tuning, "tune", gated)
+
+
+def _create(client, per_class=3, **config):
+    files, data = upload_parts(per_class=per_class)
+    data["config"] = json.dumps({**TINY_CONFIG, **config})
+    r = client.post("/v1/classifiers", files=files, data=data)
+    assert r.status_code == 202, pretty(r)
+    return r.json()
+
+
+def _start_worker(settings, job_id):
+    out: dict = {}
+
+    def work():
+        store = Store(settings)
+        try:
+            out["outcome"] = run_tune_job(store, settings, job_id)
+        finally:
+            store.close()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _classify(client, classifier_id, **params):
+    return client.post(f"/v1/classifiers/{classifier_id}/classify", params=params,
+                       files={"file": ("x.png", image_bytes((220, 30, 30), seed=7), "image/png")})
+
+
+def test_create_reports_the_schedule_and_answers_409_until_a_preview(client):
+    created = _create(client)
+    schedule = created["schedule"]
+    # 6 images, no holdout (classes < 5 images), batch 8: 1 step per epoch; min_steps=2 raises 1 epoch to 2
+    assert schedule["n_train"] == 6 and schedule["n_holdout"] == 0 and schedule["steps_per_epoch"] == 1
+    assert (schedule["epochs_requested"], schedule["epochs"], schedule["total_steps"]) == (1, 2, 2)
+    assert schedule["raised_by_min_steps"] and "min_steps=2" in schedule["warning"]
+    job = client.get(f"/v1/jobs/{created['job_id']}").json()
+    assert job["schedule"] == schedule and job["preview"] is None and job["progress"] is None
+    assert job["warnings"] == [schedule["warning"]]
+    r = _classify(client, created["classifier_id"])
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready", pretty(r)
+    assert r.headers["Retry-After"] and "preview" in r.json()["error"]["message"]
+    view = client.get(f"/v1/classifiers/{created['classifier_id']}").json()
+    assert view["status"] == "queued" and view["final"] is None and view["schedule"] == schedule
+
+
+def test_preview_answers_while_tuning_then_the_published_model(client, settings, monkeypatch):
+    gate = Gate(monkeypatch)
+    created = _create(client, per_class=5, unknown=True)  # 5 per class: a holdout to choose min_score on
+    cid, job_id = created["classifier_id"], created["job_id"]
+    thread, out = _start_worker(settings, job_id)
+    try:
+        assert gate.reached.wait(60), "tuning never started"
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "running" and job["preview"]["model"] in ("zero-shot", "head"), job
+        r = _classify(client, cid)
+        assert r.status_code == 200, pretty(r)
+        preview = r.json()
+        assert preview["final"] is False and preview["model"] == job["preview"]["model"]
+        assert preview["label"] == preview["predictions"][0]["label"] and preview["unknown"] is False
+        assert preview["results"][0]["filename"] == "x.png"
+        view = client.get(f"/v1/classifiers/{cid}").json()
+        assert view["status"] == "running" and view["final"] is False
+        assert view["preview"]["model"] == preview["model"]
+        model = client.get(f"/v1/classifiers/{cid}/artifacts/manifest.json").json()
+        assert model["candidate"] == preview["model"] and model["mask_file"] is None and model["preview"] is True
+    finally:
+        gate.open.set()
+        thread.join(120)
+    assert out["outcome"] == "succeeded"
+    r = _classify(client, cid)
+    assert r.status_code == 200, pretty(r)
+    final = r.json()
+    assert final["final"] is True and final["model"] == "mask"  # the pinned candidate (TINY_CONFIG select=mask)
+    view = client.get(f"/v1/classifiers/{cid}").json()
+    assert view["status"] == "ready" and view["final"] is True and view["validation"]["published"] == "mask"
+    # the classifier's own default threshold is used (config.unknown), and reported
+    assert final["min_score"] is not None and final["min_score"] == view["validation"]["min_score"]
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["schedule"]["n_holdout"] == 2 and job["schedule"]["total_steps"] == 2
+    assert any("min_steps" in w for w in job["warnings"]), job["warnings"]
+    assert set(view["validation"]["warnings"]) <= set(job["warnings"])
+
+
+def test_min_score_makes_the_answer_unknown(tuned_client, tuned):
+    cid = tuned["classifier_id"]
+    r = _classify(tuned_client, cid, min_score=1.0)
+    assert r.status_code == 200, pretty(r)
+    body = r.json()
+    assert body["unknown"] is True and body["label"] is None and body["min_score"] == 1.0
+    assert body["results"][0]["unknown"] is True and body["results"][0]["label"] is None
+    assert len(body["predictions"]) == 2  # the top-k is still listed
+    body = _classify(tuned_client, cid, min_score=0.0).json()
+    assert body["unknown"] is False and body["label"] == body["predictions"][0]["label"]
+    body = _classify(tuned_client, cid).json()  # built without config.unknown: no default threshold
+    assert body["min_score"] is None and body["unknown"] is False and body["final"] is True
+    r = _classify(tuned_client, cid, min_score=1.5)
+    assert r.status_code == 422, pretty(r)
+
+
+@pytest.mark.parametrize("end, keep_preview", [("cancelled", False), ("failed", True)])
+def test_after_a_failed_or_cancelled_job_the_preview_answers_only_if_kept(client, settings, monkeypatch,
+                                                                         end, keep_preview):
+    gate = Gate(monkeypatch)
+    created = _create(client, keep_preview=keep_preview)
+    cid, job_id = created["classifier_id"], created["job_id"]
+    thread, out = _start_worker(settings, job_id)
+    try:
+        assert gate.reached.wait(60), "tuning never started"
+        assert _classify(client, cid).json()["final"] is False
+        if end == "cancelled":
+            assert client.delete(f"/v1/jobs/{job_id}").status_code == 202
+            wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["cancel_requested"], 10, what="cancel")
+        else:
+            gate.fault = RuntimeError("injected fault")
+    finally:
+        gate.open.set()
+        thread.join(120)
+    assert out["outcome"] == end
+    r = _classify(client, cid)
+    view = client.get(f"/v1/classifiers/{cid}").json()
+    assert view["status"] == end, view
+    if keep_preview:
+        assert r.status_code == 200 and r.json()["final"] is False, pretty(r)
+    else:
+        assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready", pretty(r)
+        assert "keep_preview" in r.json()["error"]["message"]
