@@ -16,7 +16,7 @@ from rmt_service.store import Store
 
 from .celery_app import QUEUE, TUNE_TASK, create_celery
 from .recovery import RecoveryThread
-from .tasks import register_tasks
+from .tasks import register_tasks, start_preload
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     @signals.worker_process_init.connect(weak=False)
     def _fresh_connections(**_: object) -> None:
         store.db.engine.dispose(close=False)  # never share the parent's pooled connections after fork
+        start_preload()  # torch & co. import in the background: the first job's preview comes seconds sooner
 
     @signals.worker_shutdown.connect(weak=False)
     def _stop_sweep(**_: object) -> None:
