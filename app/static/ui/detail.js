@@ -298,10 +298,10 @@ export function detailView(main, ctx, id) {
         replace(results, preds.map((p) => scoreRow(p.label ?? "unknown", p.score)));
         const first = (answer.results && answer.results[0]) || {};
         const field = (name) => (answer[name] !== undefined ? answer[name] : first[name]);
-        const bits = [];
+        const bits = [`Top ${preds.length} of ${clf ? clf.labels.length : "?"} classes.`];
         if (field("unknown") || field("label") === null) bits.push("Below the confidence threshold: unknown.");
-        if (field("model")) bits.push(`Answered by ${field("final") === false ? "the preview model" : "the model"}: ${field("model")}.`);
-        note.textContent = bits.join(" ") || `Top ${preds.length} of ${clf ? clf.labels.length : "?"} classes.`;
+        if (field("model")) bits.push(`Answered by ${field("final") === false ? "the preview model (still training)" : "the model"}: ${field("model")}.`);
+        note.textContent = bits.join(" ");
       } catch (exc) {
         if (!alive) return;
         const status = clf && clf.status;
