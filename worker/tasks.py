@@ -148,6 +148,7 @@ def _build_kwargs(build_classifier: Callable, store: Store, previews: _Previews)
 
 def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
     """Run one job to an end state (or leave it to whoever holds it). Returns the outcome, for logs and tests."""
+    wait_for_preload()
     from rmt_core.pipeline import TuningCancelled, build_classifier  # torch: only in the process that tunes
 
     owner = new_owner()
@@ -243,10 +244,22 @@ def preload_tuning() -> None:
     log.debug("tuning modules preloaded in %.1fs", time.monotonic() - started)
 
 
+_preload: dict[str, threading.Thread | None] = {"thread": None}
+
+
 def start_preload() -> threading.Thread:
     thread = threading.Thread(target=preload_tuning, name="preload-tuning", daemon=True)
+    _preload["thread"] = thread
     thread.start()
     return thread
+
+
+def wait_for_preload() -> None:
+    """Let a preload in progress finish before this thread imports the same modules: two threads importing
+    torchvision's circular imports at once deadlock (Python raises _DeadlockError in one of them)."""
+    thread = _preload["thread"]
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
 
 
 class TuneTask(Task):
