@@ -125,12 +125,14 @@ def test_two_apis_two_workers_one_postgres(tmp_path, postgres):
 
         with store.db.read() as conn:
             per_classifier = dict(conn.execute(select(versions.c.classifier_id, func.count())
-                                               .group_by(versions.c.classifier_id)).all())
+                                               .where(versions.c.final).group_by(versions.c.classifier_id)).all())
+            n_versions = conn.execute(select(func.count()).select_from(versions)).scalar_one()  # with previews
             statuses = dict(conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all())
-        assert per_classifier == {c["classifier_id"]: 1 for c in keep}  # one publish each
+        assert per_classifier == {c["classifier_id"]: 1 for c in keep}  # one final publish each
         assert statuses == {"succeeded": 4, "cancelled": 1}  # the deleted one has no job left; none lost
         assert store.job_counts() == {**dict.fromkeys(jobsm.JOB_STATUSES, 0), **statuses}
-        assert len(list((data_dir / "blobs" / "versions").iterdir())) == 4  # refused publishes left no blob
+        # refused publishes left no blob: one per version row (the finals and each attempt's previews)
+        assert len(list((data_dir / "blobs" / "versions").iterdir())) == n_versions
         time.sleep(1.5)  # the woken worker's refused attempt has ended by now; nothing changed
         assert store.get_job(frozen_job["job_id"]).status == "succeeded"
         for c in keep:
