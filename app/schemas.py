@@ -163,6 +163,8 @@ class ClassifierPublic(BaseModel):
         out.schedule = _schedule(job_values.get("schedule") or (manifest or {}).get("schedule"))
         out.warnings = _job_warnings(job) if job is not None else []
         if manifest is not None and not final:
+            if status not in ("queued", "running") and not (record.config or {}).get("keep_preview"):
+                return out  # a preview classify does not serve after a failed/cancelled job (no keep_preview)
             out.final = False
             out.preview = _preview(job_values.get("preview")) or PreviewState(
                 model=str(manifest.get("candidate") or "zero-shot"), accuracy=manifest.get("preview_accuracy"))

@@ -157,6 +157,8 @@ def test_after_a_failed_or_cancelled_job_the_preview_answers_only_if_kept(client
     assert view["status"] == end, view
     if keep_preview:
         assert r.status_code == 200 and r.json()["final"] is False, pretty(r)
+        assert view["final"] is False and view["preview"]["model"] == r.json()["model"]
     else:
         assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready", pretty(r)
+        assert view["final"] is None and view["preview"] is None and view["artifacts"] is None
         assert "keep_preview" in r.json()["error"]["message"]
