@@ -36,7 +36,10 @@ def _unavailable(what: str) -> None:
                 "`apt-get install chromium` and `pip install playwright`.", pytrace=False)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running on the main thread while it is
+# open, so every later test that calls asyncio.run() (the service tests) would fail with "cannot be called
+# from a running event loop" if the browser outlived the browser tests.
+@pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
