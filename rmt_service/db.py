@@ -232,7 +232,9 @@ def make_engine(url: str, echo: bool = False, pool_size: int = 5, lock_timeout_s
         parsed = make_url(url)
         options = " ".join(filter(None, [parsed.query.get("options", ""), f"-c lock_timeout={lock_ms}",
                                          *PG_SESSION_OPTIONS]))
-        connect_args = {"connect_timeout": 5, "options": options}
+        # client_encoding: a cluster created without a UTF-8 locale (SQL_ASCII) otherwise hands text back as
+        # bytes, which SQLAlchemy's own version probe cannot read (seen with a Debian-built server in compose).
+        connect_args = {"connect_timeout": 5, "options": options, "client_encoding": "utf8"}
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=pool_size, max_overflow=10,
                          connect_args=connect_args)
 
