@@ -116,32 +116,28 @@ async def delete_classifier(classifier_id: str, store: StoreDep, tenant: TenantD
     return Response(status_code=204)
 
 
-def served_version(store: Store, record: ClassifierRecord) -> VersionRecord:
-    """The version classify answers with: the published one; while the job is queued or running, the preview
-    (zero-shot, then the fitted head); after a failed or cancelled job, the preview only with
-    config.keep_preview. 409 not_ready otherwise (retryable while the job is active)."""
-    view = store.view(record.classifier_id)
+def served_version(store: Store, classifier_id: str, tenant: str) -> tuple[ClassifierRecord, VersionRecord]:
+    """The caller's classifier and the version classify answers with, in one query: the published one; while
+    the job is queued or running, the preview (zero-shot, then the fitted head); after a failed or cancelled
+    job, the preview only with config.keep_preview. 404 for another tenant's id; 409 not_ready otherwise
+    (retryable while the job is active)."""
+    view = store.view(classifier_id, tenant)
     if view is None:
-        raise ApiError(404, "not_found", f"no classifier {record.classifier_id!r}")
-    version, job = view.version, view.job
+        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
+    record, version, job = view.classifier, view.version, view.job
     status = job.status if job is not None else "failed"
     if version is not None and (version.final or status in ("queued", "running")):
-        return version
+        return record, version
     if status in ("queued", "running"):
-        raise ApiError(409, "not_ready", f"classifier {record.classifier_id} is {status} and its zero-shot preview "
+        raise ApiError(409, "not_ready", f"classifier {classifier_id} is {status} and its zero-shot preview "
                                          "is not ready yet; retry in a few seconds, or follow "
                                          f"GET /v1/jobs/{record.job_id}", headers={"Retry-After": "2"})
-    if version is not None and (view.classifier.config or {}).get("keep_preview"):
-        return version
+    if version is not None and (record.config or {}).get("keep_preview"):
+        return record, version
     hint = " (its preview is not served after the job ended; create with config.keep_preview=true for that)" \
         if version is not None else ""
-    raise ApiError(409, "not_ready", f"classifier {record.classifier_id} is {status}, not ready{hint}; "
+    raise ApiError(409, "not_ready", f"classifier {classifier_id} is {status}, not ready{hint}; "
                                      f"follow GET /v1/jobs/{record.job_id}")
-
-
-def _ready_model(store: Store, record: ClassifierRecord):
-    """The served version's artifact directory (see served_version), or 409 while there is none."""
-    return store.version_dir(served_version(store, record))
 
 
 @router.get("/{classifier_id}/model.onnx", response_class=FileResponse, responses=_ERRORS)
@@ -150,21 +146,18 @@ def download_model(classifier_id: str, store: StoreDep, tenant: TenantDep) -> Fi
     preprocessing in its metadata_props)."""
     from .export import model_onnx_path  # export.py imports this module
 
-    record = owned_classifier(store, classifier_id, tenant)
-    model = _ready_model(store, record)
-    path = model_onnx_path(store, model)  # materialised from base + mask + head (a sync route: in a thread)
+    _, version = served_version(store, classifier_id, tenant)
+    path = model_onnx_path(store, store.version_dir(version))  # materialised from base + mask + head (a sync route: in a thread)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{classifier_id}.onnx")
 
 
 @router.get("/{classifier_id}/artifacts/{name}", response_class=FileResponse, responses=_ERRORS)
 def download_artifact(classifier_id: str, name: str, store: StoreDep, tenant: TenantDep) -> FileResponse:
     """A published artifact of the current version: manifest.json, report.json, the mask, the head, pictures."""
-    record = owned_classifier(store, classifier_id, tenant)
-    _ready_model(store, record)
-    version = store.current_version(classifier_id)
+    _, version = served_version(store, classifier_id, tenant)
     path = store.artifact_path(classifier_id, name, version)
     if path is None:
-        available = ", ".join(version.files) if version is not None else ""
+        available = ", ".join(version.files)
         raise ApiError(404, "not_found", f"no artifact {name!r}; available: {available}")
     return FileResponse(path, media_type=_MEDIA.get(path.suffix, "application/octet-stream"),
                         filename=f"{classifier_id}-{name}")

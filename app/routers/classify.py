@@ -15,7 +15,7 @@ from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import Classification, ClassifyResponse, multipart_body
 from ..uploads import PixelBudget, decode_image, read_form
-from .classifiers import _ERRORS, owned_classifier, served_version
+from .classifiers import _ERRORS, served_version
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classify"])
 log = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
     """Classify one image (`file`) or a batch (`files`): with the published model, or while the job still
     tunes, with the best preview ready so far (`final: false`, `model` names it)."""
     # The records database is read in the threadpool: never a blocking query on the event loop.
-    record = await run_in_threadpool(owned_classifier, store, classifier_id, tenant)
-    version = await run_in_threadpool(served_version, store, record)
+    record, version = await run_in_threadpool(served_version, store, classifier_id, tenant)
     model_dir = store.version_dir(version)
     if min_score is None and record.config.get("unknown"):
         manifest = version.manifest or {}

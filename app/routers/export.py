@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from rmt_service.store import Store
 
 from ..deps import StoreDep, TenantDep
-from .classifiers import _ERRORS, _ready_model, owned_classifier
+from .classifiers import _ERRORS, served_version
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
@@ -108,8 +108,8 @@ def _iter_file(handle, chunk: int = 1 << 20):
                      "description": "model.onnx, labels.txt, preprocess.json, manifest.json, README.md"}})
 async def export_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep) -> StreamingResponse:
     """A zip to run the classifier anywhere: ONNX model, labels, preprocessing and a numpy example."""
-    record = owned_classifier(store, classifier_id, tenant)
-    model_dir = _ready_model(store, record)
+    record, version = await run_in_threadpool(served_version, store, classifier_id, tenant)  # not on the loop
+    model_dir = store.version_dir(version)
     # built in a temporary file (unlinked already): the model may be hundreds of MB, never held in memory
     onnx_path = await run_in_threadpool(model_onnx_path, store, model_dir)
     handle = tempfile.TemporaryFile()
