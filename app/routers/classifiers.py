@@ -38,13 +38,6 @@ def public(view: ClassifierView) -> ClassifierPublic:
                                         final=version.final if version is not None else True)
 
 
-def classifier_public(store: Store, record: ClassifierRecord) -> ClassifierPublic:
-    view = store.view(record.classifier_id)
-    if view is None:
-        raise ApiError(404, "not_found", f"no classifier {record.classifier_id!r}")
-    return public(view)
-
-
 def owned_classifier(store: Store, classifier_id: str, tenant: str) -> ClassifierRecord:
     record = store.get_classifier(classifier_id, tenant)
     if record is None:
