@@ -45,6 +45,24 @@ def _tensor_bytes(t) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
+def _constant_nodes(graph, inits: dict) -> dict[str, tuple]:
+    """Nodes that compute a value from initializers and constants only (Constant, and e.g. the Identity that
+    torch's exporter writes for a parameter equal to another one): output name -> (node, the initializers
+    it reads, directly or through other such nodes). They are copied into every segment that reads them,
+    so a constant never crosses a segment boundary as a runtime input (ORT folds it in each session)."""
+    const: dict[str, tuple] = {}
+    for node in graph.node:
+        if _has_subgraph(node) or not node.output:
+            continue
+        inputs = [x for x in node.input if x]
+        if all(x in inits or x in const for x in inputs):
+            deps = frozenset().union(*[const[x][1] if x in const else {x} for x in inputs])
+            for out in node.output:
+                if out:
+                    const[out] = (node, deps)
+    return const
+
+
 def partition(graph, masked: set[str] | frozenset[str], shared_min_bytes: int = SHARED_MIN_BYTES) -> list[Segment]:
     """Segments of ``graph`` (a GraphProto, data not needed) for a classifier that masks ``masked`` initializers.
 
@@ -54,16 +72,29 @@ def partition(graph, masked: set[str] | frozenset[str], shared_min_bytes: int = 
     unknown = set(masked) - set(inits)
     if unknown:
         raise ValueError(f"masked tensors are not initializers of the base: {sorted(unknown)[:5]}")
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    body = [n for n in graph.node if n.op_type != "Constant"]
+    const = _constant_nodes(graph, inits)
+    const_ids = {id(node) for node, _ in const.values()}
+    body = [n for n in graph.node if id(n) not in const_ids]
+
+    def reads(node) -> set[str]:
+        """The initializers a body node reads, directly or through constant nodes."""
+        out: set[str] = set()
+        for x in node.input:
+            if x in inits:
+                out.add(x)
+            elif x in const:
+                out |= const[x][1]
+        return out
+
     if any(_has_subgraph(n) for n in body):
         # control flow would need its outer-scope values traced; keep such a base whole (correct, not shared)
         runs = [["own" if masked else "shared", body, 0]]
     else:
         runs = []
         for node in body:
-            kind = "own" if any(i in masked for i in node.input) else "shared"
-            weight = sum(_tensor_bytes(inits[i]) for i in node.input if i in inits and i not in masked)
+            weights = reads(node)
+            kind = "own" if weights & set(masked) else "shared"
+            weight = sum(_tensor_bytes(inits[i]) for i in weights if i not in masked)
             if runs and runs[-1][0] == kind:
                 runs[-1][1].append(node)
                 runs[-1][2] += weight
@@ -87,22 +118,31 @@ def partition(graph, masked: set[str] | frozenset[str], shared_min_bytes: int = 
     for i in range(len(runs) - 1, -1, -1):
         consumed_after[i] = set(later)
         later |= {x for n in runs[i][1] for x in n.input if x}
+    order = {id(n): i for i, n in enumerate(graph.node)}
     segments = []
     for i, (kind, nodes, _) in enumerate(runs):
         produced = {o for n in nodes for o in n.output if o}
-        used = [x for n in nodes for x in n.input if x]
-        const_nodes, init_names, inputs = [], [], []
-        for name in dict.fromkeys(used):
-            if name in produced:
+        const_nodes: dict[int, object] = {}
+        init_names, inputs = [], []
+        pending = [x for n in nodes for x in n.input if x]
+        seen: set[str] = set()
+        while pending:
+            name = pending.pop(0)
+            if name in seen or name in produced:
                 continue
+            seen.add(name)
             if name in inits:
                 init_names.append(name)
-            elif name in consts:
-                const_nodes.append(consts[name])
+            elif name in const:
+                node = const[name][0]
+                if id(node) not in const_nodes:
+                    const_nodes[id(node)] = node
+                    pending.extend(x for x in node.input if x)
             else:
                 inputs.append(name)
-        outputs = [o for n in nodes for o in n.output if o and o in consumed_after[i]]
-        segments.append(Segment(kind=kind, nodes=const_nodes + nodes, initializers=init_names, inputs=inputs,
+        outputs = [o for n in nodes for o in n.output if o and o in consumed_after[i] and o not in const]
+        segments.append(Segment(kind=kind, nodes=sorted(const_nodes.values(), key=lambda n: order[id(n)]) + nodes,
+                                initializers=init_names, inputs=inputs,
                                 outputs=list(dict.fromkeys(outputs)),
                                 masked=[n for n in init_names if n in masked]))
     return segments
@@ -121,28 +161,35 @@ def external_placeholder(name: str, array: np.ndarray):
     return t
 
 
-def segment_model(base_model, segment: Segment, tensors: dict, value_types: dict[str, int]):
+def segment_model(base_model, segment: Segment, tensors: dict, value_types: dict):
     """A ModelProto for ``segment``; ``tensors`` maps each of its initializer names to a TensorProto
-    (with data, or an ``external_placeholder``)."""
+    (with data, or an ``external_placeholder``). ``value_types`` (from ``value_types``) gives each input and
+    output its element type and, where the base's shape inference knew it, its shape: ORT needs the shapes to
+    fold shape arithmetic and to fuse as it does in the whole graph (e.g. MatMul + bias + Gelu -> BiasGelu)."""
     from onnx import helper
+
+    def info(name):
+        t = value_types[name]
+        if isinstance(t, int):
+            return helper.make_tensor_value_info(name, t, None)
+        return helper.make_value_info(name, t)
 
     graph = helper.make_graph(
         segment.nodes, f"{base_model.graph.name}-segment",
-        [helper.make_tensor_value_info(n, value_types[n], None) for n in segment.inputs],
-        [helper.make_tensor_value_info(n, value_types[n], None) for n in segment.outputs],
+        [info(n) for n in segment.inputs], [info(n) for n in segment.outputs],
         initializer=[tensors[n] for n in segment.initializers])
     return helper.make_model(graph, opset_imports=list(base_model.opset_import), ir_version=base_model.ir_version,
                              producer_name="rmt_core.segments")
 
 
-def value_types(model) -> dict[str, int]:
-    """Element type of every value in the graph (graph inputs/outputs, initializers, inferred intermediates)."""
+def value_types(model) -> dict:
+    """The type of every value in the graph: a TypeProto with the element type and the shape shape inference
+    found (symbolic where it depends on the batch) for graph inputs/outputs and intermediates; the element type
+    alone (an int) for initializers and Constant outputs, which never cross a segment boundary."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        types[vi.name] = vi.type.tensor_type.elem_type
+    types: dict = {}
     for t in model.graph.initializer:
         types[t.name] = t.data_type
     for n in model.graph.node:
@@ -150,4 +197,6 @@ def value_types(model) -> dict[str, int]:
             for a in n.attribute:
                 if a.name == "value":
                     types[n.output[0]] = a.t.data_type
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[vi.name] = vi.type
     return types

@@ -16,6 +16,7 @@ from rmt_core.head import Head
 from rmt_core.masking import apply_mask_bits, target_names
 from rmt_core.materialize import materialize_onnx, materialized_model_path
 from rmt_core.runtime import BaseRegistry, OnnxClassifier, ServedClassifier, load_classifier, make_session
+from rmt_core.segments import partition
 from tests.core.toys import tiny
 
 LABELS = ["cat", "dog", "truck"]
@@ -106,6 +107,36 @@ def test_two_classifiers_on_one_base_equal_their_own_baked_models(world, shared_
     assert registry.stats()["plans"][0]["refs"] == 1
     b.close()
     assert registry.stats() == {"bases": [], "plans": []}
+
+
+def test_segments_pass_only_activations_and_know_their_shapes(world):
+    """Constants never cross a cut (torch writes an Identity for a parameter equal to another, e.g. every
+    LayerNorm weight of a fresh model; each segment reading one gets its own copy, which ORT folds), and every
+    value that does cross carries the shape the base's shape inference found, so ORT can fuse inside a
+    segment as it does in the whole graph."""
+    graph = onnx.load(str(world["base"].onnx_path), load_external_data=False).graph
+    registry = BaseRegistry(world["bases"], "cpu")
+    loaded = registry.base(world["base"].base_id)
+    masked = frozenset(loaded.info.maskable[n]["initializer"] for n in world["bits_a"])
+    segments = partition(graph, masked, shared_min_bytes=0)
+    assert len(segments) >= 4 and {s.kind for s in segments} == {"own", "shared"}
+    aliases = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in {t.name for t in graph.initializer}]
+    assert aliases, "the toy base no longer has aliased parameters: this test checks nothing"
+    constant = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output
+                                                      if n.op_type in ("Constant", "Identity") and
+                                                      all(i in {t.name for t in graph.initializer} for i in n.input)}
+    produced = {"image"}
+    for seg in segments:
+        assert not set(seg.inputs) & constant, seg.inputs
+        assert set(seg.inputs) <= produced  # every input was produced earlier in the chain
+        for name in seg.inputs:
+            t = loaded.types[name]
+            assert t.tensor_type.HasField("shape"), name  # a rank, possibly 0, and its dims
+        produced |= set(seg.outputs)
+        masked_here = {n for n in seg.initializers if n in masked}
+        assert (seg.kind == "own") == bool(masked_here) and set(seg.masked) == masked_here
+    assert {n for s in segments for n in s.masked} == masked
+    assert [o.name for o in graph.output][0] in produced
 
 
 def test_nothing_masked_builds_no_encoder_tensors_of_its_own(world):
