@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .memory import release_free_memory
+from rmt_core.heap import release_free_memory
 
 log = logging.getLogger(__name__)
 

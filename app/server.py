@@ -18,7 +18,7 @@ import time
 
 from rmt_service.settings import Settings
 
-from .memory import limit_malloc_arenas
+from rmt_core.heap import limit_malloc_arenas
 
 log = logging.getLogger("rmt.serve")
 
@@ -105,7 +105,7 @@ class WorkerProcess:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    limit_malloc_arenas()  # before any thread starts (see app.memory)
+    limit_malloc_arenas()  # before any thread starts (see rmt_core/heap.py)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
     check_bind(args.host, settings)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .heap import return_freed_memory
 from .preprocess import PreprocessConfig, preprocess_batch, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,7 @@ class BaseRegistry:
 
         self.bases_dir = Path(bases_dir)
         self.providers = providers
+        return_freed_memory()  # see rmt_core/heap.py
         self.shared_arena = shared_arena and _register_env_allocator()
         self.shared_min_bytes = SHARED_MIN_BYTES if shared_min_bytes is None else shared_min_bytes
         self.load_threads = load_threads if load_threads is not None else min(4, os.cpu_count() or 1)
