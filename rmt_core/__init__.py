@@ -14,7 +14,7 @@ Modules (torch is imported only by the tuning/export side):
     segments   the base graph cut into shared and per-classifier ONNX Runtime sessions (no torch)
     head       Head: features -> logits as numpy arrays, head.npz, appendable to an ONNX graph (no torch)
     materialize a self-contained model.onnx from base + mask + head, size-bounded cache (no torch)
-    artifact   the mask file (packbits + LZMA; old Rice-coded files load) and version files (no torch)
+    artifact   the mask file (packbits + zlib; older LZMA and Rice-coded files load) and version files (no torch)
     base       the shared base: the frozen encoder exported once, content-addressed by its weights
     backbones  open_clip model loading (configs registered from model_configs/, builtin weights)
     masking    BinaryMask parametrization, attach_masks / bake_masks / sparsity

@@ -3,7 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rmt_core.artifact import MaskFileError, decode_masks, encode_masks, entropy_bound_bytes, load_masks, save_masks
+from rmt_core.artifact import (MaskFileError, decode_masks, decode_packed, encode_masks, entropy_bound_bytes, load_masks,
+                               save_masks)
 
 DATA = Path(__file__).parent / "data"
 
@@ -46,7 +47,7 @@ def test_old_rice_coded_files_still_load():
     assert set(masks) == set(expected)
     for name in expected:
         assert masks[name].dtype == bool and np.array_equal(masks[name], expected[name]), name
-    assert encode_masks(masks)[:4] == b"RMT2"  # re-saving writes the new format
+    assert encode_masks(masks)[:4] == b"RMT3"  # re-saving writes the current format
 
 
 def test_clustered_masks_round_trip():
@@ -71,3 +72,47 @@ def test_save_is_atomic_and_loads_back(tmp_path):
     assert (tmp_path / "m.rmtm").stat().st_size == n
     assert [p.name for p in tmp_path.iterdir()] == ["m.rmtm"]  # no temp file left behind
     assert np.array_equal(load_masks(tmp_path / "m.rmtm")[0]["w"], masks["w"])
+
+
+def test_lzma_files_of_version_2_still_load():
+    """RMT2 (packbits + raw LZMA2), what classifiers published before the zlib switch hold; written here the
+    way the old encoder wrote it."""
+    import json
+    import lzma
+    import struct
+    import zlib
+
+    rng = np.random.default_rng(3)
+    masks = {"b.w": rng.random((40, 24)) > 0.05, "a.w": rng.random((7, 3)) > 0.3}
+    names = sorted(masks)
+    flat = np.concatenate([masks[n].ravel() for n in names])
+    header = json.dumps({"version": 2, "tensors": [{"name": n, "shape": list(masks[n].shape)} for n in names],
+                         "n": int(flat.size), "codec": "packbits+lzma", "meta": {"method": "amt"}}).encode()
+    body = b"RMT2" + lzma.compress(struct.pack("<I", len(header)) + header + np.packbits(flat).tobytes(),
+                                   format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}])
+    got, meta = decode_masks(body + struct.pack("<I", zlib.crc32(body)))
+    assert meta == {"method": "amt"} and set(got) == set(masks)
+    for name in masks:
+        assert np.array_equal(got[name], masks[name])
+
+
+@pytest.mark.parametrize("shapes", [[(3,), (5,), (64, 3)], [(8, 8), (1,), (130,)], [(2,), (2,)], [(70,), (9, 9)]])
+def test_packed_masks_answer_all_kept_and_unpack_at_any_bit_offset(shapes):
+    """Tensors start at arbitrary bit offsets in the packed stream; all_kept reads the packed bytes and must
+    still see a single flipped bit at either edge or inside."""
+    rng = np.random.default_rng(len(shapes))
+    base = {f"t{i}": np.ones(shape, bool) for i, shape in enumerate(shapes)}
+    packed = decode_packed(encode_masks(base))
+    assert all(packed.all_kept(n) for n in base)
+    for name, value in base.items():
+        for where in {0, value.size // 2, value.size - 1}:
+            masks = {k: v.copy() for k, v in base.items()}
+            masks[name].reshape(-1)[where] = False
+            packed = decode_packed(encode_masks(masks))
+            for other in base:
+                assert packed.all_kept(other) == (other != name), (name, where, other)
+                assert np.array_equal(packed.unpack(other), masks[other])
+    noisy = {k: rng.random(v.shape) > 0.5 for k, v in base.items()}
+    packed = decode_packed(encode_masks(noisy))
+    assert packed.to_dict().keys() == noisy.keys()
+    assert all(np.array_equal(packed.unpack(k), v) for k, v in noisy.items())
