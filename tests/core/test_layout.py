@@ -248,3 +248,18 @@ def test_old_rmtm_mask_file_serves_on_a_base(world, tmp_path):
     ref_bits = {**full, **bits}
     ref = make_session(_baked_reference(ref_bits, tmp_path / "ref.onnx"), "cpu")
     np.testing.assert_allclose(clf.logits(world["x"]), ref.run(None, {"image": world["x"]})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_classifier_with_one_own_session_runs_its_head_inside_it(world):
+    """Small backbones run as one session per masked classifier; the head is appended to it (as in today's baked
+    model) and must give what the numpy head gives on the session's features."""
+    registry = BaseRegistry(world["bases"], "cpu")  # default threshold: the toy base is one own segment
+    a = load_classifier(world["a"], world["bases"], registry)
+    assert a.own_sessions == 1 and a._head_in_session
+    session = a._chain[0][1]
+    assert [o.name for o in session.get_outputs()][0] == "rmt_logits"
+    x = world["x"]
+    np.testing.assert_allclose(a.logits(x), a.head.logits(a.features(x)), rtol=1e-5, atol=1e-5)
+    zero = load_classifier(world["zero"], world["bases"], registry)
+    assert not zero._head_in_session  # the shared base session carries no classifier's head
+    np.testing.assert_allclose(zero.logits(x), zero.head.logits(zero.features(x)), rtol=1e-6, atol=1e-6)
