@@ -376,6 +376,76 @@ class BaseRegistry:
                               for k, p in self._plans.items()]}
 
 
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+              "tensor(bool)": np.bool_, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+# Batches up to this size run the chain through IO bindings into reused buffers (``_BoundChain``).
+BIND_MAX_BATCH = 8
+
+
+def _aligned_empty(shape: tuple, dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an ``align``-byte boundary (what ORT's own allocator gives)."""
+    dtype = np.dtype(dtype)
+    nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+class _BoundChain:
+    """A chain of segment sessions bound once to fixed buffers for one batch shape (CPU only).
+
+    Between segments the chain otherwise hands over fresh ORT outputs, and each session's planned buffers
+    are its own: at batch 1 on ViT-B-32 that measured ~6% slower than the whole graph in one session, which
+    reuses a few cache-hot buffers. Here every value passed between segments lives in a slot reused call after
+    call, slots are shared by values that are never alive together, and each session is bound once
+    (``io_binding``), so a call only copies the batch in and the features out. Not thread-safe: one call at a
+    time per instance (``ServedClassifier`` keeps a small pool).
+    """
+
+    def __init__(self, chain: list[tuple], input_name: str, output_name: str, shapes: dict[str, tuple]):
+        last_use = {}
+        for i, (seg, _) in enumerate(chain):
+            for n in seg.inputs:
+                last_use[n] = i
+        free: dict[tuple, list[np.ndarray]] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+
+        def take(name):
+            shape, dtype = shapes[name]
+            pool = free.get((shape, dtype))
+            self.buffers[name] = pool.pop() if pool else _aligned_empty(shape, dtype)
+
+        take(input_name)
+        for i, (seg, _) in enumerate(chain):
+            for n in seg.outputs:
+                take(n)
+            for n in seg.inputs:  # after this segment's outputs: a segment never writes over its own inputs
+                if last_use.get(n) == i and n != output_name:
+                    key = (shapes[n][0], shapes[n][1])
+                    free.setdefault(key, []).append(self.buffers[n])
+        self._values = {n: ort.OrtValue.ortvalue_from_numpy(b) for n, b in self.buffers.items()}
+        self.bindings = []
+        for seg, session in chain:
+            binding = session.io_binding()
+            for n in seg.inputs:
+                binding.bind_ortvalue_input(n, self._values[n])
+            for n in seg.outputs:
+                binding.bind_ortvalue_output(n, self._values[n])
+            self.bindings.append((session, binding))
+        self.input, self.output = self.buffers[input_name], self.buffers[output_name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum({id(b): b.nbytes for b in self.buffers.values()}.values())
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        np.copyto(self.input, batch)
+        for session, binding in self.bindings:
+            session.run_with_iobinding(binding)
+        return self.output.copy()
+
+
 class ServedClassifier(_Classifier):
     """A classifier served over a shared base: same interface as OnnxClassifier (labels, run, top_k, ...)."""
 
@@ -451,6 +521,12 @@ class ServedClassifier(_Classifier):
             for n in seg.inputs:
                 self._last_use[n] = i
         self._providers = self._chain[0][1].get_providers()
+        import threading
+
+        self._bindable_names = {n for seg, _ in self._chain for n in seg.outputs}
+        self._shapes: dict[tuple, dict] = {}  # batch shape -> every passed value's (shape, dtype), seen once
+        self._bound: dict[tuple, list[_BoundChain]] = {}
+        self._bound_lock = threading.Lock()
 
     @property
     def own_sessions(self) -> int:
@@ -467,14 +543,37 @@ class ServedClassifier(_Classifier):
         if len(self._chain) == 1:
             seg, session = self._chain[0]
             return session.run([self._output], {self._input: batch})[0]
+        bindable = batch.shape[0] <= BIND_MAX_BATCH and self._providers[0] == "CPUExecutionProvider"
+        if bindable and batch.shape in self._shapes:
+            with self._bound_lock:
+                idle = self._bound.get(batch.shape)
+                bound = idle.pop() if idle else None
+            if bound is None:
+                bound = _BoundChain(self._chain, self._input, self._output, self._shapes[batch.shape])
+            try:
+                return bound.run(batch)
+            finally:
+                with self._bound_lock:
+                    idle = self._bound.setdefault(batch.shape, [])
+                    if len(idle) < 2:  # a burst of concurrent calls leaves at most two sets per shape behind
+                        idle.append(bound)
         # OrtValues between segments: on CUDA the activations stay on the device from one segment to the next
         env = {self._input: ort.OrtValue.ortvalue_from_numpy(batch)}
+        shapes = {self._input: (batch.shape, batch.dtype)}
         for i, (seg, session) in enumerate(self._chain):
             outs = session.run_with_ort_values(seg.outputs, {n: env[n] for n in seg.inputs})
             env.update(zip(seg.outputs, outs))
+            for n, v in zip(seg.outputs, outs) if bindable else ():
+                dtype = _ORT_TYPES.get(v.data_type())
+                if dtype is None:  # a type the bound path does not allocate: this shape keeps the plain path
+                    bindable = False
+                    break
+                shapes[n] = (tuple(v.shape()), np.dtype(dtype))
             for n in seg.inputs:
                 if self._last_use[n] == i and n != self._output:
                     env.pop(n, None)
+        if bindable and all(n in shapes for n in self._bindable_names):
+            self._shapes[batch.shape] = shapes  # the next call of this shape runs bound
         return env[self._output].numpy()
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -485,6 +584,8 @@ class ServedClassifier(_Classifier):
     def close(self) -> None:
         """Give the shared sessions back to the registry now (otherwise when this object is collected)."""
         self._chain = []
+        with self._bound_lock:
+            self._bound.clear()
         self._release()
 
 

@@ -263,3 +263,35 @@ def test_a_classifier_with_one_own_session_runs_its_head_inside_it(world):
     zero = load_classifier(world["zero"], world["bases"], registry)
     assert not zero._head_in_session  # the shared base session carries no classifier's head
     np.testing.assert_allclose(zero.logits(x), zero.head.logits(zero.features(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_small_batches_run_the_chain_bound_to_reused_buffers_and_stay_exact_under_threads(world):
+    """The second call of a batch shape (<= BIND_MAX_BATCH) runs through IO bindings into reused buffers; it
+    must give exactly what the plain chain gives, including when threads call at once (each call takes its
+    own buffer set) and for shapes that keep the plain path."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rmt_core.runtime import BIND_MAX_BATCH
+
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=0)
+    a = load_classifier(world["a"], world["bases"], registry)
+    assert len(a._chain) > 2
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(size=(n, 3, *world["backbone"].image_size)).astype(np.float32)
+               for n in (1, 1, 2, 3, 1, 2, BIND_MAX_BATCH + 1)]
+    plain = [a.features(b) for b in batches]  # first call per shape: the plain path, which learns the shapes
+    assert set(a._shapes) == {b.shape for b in batches if b.shape[0] <= BIND_MAX_BATCH}
+    bound = [a.features(b) for b in batches]
+    for p, b in zip(plain, bound):
+        np.testing.assert_array_equal(p, b)
+    assert set(a._bound) == set(a._shapes)  # the bound path ran for every learned shape
+    assert (BIND_MAX_BATCH + 1, 3, *world["backbone"].image_size) not in a._bound
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(3):
+            got = list(pool.map(a.features, batches * 3))
+            for p, g in zip(plain * 3, got):
+                np.testing.assert_array_equal(p, g)
+    assert all(len(idle) <= 2 for idle in a._bound.values())
+    out = a.features(batches[0])
+    out[:] = 0  # a caller owns what it gets: the next call is not affected
+    np.testing.assert_array_equal(a.features(batches[0]), plain[0])
