@@ -56,7 +56,7 @@ def served_loader(bases_dir: Path, providers: str = "auto") -> Loader:
     classifiers, released when the last one using them is collected), old model.onnx directories as they are."""
     from rmt_core.runtime import BaseRegistry, load_classifier
 
-    registry = BaseRegistry(bases_dir, providers)
+    registry = BaseRegistry(bases_dir, providers, return_memory=True)
 
     def load(classifier_id: str, version_dir: Path) -> Any:
         return load_classifier(version_dir, registry=registry)

@@ -113,7 +113,7 @@ def worker(args) -> None:
     x1 = np.random.default_rng(0).normal(size=(1, 3, *size)).astype(np.float32)
     before = rss_mb()
     loaded, points = [], []
-    registry = BaseRegistry(args.bases)
+    registry = BaseRegistry(args.bases, return_memory=True)
     t = time.perf_counter()
     for d in dirs:
         clf = load_classifier(d, registry=registry)
@@ -240,7 +240,7 @@ def part_cold(world, rows, repeats: int):
     from rmt_core.runtime import BaseRegistry, OnnxClassifier, load_classifier
 
     x1 = np.random.default_rng(0).normal(size=(1, 3, *world["backbone"].image_size)).astype(np.float32)
-    registry = BaseRegistry(world["bases"])
+    registry = BaseRegistry(world["bases"], return_memory=True)
     warm = load_classifier(world["versions"][0], registry=registry)  # the base is in use by another classifier
     warm.run(x1)
     warm_zs = load_classifier(world["versions"][-1], registry=registry)  # ... and by a zero-shot one
@@ -268,7 +268,7 @@ def part_cold(world, rows, repeats: int):
                  f"{new:.2f} s vs {old:.2f} s (zero-shot / nothing flipped: {zs:.2f} s)", new / old, "<= 0.5"))
     del warm, warm_zs
     t = time.perf_counter()
-    load_classifier(world["versions"][0], registry=BaseRegistry(world["bases"])).run(x1)
+    load_classifier(world["versions"][0], registry=BaseRegistry(world["bases"], return_memory=True)).run(x1)
     rows.append(("cold first classify when no classifier on its base is loaded yet (builds the shared segments, "
                  "once per process and base)", f"{time.perf_counter() - t:.2f} s", None, "-"))
 
@@ -276,7 +276,7 @@ def part_cold(world, rows, repeats: int):
 def part_latency(world, rows, repeats: int, arch: str, size: int):
     from rmt_core.runtime import BaseRegistry, OnnxClassifier, load_classifier
 
-    registry = BaseRegistry(world["bases"])
+    registry = BaseRegistry(world["bases"], return_memory=True)
     new = load_classifier(world["versions"][0], registry=registry)
     zs = load_classifier(world["versions"][-1], registry=registry)
     old = OnnxClassifier(world["legacy"][0], providers="auto")

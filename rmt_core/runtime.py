@@ -303,18 +303,24 @@ class BaseRegistry:
     ``acquire`` returns the plan for (base, masked tensors); ``release`` drops it when its last
     classifier goes, except the ``keep_idle`` most recently released plans, kept so that a cache that
     evicts a base's last classifier and loads another one soon does not rebuild the shared sessions.
-    Classifiers that mask nothing share one plan: the whole base as one session.
+    Classifiers that mask nothing share one plan: the whole base as one session. ``return_memory`` (for a
+    process that serves many classifiers) makes freed blocks >= 1 MiB go back to the OS at once
+    (``rmt_core.heap.return_freed_memory``): without it a load leaves ~0.5x its size behind as freed heap.
+    It is process-wide, and every large allocation then costs an mmap, so a process that trains with torch
+    (the worker's parity check builds a registry too) leaves it off.
     """
 
     def __init__(self, bases_dir: Path | str, providers: str = "auto", shared_arena: bool = True,
-                 shared_min_bytes: int | None = None, load_threads: int | None = None, keep_idle: int = 1):
+                 shared_min_bytes: int | None = None, load_threads: int | None = None, keep_idle: int = 1,
+                 return_memory: bool = False):
         import threading
 
         from .segments import SHARED_MIN_BYTES
 
         self.bases_dir = Path(bases_dir)
         self.providers = providers
-        return_freed_memory()  # see rmt_core/heap.py
+        if return_memory:  # a serving process: see rmt_core/heap.py (process-wide, so not in a torch worker)
+            return_freed_memory()
         self.shared_arena = shared_arena and _register_env_allocator()
         self.shared_min_bytes = SHARED_MIN_BYTES if shared_min_bytes is None else shared_min_bytes
         self.load_threads = load_threads if load_threads is not None else min(4, os.cpu_count() or 1)

@@ -110,3 +110,17 @@ def test_lru_keeps_at_most_capacity_sessions(tuned, tmp_path):
 
     asyncio.run(main())
     cache.close()
+
+
+def test_only_the_serving_loader_changes_the_process_malloc_threshold(tmp_path, monkeypatch):
+    """Returning freed blocks >= 1 MiB to the OS is process-wide and makes every large malloc an mmap: the API's
+    loader sets it (a load otherwise leaves ~0.5x its size resident), a registry made elsewhere (the worker's
+    parity check, beside torch training) does not."""
+    import rmt_core.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "return_freed_memory", lambda: calls.append(1) or True)
+    runtime.BaseRegistry(tmp_path, "cpu")
+    assert calls == []
+    loader = served_loader(tmp_path, "cpu")
+    assert calls == [1] and loader.registry.bases_dir == tmp_path
