@@ -64,25 +64,27 @@ class PackedMasks:
     def __init__(self, tensors: list[dict], packed: np.ndarray, n: int, meta: dict):
         self.meta = meta
         self.packed = packed
-        self._where: dict[str, tuple[int, tuple]] = {}
+        self._where: dict[str, tuple[int, int, tuple]] = {}  # name -> (first bit, bits, shape)
         start = 0
         for tensor in tensors:
             shape = tuple(tensor["shape"])
-            self._where[tensor["name"]] = (start, shape)
-            start += int(np.prod(shape)) if shape else 1
-        if start != n or packed.size != (n + 7) // 8:
+            size = int(np.prod(shape)) if shape else 1
+            self._where[tensor["name"]] = (start, size, shape)
+            start += size
+        if start != n:
             raise MaskFileError("mask file is corrupt (shapes do not add up)")
+        if packed.size != (n + 7) // 8:
+            raise MaskFileError("mask file is corrupt (length mismatch)")
 
     @property
     def names(self) -> list[str]:
         return list(self._where)
 
     def shape(self, name: str) -> tuple:
-        return self._where[name][1]
+        return self._where[name][2]
 
     def _bytes(self, name: str) -> tuple[np.ndarray, int, int]:
-        start, shape = self._where[name]
-        size = int(np.prod(shape)) if shape else 1
+        start, size, _ = self._where[name]
         return self.packed[start // 8:(start + size + 7) // 8], start % 8, size
 
     def unpack(self, name: str) -> np.ndarray:
@@ -128,11 +130,8 @@ def decode_packed(data: bytes) -> PackedMasks:
     header = json.loads(payload[4:4 + hlen])
     if header.get("version") != (VERSION if data[:4] == MAGIC else 2):
         raise MaskFileError(f"mask file version {header.get('version')} is not supported")
-    n = int(header["n"])
     packed = np.frombuffer(payload, np.uint8, offset=4 + hlen)
-    if packed.size != (n + 7) // 8:
-        raise MaskFileError("mask file is corrupt (length mismatch)")
-    return PackedMasks(header["tensors"], packed, n, header["meta"])
+    return PackedMasks(header["tensors"], packed, int(header["n"]), header["meta"])
 
 
 def decode_masks(data: bytes) -> tuple[dict[str, np.ndarray], dict]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,9 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-_fixed_threshold: list[bool] = []
-
-
+@functools.cache
 def return_freed_memory() -> bool:
     """Blocks >= 1 MiB are mmap'd and returned to the OS when freed (process-wide, set once); True if set."""
-    if not _fixed_threshold:
-        ok = _LIBC is not None and bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-        _fixed_threshold.append(ok)
-        log.debug("malloc mmap threshold fixed at %d bytes: %s", MMAP_THRESHOLD, ok)
-    return _fixed_threshold[0]
+    ok = _LIBC is not None and bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    log.debug("malloc mmap threshold fixed at %d bytes: %s", MMAP_THRESHOLD, ok)
+    return ok

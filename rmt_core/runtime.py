@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -313,8 +314,6 @@ class BaseRegistry:
     def __init__(self, bases_dir: Path | str, providers: str = "auto", shared_arena: bool = True,
                  shared_min_bytes: int | None = None, load_threads: int | None = None, keep_idle: int = 1,
                  return_memory: bool = False):
-        import threading
-
         from .segments import SHARED_MIN_BYTES
 
         self.bases_dir = Path(bases_dir)
@@ -409,11 +408,8 @@ class _BoundChain:
     time per instance (``ServedClassifier`` keeps a small pool).
     """
 
-    def __init__(self, chain: list[tuple], input_name: str, output_name: str, shapes: dict[str, tuple]):
-        last_use = {}
-        for i, (seg, _) in enumerate(chain):
-            for n in seg.inputs:
-                last_use[n] = i
+    def __init__(self, chain: list[tuple], input_name: str, output_name: str, shapes: dict[str, tuple],
+                 last_use: dict[str, int]):
         free: dict[tuple, list[np.ndarray]] = {}
         self.buffers: dict[str, np.ndarray] = {}
 
@@ -428,8 +424,7 @@ class _BoundChain:
                 take(n)
             for n in seg.inputs:  # after this segment's outputs: a segment never writes over its own inputs
                 if last_use.get(n) == i and n != output_name:
-                    key = (shapes[n][0], shapes[n][1])
-                    free.setdefault(key, []).append(self.buffers[n])
+                    free.setdefault(shapes[n], []).append(self.buffers[n])
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(b) for n, b in self.buffers.items()}
         self.bindings = []
         for seg, session in chain:
@@ -527,9 +522,6 @@ class ServedClassifier(_Classifier):
             for n in seg.inputs:
                 self._last_use[n] = i
         self._providers = self._chain[0][1].get_providers()
-        import threading
-
-        self._bindable_names = {n for seg, _ in self._chain for n in seg.outputs}
         self._shapes: dict[tuple, dict] = {}  # batch shape -> every passed value's (shape, dtype), seen once
         self._bound: dict[tuple, list[_BoundChain]] = {}
         self._bound_lock = threading.Lock()
@@ -551,18 +543,7 @@ class ServedClassifier(_Classifier):
             return session.run([self._output], {self._input: batch})[0]
         bindable = batch.shape[0] <= BIND_MAX_BATCH and self._providers[0] == "CPUExecutionProvider"
         if bindable and batch.shape in self._shapes:
-            with self._bound_lock:
-                idle = self._bound.get(batch.shape)
-                bound = idle.pop() if idle else None
-            if bound is None:
-                bound = _BoundChain(self._chain, self._input, self._output, self._shapes[batch.shape])
-            try:
-                return bound.run(batch)
-            finally:
-                with self._bound_lock:
-                    idle = self._bound.setdefault(batch.shape, [])
-                    if len(idle) < 2:  # a burst of concurrent calls leaves at most two sets per shape behind
-                        idle.append(bound)
+            return self._run_bound(batch)
         # OrtValues between segments: on CUDA the activations stay on the device from one segment to the next
         env = {self._input: ort.OrtValue.ortvalue_from_numpy(batch)}
         shapes = {self._input: (batch.shape, batch.dtype)}
@@ -578,9 +559,24 @@ class ServedClassifier(_Classifier):
             for n in seg.inputs:
                 if self._last_use[n] == i and n != self._output:
                     env.pop(n, None)
-        if bindable and all(n in shapes for n in self._bindable_names):
+        if bindable:
             self._shapes[batch.shape] = shapes  # the next call of this shape runs bound
         return env[self._output].numpy()
+
+    def _run_bound(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` through a bound buffer set of its shape, taken from the pool (or made) and given back."""
+        with self._bound_lock:
+            idle = self._bound.get(batch.shape)
+            bound = idle.pop() if idle else None
+        if bound is None:
+            bound = _BoundChain(self._chain, self._input, self._output, self._shapes[batch.shape], self._last_use)
+        try:
+            return bound.run(batch)
+        finally:
+            with self._bound_lock:
+                idle = self._bound.setdefault(batch.shape, [])
+                if len(idle) < 2:  # a burst of concurrent calls leaves at most two sets per shape behind
+                    idle.append(bound)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         if self._head_in_session:
