@@ -6,7 +6,7 @@ import logging
 from kombu.exceptions import OperationalError
 
 from rmt_service.settings import Settings
-from worker.celery_app import QUEUE, TUNE_TASK, create_celery
+from rmt_service.celery_app import QUEUE, TUNE_TASK, create_celery
 
 log = logging.getLogger(__name__)
 

@@ -169,7 +169,7 @@ def free_port() -> int:
 def start_server(data_dir: Path, port: int, cache_size: int, log_path: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RMT_")}
     env.update(RMT_CLASSIFIER_CACHE_SIZE=str(cache_size), RMT_ORT_PROVIDERS=os.environ.get("RMT_ORT_PROVIDERS", "auto"))
-    proc = subprocess.Popen([sys.executable, "-m", "rmt_core.cli", "serve", "--port", str(port), "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "rmt_cli", "serve", "--port", str(port), "--data-dir",
                              str(data_dir), "--worker", "no", "--log-level", "warning"], env=env, cwd=ROOT,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60

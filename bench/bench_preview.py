@@ -126,7 +126,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RMT_")}
     env.update(RMT_DATA_DIR=str(work / "data"), RMT_BROKER_URL="")
     log = open(work / "serve.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "rmt_core.cli", "serve", "--host", "127.0.0.1", "--port",
+    server = subprocess.Popen([sys.executable, "-m", "rmt_cli", "serve", "--host", "127.0.0.1", "--port",
                                str(port), "--data-dir", str(work / "data")], env=env, cwd=ROOT, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

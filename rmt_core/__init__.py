@@ -15,6 +15,7 @@ Modules (torch is imported only by the tuning/export side):
     head       Head: features -> logits as numpy arrays, head.npz, appendable to an ONNX graph (no torch)
     materialize a self-contained model.onnx from base + mask + head, size-bounded cache (no torch)
     artifact   the mask file (packbits + zlib; older LZMA and Rice-coded files load) and version files (no torch)
+    files      atomic file writes (no torch)
     base       the shared base: the frozen encoder exported once, content-addressed by its weights
     backbones  open_clip model loading (configs registered from model_configs/, builtin weights)
     masking    BinaryMask parametrization, attach_masks / bake_masks / sparsity
@@ -26,7 +27,7 @@ Modules (torch is imported only by the tuning/export side):
     pipeline   build_classifier: candidates -> select -> base + mask + head -> report, into one directory
     world      a generated captioned image world (no torch): the data of the builtin backbone and the demo
     evaluation `rmt eval`: CoOp's few-shot protocol
-    cli        the `rmt` command
+    cli        the library's commands (tune, predict, export, info, sample, eval); `rmt` itself is rmt_cli
 """
 
 __version__ = "0.1.0"

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import lzma
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write_bytes  # noqa: F401 - also imported from here (pipeline, bench)
+from .head import HEAD_FILE
 
 MAGIC = b"RMT3"
 VERSION = 3
@@ -177,21 +178,6 @@ def entropy_bound_bytes(masks: dict[str, np.ndarray]) -> float:
     return n * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers see all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_masks(path: Path | str, masks: dict[str, np.ndarray], meta: dict | None = None) -> int:
     data = encode_masks(masks, meta)
     atomic_write_bytes(path, data)
@@ -210,8 +196,6 @@ def write_version_files(out_dir: Path | str, *, base_id: str, head, masks: dict[
                         meta: dict | None = None) -> dict:
     """Write what a classifier version holds besides its manifest: the mask file (when there is a mask) and
     head.npz. Returns the manifest fields that name them (base_id, mask_file, head_file, sizes, head summary)."""
-    from .head import HEAD_FILE
-
     out_dir = Path(out_dir)
     fields = {"layout": "base+mask+head", "base_id": base_id, "mask_file": None, "mask_bytes": 0,
               "head_file": HEAD_FILE, "head": head.summary()}

@@ -16,6 +16,7 @@ written to a temp name and renamed into place; an existing base is reused, never
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -135,11 +136,24 @@ def ensure_base(backbone, bases_dir: Path | str, opset: int = 17) -> BaseInfo:
     return BaseInfo.load(final)
 
 
+@contextlib.contextmanager
+def no_mha_fastpath():
+    import torch
+
+    # nn.MultiheadAttention's inference fast path exports as aten::_native_multi_head_attention, which the
+    # TorchScript exporter cannot lower.
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 def _export(backbone, base_id: str, out: Path, opset: int) -> None:
     import onnx
     import torch
 
-    from .export import no_mha_fastpath
     from .masking import target_names
 
     visual = backbone.model.visual

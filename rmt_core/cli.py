@@ -1,7 +1,8 @@
-"""The `rmt` command: tune, predict, export, info, sample (library); serve, worker, eval; remote (a client).
+"""The library's commands: tune, predict, export, info, sample, eval (`python -m rmt_core.cli ...`).
 
-Only the subcommand that runs imports its heavy modules: `rmt predict` and `rmt serve` never import torch, and
-`rmt remote` needs only httpx.
+The umbrella `rmt` command (rmt_cli) adds serve, worker, migrate and remote on top of these; the library itself
+knows nothing of the service. Only the subcommand that runs imports its heavy modules: `rmt predict` never
+imports torch.
 """
 from __future__ import annotations
 
@@ -16,11 +17,8 @@ from pathlib import Path
 
 from .config import METHODS, TuneConfig
 
-# `rmt serve` / `rmt worker` / `rmt eval` live in their own packages; the CLI only forwards argv.
+# Commands with a parser of their own: the CLI only forwards argv to module.main.
 DISPATCH = {
-    "serve": ("app.server", "Run the HTTP API (and, with the embedded broker, a worker)."),
-    "worker": ("worker.main", "Run a Celery tuning worker."),
-    "migrate": ("rmt_service.migrate", "Create or upgrade the service's records database (once per deploy)."),
     "eval": ("rmt_core.evaluation", "CoOp few-shot protocol: K shots x seeds, accuracy table."),
 }
 
@@ -33,16 +31,7 @@ _TUNE_FLAGS = {
 }
 
 
-def settings_problem(exc) -> str:
-    """A pydantic ValidationError of the service's Settings as one line per bad RMT_* variable."""
-    lines = []
-    for error in exc.errors():
-        name = "RMT_" + "_".join(str(part) for part in error.get("loc", ())).upper()
-        lines.append(f"{name}={error.get('input')!r}: {error.get('msg', 'invalid')}")
-    return "invalid configuration (environment or .env):\n  " + "\n  ".join(lines)
-
-
-def _fail(message: str, code: int = 2) -> int:
+def fail(message: str, code: int = 2) -> int:
     print(f"rmt: error: {message}", file=sys.stderr)
     return code
 
@@ -60,7 +49,7 @@ def cmd_tune(args) -> int:
     config = TuneConfig.from_dict(values)
     out = Path(args.out)
     if out.exists() and not args.force:
-        return _fail(f"{out} exists; pass --force to replace it")
+        return fail(f"{out} exists; pass --force to replace it")
     samples, test_samples, test_dir = tune_samples(Path(args.data), samples_from_folders)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -192,7 +181,7 @@ def cmd_info(args) -> int:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except FileNotFoundError:
-        return _fail(f"{path} is not a classifier directory (no manifest.json)")
+        return fail(f"{path} is not a classifier directory (no manifest.json)")
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
@@ -206,7 +195,7 @@ def cmd_predict(args) -> int:
     try:
         paths = expand_image_args(args.images)
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     clf = open_classifier(args.classifier, providers=args.providers)
     fmt = "jsonl" if args.json else args.format
     writer = PredictionWriter(fmt, sys.stdout)
@@ -217,7 +206,7 @@ def cmd_predict(args) -> int:
             try:
                 images.append(open_image_file(path))
             except (OSError, InvalidImage) as exc:
-                return _fail(str(exc))
+                return fail(str(exc))
         for path, preds in zip(batch, clf.classify(images, top_k=args.top_k)):
             writer.write(str(path), preds)
     return 0
@@ -284,199 +273,8 @@ def cmd_sample(args) -> int:
     return 0
 
 
-# -- rmt remote: the same tasks against a running service, through rmt_client ---------------------------------
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _remote(args):
-    from rmt_client import Client
-
-    return Client(args.url or os.environ.get("RMT_URL") or DEFAULT_URL,
-                  api_key=args.api_key or os.environ.get("RMT_API_KEY") or None, timeout=args.timeout)
-
-
-def _print_json(value) -> None:
-    print(json.dumps(value, indent=2))
-
-
-def _progress_line(job: dict) -> None:
-    p = job.get("progress") or {}
-    parts = [job["status"]]
-    if p.get("total_steps"):
-        parts.append(f"step {p.get('step')}/{p['total_steps']}")
-    for key, fmt in (("loss", "loss {:.3f}"), ("train_accuracy", "acc {:.2f}"), ("eta_seconds", "eta {:.0f}s")):
-        if p.get(key) is not None:
-            parts.append(fmt.format(p[key]))
-    print("  " + "  ".join(parts), file=sys.stderr, flush=True)
-
-
-def remote_create(args, rmt) -> int:
-    config = {}
-    if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        config = json.loads(text)
-    for flag, name in (("method", "method"), ("epochs", "epochs")):
-        if getattr(args, flag) is not None:
-            config[name] = getattr(args, flag)
-    created = rmt.create(args.source, name=args.name, config=config or None)
-    if not args.wait:
-        if args.json:
-            _print_json({"classifier_id": created.classifier_id, "job_id": created.job_id, "status": "queued"})
-        else:
-            print(f"created {created.classifier_id} (job {created.job_id}); follow it with "
-                  f"`rmt remote status {created.job_id}`")
-        return 0
-    if not args.json:
-        print(f"created {created.classifier_id} (job {created.job_id}), waiting", file=sys.stderr)
-    job = rmt.wait(created, progress=None if args.json else _progress_line, raise_on_failure=False)
-    classifier = rmt.get(created.classifier_id)
-    if args.json:
-        _print_json({"job": job, "classifier": classifier})
-    else:
-        _print_classifier(classifier)
-    return 0 if job["status"] == "succeeded" else 1
-
-
-def _print_classifier(c: dict) -> None:
-    print(f"classifier   {c['classifier_id']} {c.get('name') or ''}".rstrip())
-    print(f"status       {c['status']} (job {c['job_id']})")
-    print(f"labels       {', '.join(c['labels'])}")
-    print(f"backbone     {c.get('backbone')} ({c.get('pretrained')}), method {c.get('method')}")
-    val = c.get("validation") or {}
-    if val.get("tuned_accuracy") is not None:
-        print(f"validation   {val.get('n_holdout')} held-out images: zero-shot {val['zero_shot_accuracy']:.1%} -> "
-              f"tuned {val['tuned_accuracy']:.1%}")
-    if c.get("error"):
-        print(f"error        {c['error']['code']}: {c['error']['message']}")
-
-
-def remote_status(args, rmt) -> int:
-    if args.id.startswith("job_"):
-        job = rmt.job(args.id)
-        if args.json:
-            _print_json(job)
-        else:
-            print(f"job          {job['job_id']} for {job['classifier_id']}")
-            _progress_line(job)
-            if job.get("error"):
-                print(f"error        {job['error']['code']}: {job['error']['message']}")
-        return 0
-    classifier = rmt.get(args.id)
-    if args.json:
-        _print_json(classifier)
-    else:
-        _print_classifier(classifier)
-    return 0
-
-
-def remote_classify(args, rmt) -> int:
-    try:
-        paths = expand_image_args(args.images)
-    except ValueError as exc:
-        return _fail(str(exc))
-    writer = PredictionWriter("jsonl" if args.json else args.format, sys.stdout)
-    for result in rmt.classify(args.classifier, paths, top_k=args.top_k):
-        writer.write(result.get("path") or result.get("filename"), result["predictions"])
-    return 0
-
-
-def remote_list(args, rmt) -> int:
-    items = rmt.list()
-    if args.json:
-        _print_json(items)
-        return 0
-    for c in items:
-        acc = (c.get("validation") or {}).get("tuned_accuracy")
-        print(f"{c['classifier_id']}  {c['status']:9s}  {(c.get('name') or '-')[:24]:24s}  "
-              f"{'' if acc is None else f'{acc:.0%} '}{', '.join(c['labels'])}")
-    if not items:
-        print("no classifiers yet", file=sys.stderr)
-    return 0
-
-
-def remote_delete(args, rmt) -> int:
-    rmt.delete(args.classifier)
-    if args.json:
-        _print_json({"deleted": args.classifier})
-    else:
-        print(f"deleted {args.classifier}")
-    return 0
-
-
-def remote_export(args, rmt) -> int:
-    path = rmt.export(args.classifier, args.out) if args.out.endswith(".zip") else \
-        rmt.download_model(args.classifier, args.out)
-    if args.json:
-        _print_json({"path": str(path), "bytes": path.stat().st_size})
-    else:
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    return 0
-
-
-def cmd_remote(args) -> int:
-    import httpx
-
-    from rmt_client import RmtError
-
-    try:
-        with _remote(args) as rmt:
-            return int(args.remote_func(args, rmt) or 0)
-    except RmtError as exc:
-        return _fail(f"the service answered {exc.status} {exc.code}: {exc.message}", 1)
-    except httpx.TransportError as exc:
-        return _fail(f"cannot reach the service at {args.url or os.environ.get('RMT_URL') or DEFAULT_URL}: {exc} "
-                     "(start one with `rmt serve`, or pass --url)", 1)
-
-
-def _add_remote_parser(sub) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help=f"The service (default: $RMT_URL or {DEFAULT_URL}).")
-    common.add_argument("--api-key", help="API key, if the service has keys (default: $RMT_API_KEY).")
-    common.add_argument("--json", action="store_true", help="Machine-readable output.")
-    common.add_argument("--timeout", type=float, default=120.0, help="Seconds per HTTP request.")
-    remote = sub.add_parser("remote", help="Create, follow and use classifiers on a running service.",
-                            description="Talk to a running `rmt serve` (or a deployment) over HTTP.")
-    rsub = remote.add_subparsers(dest="remote_command", required=True)
-
-    p = rsub.add_parser("create", parents=[common], help="Upload examples and queue tuning.")
-    p.add_argument("source", metavar="DIR|ZIP", help="A folder with one sub-folder per class, or such a zip.")
-    p.add_argument("--name")
-    p.add_argument("--config", help="TuneConfig fields as a JSON object, or a JSON file.")
-    p.add_argument("--method", choices=METHODS)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--wait", action="store_true", help="Follow the job (progress on stderr) until it ends.")
-    p.set_defaults(remote_func=remote_create)
-
-    p = rsub.add_parser("status", parents=[common], help="A classifier (clf_...) or a job (job_...).")
-    p.add_argument("id", metavar="ID")
-    p.set_defaults(remote_func=remote_status)
-
-    p = rsub.add_parser("classify", parents=[common], help="Classify image files or folders.")
-    p.add_argument("classifier", metavar="CLASSIFIER_ID")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="Image files, or folders of images.")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--format", choices=FORMATS, default="table")
-    p.set_defaults(remote_func=remote_classify)
-
-    p = rsub.add_parser("list", parents=[common], help="Your classifiers, newest first.")
-    p.set_defaults(remote_func=remote_list)
-
-    p = rsub.add_parser("delete", parents=[common], help="Delete a classifier (cancels its job).")
-    p.add_argument("classifier", metavar="CLASSIFIER_ID")
-    p.set_defaults(remote_func=remote_delete)
-
-    p = rsub.add_parser("export", parents=[common],
-                        help="Download the export bundle (OUT.zip) or the ONNX model (any other name).")
-    p.add_argument("classifier", metavar="CLASSIFIER_ID")
-    p.add_argument("out", metavar="OUT")
-    p.set_defaults(remote_func=remote_export)
-    remote.set_defaults(func=cmd_remote)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmt", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
+    """The library's subcommands, added to ``sub`` (this module's parser, or the umbrella `rmt`'s)."""
     p = sub.add_parser("tune", help="Tune a classifier from DIR (one folder per class) into --out.",
                        description="Tune a classifier from example images and write it to --out.")
     p.add_argument("data", metavar="DIR",
@@ -525,28 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-domain", action="store_true", help="Render as in pretraining (zero-shot already works).")
     p.set_defaults(func=cmd_sample)
 
-    _add_remote_parser(sub)
 
+def build_parser(prog: str = "rmt") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
     for name, (_, help_text) in DISPATCH.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DISPATCH:
-        module = importlib.import_module(DISPATCH[argv[0]][0])
-        try:
-            return int(module.main(argv[1:]) or 0)
-        except Exception as exc:  # noqa: BLE001 - only invalid settings are answered here
-            if type(exc).__name__ != "ValidationError" or not hasattr(exc, "errors"):
-                raise
-            return _fail(settings_problem(exc))
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """Runs a parsed library subcommand; bad input is one line on stderr and exit status 2."""
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DISPATCH:
+        return int(importlib.import_module(DISPATCH[argv[0]][0]).main(argv[1:]) or 0)
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """ONNX export of a baked classifier (image encoder + normalised class embeddings + logit scale)."""
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import warnings
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .base import no_mha_fastpath
 from .masking import find_masks
 from .runtime import make_session, softmax
 
@@ -32,18 +32,6 @@ class ClassifierHead(nn.Module):
         feats = self.visual(image)
         feats = feats / feats.norm(dim=-1, keepdim=True)
         return self.logit_scale * feats @ self.class_embeddings.T
-
-
-@contextlib.contextmanager
-def no_mha_fastpath():
-    # nn.MultiheadAttention's inference fast path exports as aten::_native_multi_head_attention, which the
-    # TorchScript exporter cannot lower.
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def export_onnx(head: ClassifierHead, path: Path | str, opset: int = 17) -> Path:

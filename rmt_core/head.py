@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write_bytes
+
 HEAD_FILE = "head.npz"
 _FORMAT = 1
 
@@ -128,8 +130,6 @@ class Head:
 
     def save(self, path: Path | str) -> int:
         """Write atomically; returns the file size in bytes."""
-        from .artifact import atomic_write_bytes
-
         data = self.to_bytes()
         atomic_write_bytes(path, data)
         return len(data)

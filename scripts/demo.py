@@ -68,7 +68,7 @@ def main() -> int:
 
     port = free_port()
     env = {**os.environ, "RMT_DATA_DIR": args.data_dir, "RMT_BROKER_URL": ""}
-    server = subprocess.Popen([sys.executable, "-m", "rmt_core.cli", "serve", "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "rmt_cli", "serve", "--host", "127.0.0.1",
                                "--port", str(port), "--data-dir", args.data_dir, "--log-level", "warning"],
                               env=env, start_new_session=True)
     rmt = Client(f"http://127.0.0.1:{port}", timeout=60)

@@ -305,7 +305,7 @@ def test_serving_path_imports_without_torch():
         "        if name.split('.')[0] in ('torch', 'torchvision', 'open_clip'):\n"
         "            raise ImportError(f'{name} imported on the serving path')\n"
         "sys.meta_path.insert(0, NoTorch())\n"
-        "for module in ('rmt_core.cli', 'rmt_core.runtime', 'app.server'):\n"
+        "for module in ('rmt_cli.main', 'rmt_core.cli', 'rmt_core.runtime', 'app.server'):\n"
         "    importlib.import_module(module)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)

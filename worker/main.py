@@ -10,11 +10,11 @@ import warnings
 from celery import signals
 from celery.exceptions import SecurityWarning
 
+from rmt_service.celery_app import QUEUE, TUNE_TASK, create_celery
 from rmt_service.migrate import wait_until_ready
 from rmt_service.settings import Settings
 from rmt_service.store import Store
 
-from .celery_app import QUEUE, TUNE_TASK, create_celery
 from .recovery import RecoveryThread
 from .tasks import register_tasks, start_preload
 

@@ -18,12 +18,11 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from rmt_core.config import TuneConfig
+from rmt_service.celery_app import TUNE_TASK
 from rmt_service.jobs import new_owner
 from rmt_service.faults import job_error
 from rmt_service.settings import Settings
 from rmt_service.store import Store, StoreError
-
-from .celery_app import TUNE_TASK
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,9 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from rmt_service.store import ClassifierRecord, ClassifierView, QuotaExceeded, Store, VersionRecord
+from rmt_service.store import ClassifierView, QuotaExceeded
 
+from ..access import ERRORS as _ERRORS, served_version
 from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..openapi import TUNE_CONFIG_REF
@@ -26,7 +27,6 @@ _CREATE_BODY = multipart_body({
     "name": {"type": "string", "description": "A name for people; optional."},
     "config": {"$ref": TUNE_CONFIG_REF},
 }, encoding={"config": {"contentType": "application/json"}})
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
 _MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "application/octet-stream",
           ".rmtm": "application/octet-stream"}
 
@@ -36,13 +36,6 @@ def public(view: ClassifierView) -> ClassifierPublic:
     manifest = version.manifest if version is not None else None
     return ClassifierPublic.from_record(view.classifier, view.job, manifest, list(version.files) if version else [],
                                         final=version.final if version is not None else True)
-
-
-def owned_classifier(store: Store, classifier_id: str, tenant: str) -> ClassifierRecord:
-    record = store.get_classifier(classifier_id, tenant)
-    if record is None:
-        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
-    return record
 
 
 def _too_many(active: int, limit: int) -> ApiError:
@@ -107,41 +100,6 @@ async def delete_classifier(classifier_id: str, store: StoreDep, tenant: TenantD
         raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
     cache.evict(classifier_id)  # on the event loop, which owns the cache
     return Response(status_code=204)
-
-
-def served_version(store: Store, classifier_id: str, tenant: str) -> tuple[ClassifierRecord, VersionRecord]:
-    """The caller's classifier and the version classify answers with, in one query: the published one; while
-    the job is queued or running, the preview (zero-shot, then the fitted head); after a failed or cancelled
-    job, the preview only with config.keep_preview. 404 for another tenant's id; 409 not_ready otherwise
-    (retryable while the job is active)."""
-    view = store.view(classifier_id, tenant)
-    if view is None:
-        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
-    record, version, job = view.classifier, view.version, view.job
-    status = job.status if job is not None else "failed"
-    if version is not None and (version.final or status in ("queued", "running")):
-        return record, version
-    if status in ("queued", "running"):
-        raise ApiError(409, "not_ready", f"classifier {classifier_id} is {status} and its zero-shot preview "
-                                         "is not ready yet; retry in a few seconds, or follow "
-                                         f"GET /v1/jobs/{record.job_id}", headers={"Retry-After": "2"})
-    if version is not None and (record.config or {}).get("keep_preview"):
-        return record, version
-    hint = " (its preview is not served after the job ended; create with config.keep_preview=true for that)" \
-        if version is not None else ""
-    raise ApiError(409, "not_ready", f"classifier {classifier_id} is {status}, not ready{hint}; "
-                                     f"follow GET /v1/jobs/{record.job_id}")
-
-
-@router.get("/{classifier_id}/model.onnx", response_class=FileResponse, responses=_ERRORS)
-def download_model(classifier_id: str, store: StoreDep, tenant: TenantDep) -> FileResponse:
-    """The baked ONNX model (input: normalized [N,3,H,W] float32; output: class logits; labels and
-    preprocessing in its metadata_props)."""
-    from .export import model_onnx_path  # export.py imports this module
-
-    _, version = served_version(store, classifier_id, tenant)
-    path = model_onnx_path(store, store.version_dir(version))  # materialised from base + mask + head (a sync route: in a thread)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{classifier_id}.onnx")
 
 
 @router.get("/{classifier_id}/artifacts/{name}", response_class=FileResponse, responses=_ERRORS)

@@ -11,11 +11,11 @@ from starlette.datastructures import UploadFile
 from rmt_core.runtime import OnnxClassifier
 from rmt_service.settings import Settings
 
+from ..access import ERRORS as _ERRORS, served_version
 from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import Classification, ClassifyResponse, multipart_body
 from ..uploads import PixelBudget, decode_image, read_form
-from .classifiers import _ERRORS, served_version
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classify"])
 log = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from rmt_service.store import Store
 
+from ..access import ERRORS as _ERRORS, served_version
 from ..deps import StoreDep, TenantDep
-from .classifiers import _ERRORS, served_version
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
@@ -122,3 +122,12 @@ async def export_classifier(classifier_id: str, store: StoreDep, tenant: TenantD
         raise
     return StreamingResponse(_iter_file(handle), media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="{classifier_id}.zip"', "Content-Length": str(size)})
+
+
+@router.get("/{classifier_id}/model.onnx", response_class=FileResponse, responses=_ERRORS)
+def download_model(classifier_id: str, store: StoreDep, tenant: TenantDep) -> FileResponse:
+    """The baked ONNX model (input: normalized [N,3,H,W] float32; output: class logits; labels and
+    preprocessing in its metadata_props)."""
+    _, version = served_version(store, classifier_id, tenant)
+    path = model_onnx_path(store, store.version_dir(version))  # materialised from base + mask + head (a sync route: in a thread)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{classifier_id}.onnx")

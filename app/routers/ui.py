@@ -22,10 +22,10 @@ from rmt_core import config as tune_config
 from rmt_core.config import METHODS, TuneConfig
 from rmt_service.store import StoreError
 
+from ..access import owned_classifier
 from ..deps import SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import ErrorBody
-from .classifiers import owned_classifier
 
 UI_DIR = Path(__file__).resolve().parent.parent / "static" / "ui"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "

@@ -107,7 +107,7 @@ def run_snippets(workdir, curl: str, python: str, cli: str, key: str | None = No
     assert out.returncode == 0 and "photo.jpg" in out.stdout, out.stdout + out.stderr
     assert zipfile.ZipFile(workdir / "model-bundle.zip").read("labels.txt")
     assert cli.startswith("rmt remote classify ")
-    out = subprocess.run([sys.executable, "-m", "rmt_core.cli", *shlex.split(cli)[1:]], cwd=workdir,
+    out = subprocess.run([sys.executable, "-m", "rmt_cli", *shlex.split(cli)[1:]], cwd=workdir,
                          capture_output=True, text=True, timeout=120, env={**env, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0 and "photo.jpg" in out.stdout, out.stdout + out.stderr
 

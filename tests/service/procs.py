@@ -101,7 +101,7 @@ class Child:
 
 def rmt(*args: str) -> list[str]:
     """The `rmt` command of this checkout (python -m so the test does not depend on an installed script)."""
-    return [sys.executable, "-m", "rmt_core.cli", *args]
+    return [sys.executable, "-m", "rmt_cli", *args]
 
 
 def start_worker(data_dir: Path, broker_url: str, log_path: Path, **env: str) -> Child:

@@ -146,7 +146,7 @@ def test_wait_raises_when_the_job_fails(server, tmp_path):
 
 
 def _remote(server, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rmt_core.cli", "remote", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rmt_cli", "remote", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=180,
                           env=service_env(RMT_URL=server["url"], RMT_API_KEY=API_KEY, OMP_NUM_THREADS="1"))
 

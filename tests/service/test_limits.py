@@ -147,7 +147,7 @@ def test_settings_are_validated_at_start(monkeypatch, name, value):
 
 
 def test_rmt_serve_and_worker_refuse_bad_settings_with_a_clear_message(monkeypatch, capsys):
-    from rmt_core.cli import main
+    from rmt_cli.main import main
 
     monkeypatch.setenv("RMT_JOB_LEASE_SECONDS", "0")
     monkeypatch.setenv("RMT_MAX_FILES", "lots")
