@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.requests import ClientDisconnect
 
 from rmt_service.faults import NO_SPACE_MESSAGE, disk_full
@@ -52,12 +53,30 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return error_response(422, "invalid_request", message)
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the first route whose path
+    matched, and GET /v1/jobs/{id} and DELETE /v1/jobs/{id} are two routes."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches({**request.scope, "method": "NO-SUCH-METHOD"})[0] == Match.FULL:
+            continue  # a mount answers every method itself
+        methods |= {m for m in _METHODS if route.matches({**request.scope, "method": m})[0] == Match.FULL}
+    return sorted(methods)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+    headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 404 and detail == "Not Found":
         detail = "no such route; see /docs"
-    return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), detail,
-                          getattr(exc, "headers", None))
+    if exc.status_code == 405:
+        methods = allowed_methods(request)
+        headers["Allow"] = ", ".join(methods)
+        detail = f"{request.method} is not served here; allowed: {', '.join(methods)}"
+    return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), detail, headers or None)
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -216,9 +216,12 @@ class ClassifyResponse(BaseModel):
     unknown: bool | None = Field(None, description="Only for a single `file` upload: results[0].unknown.")
 
 
-def multipart_body(properties: dict, encoding: dict | None = None) -> dict:
-    """OpenAPI ``openapi_extra`` for a route that reads its multipart form by hand (request.form())."""
+def multipart_body(properties: dict, encoding: dict | None = None, one_of_required: list | None = None) -> dict:
+    """OpenAPI ``openapi_extra`` for a route that reads its multipart form by hand (request.form());
+    ``one_of_required``: the alternative sets of parts a request carries (exactly one of them)."""
     media: dict = {"schema": {"type": "object", "properties": properties}}
+    if one_of_required:
+        media["schema"]["oneOf"] = [{"required": list(parts)} for parts in one_of_required]
     if encoding:
         media["encoding"] = encoding
     return {"requestBody": {"required": True, "content": {"multipart/form-data": media}}}

@@ -137,8 +137,16 @@ def parse_config(raw: str | None, settings: Settings) -> dict[str, Any]:
                 from None
         except ValueError as exc:  # NaN / Infinity
             raise ApiError(422, "invalid_config", f"config: {exc}") from None
+        except RecursionError:  # [[[[...: the parser recurses once per level
+            raise ApiError(422, "invalid_config", "config is nested too deeply; it is one flat JSON object of "
+                                                  "TuneConfig fields") from None
         if not isinstance(user, dict):
             raise ApiError(422, "invalid_config", "config must be a JSON object")
+        # Every field is a scalar: refuse nesting here, before anything formats the value into a message.
+        nested = sorted(name for name, value in user.items() if isinstance(value, (dict, list)))
+        if nested:
+            raise ApiError(422, "invalid_config", f"config field(s) {', '.join(map(repr, nested))[:300]} hold nested "
+                                                  "JSON; every TuneConfig field is a string, number, boolean or null")
         values.update(user)
     _check_allowed(values, settings)
     try:

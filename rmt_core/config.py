@@ -14,9 +14,11 @@ QUICK_GELU = {"auto": None, "on": True, "off": False}
 MIN_PER_CLASS_FOR_HOLDOUT = 5  # classes with fewer images are never held out
 
 # Bounds on what one run may ask for (a service adds its own cap on total optimizer steps, see
-# TuneConfig.schedule). (low, high, low excluded?) for floats, [low, high] for integers.
+# TuneConfig.schedule). (low, high, low excluded?) for floats, [low, high] for integers. The API's schema is
+# generated from these (app/openapi.py). threshold is alpha, the score a weight must exceed to stay: scores start
+# at mask_init > alpha and the L2 term pulls them towards 0, so a negative alpha could never mask anything out.
 FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
-    "mask_init": (-10.0, 10.0, False), "threshold": (-10.0, 10.0, False), "leak": (0.0, 1.0, False),
+    "mask_init": (0.0, 10.0, True), "threshold": (0.0, 10.0, False), "leak": (0.0, 1.0, False),
     "kl_temperature": (0.0, 100.0, True), "l2_weight": (0.0, 10.0, False), "learning_rate": (0.0, 1.0, True),
     "holdout": (0.0, 0.9, False), "parity_atol": (0.0, 1.0, True),
 }

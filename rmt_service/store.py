@@ -9,8 +9,6 @@ Ids are generated here; a record carries its tenant and lookups with another ten
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
 import logging
@@ -132,21 +130,25 @@ def _version(m, prefix: str = "") -> VersionRecord | None:
     return VersionRecord(**{f.name: m[prefix + f.name] for f in dataclasses.fields(VersionRecord)})
 
 
+# A cursor is "<created_at>_<classifier_id>" of the last row of a page: readable, and every string of this form is
+# a position in the list (the next page starts after it), so the API can document it as a pattern.
+CURSOR_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,20})?_clf_[0-9a-f]{24}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(created_at: float, classifier_id: str) -> str:
-    raw = json.dumps([created_at, classifier_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    text = repr(float(created_at))  # the shortest text that reads back as the same float: no row skipped
+    if not re.fullmatch(r"[0-9]{1,20}(\.[0-9]{1,20})?", text):  # not a clock time (exponent, sign)
+        text = f"{max(0.0, float(created_at)):.6f}"
+    return f"{text}_{classifier_id}"
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    """(created_at, id) from a cursor; ValueError if it is not one of ours."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, classifier_id = json.loads(raw)
-        if not isinstance(created_at, (int, float)) or not is_classifier_id(classifier_id):
-            raise ValueError
-        return float(created_at), classifier_id
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
-        raise ValueError("cursor is not a next_cursor this API returned") from None
+    """(created_at, id) from a cursor; ValueError if it is not of the documented form."""
+    if not _CURSOR.match(cursor):
+        raise ValueError("cursor is not a next_cursor this API returned (<created_at>_clf_<24 hex digits>)")
+    created_at, classifier_id = cursor.split("_", 1)
+    return float(created_at), classifier_id
 
 
 class Store:

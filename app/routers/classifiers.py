@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from rmt_service.store import ClassifierView, QuotaExceeded
+from rmt_service.store import CURSOR_PATTERN, ClassifierView, QuotaExceeded
 
 from ..access import ERRORS as _ERRORS, served_version
 from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
@@ -18,15 +18,15 @@ from ..uploads import parse_create
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 
 _CREATE_BODY = multipart_body({
-    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+    "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
               "description": "Images; repeat the part once per image."},
-    "labels": {"type": "array", "items": {"type": "string"},
+    "labels": {"type": "array", "items": {"type": "string"}, "minItems": 1,
                "description": "One label per file, in the same order."},
     "archive": {"type": "string", "format": "binary",
                 "description": "Instead of files+labels: a zip with one top-level folder per class."},
     "name": {"type": "string", "description": "A name for people; optional."},
     "config": {"$ref": TUNE_CONFIG_REF},
-}, encoding={"config": {"contentType": "application/json"}})
+}, encoding={"config": {"contentType": "application/json"}}, one_of_required=[("files", "labels"), ("archive",)])
 _MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "application/octet-stream",
           ".rmtm": "application/octet-stream"}
 
@@ -71,8 +71,10 @@ async def create_classifier(request: Request, response: Response, settings: Sett
 
 @router.get("", response_model=ClassifierList, responses=_ERRORS)
 def list_classifiers(store: StoreDep, tenant: TenantDep, limit: int = Query(50, ge=1, le=500),
-                     cursor: str | None = Query(None, max_length=200,
-                                                description="next_cursor of the previous page (keyset pagination)."),
+                     cursor: str | None = Query(None, max_length=200, pattern=CURSOR_PATTERN,
+                                                description="next_cursor of the previous page (keyset pagination): "
+                                                            "`<created_at>_<classifier_id>` of the last item seen; "
+                                                            "the page holds the classifiers created before it."),
                      offset: int = Query(0, ge=0, le=10_000, description="Deprecated: use cursor.")
                      ) -> ClassifierList:
     """The caller's classifiers, newest first; follow next_cursor for the next page."""

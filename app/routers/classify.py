@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 _CLASSIFY_BODY = multipart_body({
     "file": {"type": "string", "format": "binary", "description": "One image."},
-    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+    "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
               "description": "Instead of file: a batch of images."},
-})
+}, one_of_required=[("file",), ("files",)])
 
 
 def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, settings: Settings) -> np.ndarray:

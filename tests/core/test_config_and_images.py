@@ -20,7 +20,8 @@ def test_defaults_follow_the_official_recipe():
     ({"method": "lora"}, "method"), ({"leak": 1.5}, "leak"), ({"epochs": 0}, "epochs"),
     ({"epochs": "3"}, "epochs"), ({"learning_rate": -1}, "learning_rate"), ({"batch_size": True}, "batch_size"),
     ({"prompt_template": "a photo"}, "prompt_template"), ({"holdout": 1.0}, "holdout"),
-    ({"threshold": 0.02}, "mask_init"), ({"colour": 1}, "colour"),
+    ({"threshold": 0.02}, "mask_init"), ({"colour": 1}, "colour"), ({"threshold": -0.5}, "threshold"),
+    ({"mask_init": 0.0, "threshold": 0.0}, "mask_init"),
 ])
 def test_bad_values_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
