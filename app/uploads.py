@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from rmt_core.config import TuneConfig
-from rmt_core.images import InvalidImage, open_image
+from rmt_core.images import IMAGE_SUFFIXES, InvalidImage, open_image
 from rmt_service.settings import Settings
 from rmt_service.store import Sample
 
@@ -286,7 +286,7 @@ def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
             raise ApiError(413, "too_many_files", f"archive has {len(members)} entries; the limit is "
                                                   f"{settings.max_archive_members} (RMT_MAX_ARCHIVE_MEMBERS)")
         budget = PixelBudget(settings.max_request_pixels, "RMT_MAX_REQUEST_PIXELS")
-        entries = []  # (info, path parts), hidden files and macOS metadata left out
+        entries = []  # (info, path parts): what is not hidden (README "Zip rules"; app/static/ui/zip.js too)
         for info in members:
             if _unsafe_member(info.filename):
                 raise ApiError(400, "unsafe_archive_path",
@@ -295,13 +295,23 @@ def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
             parts = [p for p in info.filename.split("/") if p]
             if parts and parts[0] != "__MACOSX" and not any(p.startswith(".") for p in parts):
                 entries.append((info, parts))
-        files = [(info, parts) for info, parts in entries if not info.is_dir()]
+        # Images by name; other files (Thumbs.db, desktop.ini, notes.txt) are left out, as the page does, and a
+        # file beside the class folders is not a class folder.
+        def is_image(info: zipfile.ZipInfo, parts: list[str]) -> bool:
+            return not info.is_dir() and parts[-1].lower().endswith(IMAGE_SUFFIXES)
+
+        def in_folders(entries: list) -> list:
+            return [(info, parts) for info, parts in entries
+                    if info.is_dir() or len(parts) >= 2 or is_image(info, parts)]
+
+        entries = in_folders(entries)
+        files = [(info, parts) for info, parts in entries if is_image(info, parts)]
         if len(files) > settings.max_files:
             raise ApiError(413, "too_many_files",
-                           f"archive has {len(files)} files; the limit is {settings.max_files} (RMT_MAX_FILES)")
+                           f"archive has {len(files)} images; the limit is {settings.max_files} (RMT_MAX_FILES)")
         # One wrapper folder around the class folders (a zipped directory) is common: look through it.
         if files and len({parts[0] for _, parts in entries}) == 1 and all(len(p) >= 3 for _, p in files):
-            entries = [(info, parts[1:]) for info, parts in entries if len(parts) > 1]
+            entries = in_folders([(info, parts[1:]) for info, parts in entries if len(parts) > 1])
             files = [(info, parts[1:]) for info, parts in files]
         loose = ["/".join(parts) for _, parts in files if len(parts) < 2]
         if loose:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .config import METHODS, TuneConfig
+from .images import IMAGE_SUFFIXES
 
 # Commands with a parser of their own: the CLI only forwards argv to module.main.
 DISPATCH = {
@@ -213,7 +214,6 @@ def cmd_predict(args) -> int:
 
 
 FORMATS = ("table", "csv", "jsonl")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def expand_image_args(names: list[str]) -> list[Path]:

@@ -8,6 +8,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# What counts as an image file by its name: in a folder given to `rmt tune` / `rmt predict`, and in an uploaded
+# zip (the API, the web page's app/static/ui/zip.js and rmt_client use the same list). Other files are left out.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
 log = logging.getLogger(__name__)
 
 

@@ -409,3 +409,32 @@ def test_a_zip_fills_the_classes_and_the_form_explains_mistakes(serve, ui):
     assert not unlabelled, f"controls without an accessible name: {unlabelled}"
     with serve.http() as http:
         assert http.get("/v1/classifiers").json()["total"] == before  # nothing was sent
+
+
+def test_the_page_reads_a_zip_by_the_same_rule_as_the_api(serve, ui):
+    """The cases of tests/zip_rules.py, which tests/service/test_zip_rules.py sends to the API."""
+    from tests.zip_rules import CASES, materialise
+
+    page = ui.page
+    page.goto(serve.base + "/")
+    image = shape_png("circle", 0)
+    for case, (entries, expected) in CASES.items():
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, content in materialise(entries, image).items():
+                zf.writestr(name, content)
+        got = page.evaluate("""async (b64) => {
+            const { readZip } = await import("/ui/zip.js");
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            try {
+              const counts = {};
+              for (const m of await readZip(new File([bytes], "set.zip"))) {
+                counts[m.parts[0]] = (counts[m.parts[0]] || 0) + 1;
+              }
+              return { counts };
+            } catch (e) { return { error: e.message }; }
+        }""", base64.b64encode(buf.getvalue()).decode())
+        if isinstance(expected, dict):
+            assert got == {"counts": expected}, case
+        else:
+            assert "error" in got and expected[1] in got["error"], (case, got)

@@ -1,6 +1,6 @@
 // Reading a zip in the browser (no library): the central directory gives the names, DecompressionStream
 // ("deflate-raw") inflates the members. Used to turn "one zip, one folder per class" into per-class images
-// the user can look at and prune before uploading. Folder rules match the server's (app/uploads.py).
+// the user can look at and prune before uploading.
 
 const IMAGE_EXT = /\.(png|jpe?g|gif|webp|bmp|tiff?)$/i;
 const MIME = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp",
@@ -19,7 +19,16 @@ async function inflate(bytes) {
   return new Uint8Array(await new Response(stream).arrayBuffer());
 }
 
-// [{path: "cat/1.png", parts: ["cat", "1.png"], file: File}] for the image members, hidden files left out.
+// The zip rule, the same as the server's (app/uploads.py; README "Zip rules"): folder entries, __MACOSX/ and
+// anything under a name starting with "." are left out, and so is every file without an image extension
+// (Thumbs.db, desktop.ini, notes.txt); one wrapper folder is looked through; every image must be in a class
+// folder and every class folder must hold an image.
+const hidden = (parts) => !parts.length || parts[0] === "__MACOSX" || parts.some((p) => p.startsWith("."));
+const isImageEntry = (e) => !e.dir && IMAGE_EXT.test(e.parts[e.parts.length - 1]);
+// A file beside the class folders is not a class folder.
+const inFolders = (entries) => entries.filter((e) => e.dir || e.parts.length >= 2 || isImageEntry(e));
+
+// [{path: "cat/1.png", parts: ["cat", "1.png"], file: File}] for the images, by the rule above.
 export async function readZip(file, maxFiles = 2000) {
   const buffer = await file.arrayBuffer();
   const view = new DataView(buffer);
@@ -28,7 +37,7 @@ export async function readZip(file, maxFiles = 2000) {
   let offset = view.getUint32(end + 16, true);
   if (count === 0xffff || offset === 0xffffffff) throw new Error("zip64 archives are not read in the browser");
   const decoder = new TextDecoder();
-  const members = [];
+  let entries = [];
   for (let n = 0; n < count; n++) {
     if (view.getUint32(offset, true) !== 0x02014b50) throw new Error("corrupt zip directory");
     const flags = view.getUint16(offset + 8, true), method = view.getUint16(offset + 10, true);
@@ -38,10 +47,25 @@ export async function readZip(file, maxFiles = 2000) {
     const path = decoder.decode(new Uint8Array(buffer, offset + 46, nameLen));
     offset += 46 + nameLen + extraLen + commentLen;
     const parts = path.split("/").filter(Boolean);
-    if (path.endsWith("/") || !parts.length || parts[0] === "__MACOSX" || parts.some((p) => p.startsWith("."))) continue;
-    if (!IMAGE_EXT.test(path)) continue;
+    if (hidden(parts)) continue;
+    entries.push({ path, parts, dir: path.endsWith("/"), flags, method, compressed, local });
+  }
+  entries = inFolders(entries);
+  let images = entries.filter(isImageEntry);
+  if (images.length > maxFiles) throw new Error(`${images.length} images in the zip; the server takes ${maxFiles}`);
+  // One wrapper folder around the class folders (a zipped directory) is common: look through it.
+  if (images.length && new Set(entries.map((e) => e.parts[0])).size === 1 && images.every((e) => e.parts.length >= 3)) {
+    entries = inFolders(entries.filter((e) => e.parts.length > 1).map((e) => ({ ...e, parts: e.parts.slice(1) })));
+    images = entries.filter(isImageEntry);
+  }
+  const loose = images.find((e) => e.parts.length < 2);
+  if (loose) throw new Error(`${loose.path} is not inside a class folder; put each class's images in a folder named after the class`);
+  const withImages = new Set(images.map((e) => e.parts[0]));
+  const empty = entries.map((e) => e.parts[0]).filter((name) => !withImages.has(name)).sort()[0];
+  if (empty !== undefined) throw new Error(`class folder ${empty} has no images`);
+  const members = [];
+  for (const { path, parts, flags, method, compressed, local } of images) {
     if (flags & 1) throw new Error(`${path} is encrypted`);
-    if (members.length >= maxFiles) throw new Error(`more than ${maxFiles} images in the zip (the server's limit)`);
     const dataStart = local + 30 + view.getUint16(local + 26, true) + view.getUint16(local + 28, true);
     const raw = new Uint8Array(buffer, dataStart, compressed);
     let data;
@@ -51,11 +75,5 @@ export async function readZip(file, maxFiles = 2000) {
     const ext = path.split(".").pop().toLowerCase();
     members.push({ path, parts, file: new File([data], parts[parts.length - 1], { type: MIME[ext] || "" }) });
   }
-  // One wrapper folder around the class folders (a zipped directory) is common: look through it.
-  if (members.length && new Set(members.map((m) => m.parts[0])).size === 1 && members.every((m) => m.parts.length >= 3)) {
-    for (const m of members) m.parts = m.parts.slice(1);
-  }
-  const loose = members.find((m) => m.parts.length < 2);
-  if (loose) throw new Error(`${loose.path} is not inside a class folder; put each class's images in a folder named after the class`);
   return members;
 }
