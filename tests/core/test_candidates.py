@@ -48,7 +48,7 @@ def test_linear_probe_fixes_an_uninformative_text_init_and_strong_decay_stays_ze
     zs_acc = (zs.logits(xt).argmax(1) == yt).mean()
     probe_acc = (fit.head.logits(xt).argmax(1) == yt).mean()
     assert probe_acc > zs_acc + 0.3, (zs_acc, probe_acc)
-    assert fit.method == "k-fold" and fit.oof_logits.shape == (len(y), C) and fit.seconds < 10
+    assert fit.method == "k-fold" and fit.oof_logits.shape == (len(y), C)
     stiff = fit_linear_probe(x, y, zs, weight_decays=[1e4])
     np.testing.assert_allclose(stiff.head.logits(xt), zs.logits(xt), atol=0.05)  # pulled back to the init
     assert fit_linear_probe(x[:8], y[:8], zs).method == "leave-one-out"

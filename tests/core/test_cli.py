@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -165,19 +164,18 @@ def test_readme_library_snippet_runs(tmp_path):
 
 
 def test_eval_without_local_weights_fails_at_once_in_one_sentence(tmp_path):
-    """The paper's default (ViT-B-16, openai) with an empty hub cache: no download, no traceback, a way out."""
-    started = time.monotonic()
+    """The paper's default (ViT-B-16, openai) with an empty hub cache: no download (the proxy is a closed port,
+    so an attempt would fail differently), no traceback, a way out."""
     run = subprocess.run([sys.executable, "-m", "rmt_core.cli", "eval", "--root", str(tmp_path / "data"),
                           "--datasets", "OxfordPets", "--shots", "1", "--seeds", "1", "--out", str(tmp_path / "out")],
                          cwd=tmp_path, env=child_env(HF_HOME=str(tmp_path / "hf"), HTTPS_PROXY="http://127.0.0.1:9",
                                                      HTTP_PROXY="http://127.0.0.1:9"),
                          capture_output=True, text=True, timeout=120)
-    elapsed = time.monotonic() - started
     assert run.returncode == 2, run.stderr
     err = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "Traceback" not in run.stderr, run.stderr
     assert err[0].startswith("rmt eval: error: ") and "--pretrained" in err[0] and "never downloads" in err[0]
-    assert elapsed < 60 and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.bin"))
 
 
