@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from rmt_core.config import FLOAT_RANGES, INT_RANGES
-from tests.service.helpers import FakeQueue, free_port, make_settings, service_env, upload_parts, wait_for
+from tests.service.helpers import (TINY_CONFIG, FakeQueue, free_port, make_settings, service_env, upload_parts,
+                                   wait_for)
 from tests.service.procs import ROOT, Child, rmt
 
 
@@ -131,9 +132,32 @@ def server(tmp_path_factory):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_schemathesis_all_checks_pass_against_rmt_serve(server):
+    """Half the generated ids are real classifiers and jobs (created here, queued: no worker), so the answers
+    about real objects are checked too, not only 404s; the other half stay random."""
     tmp = server["tmp"]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    classifiers, jobs = [], []
+    with httpx.Client(base_url=server["url"], headers=auth, timeout=60) as http:
+        for _ in range(4):
+            files, data = upload_parts(per_class=3)
+            created = http.post("/v1/classifiers", files=files, data={**data, "config": json.dumps(TINY_CONFIG)})
+            assert created.status_code == 202, created.text
+            classifiers.append(created.json()["classifier_id"])
+            jobs.append(created.json()["job_id"])
+    config = tmp / "schemathesis.toml"
+    config.write_text((ROOT / "tests" / "schemathesis.toml").read_text() + f"""
+[dictionaries.classifiers]
+values = {json.dumps(classifiers)}
+
+[dictionaries.jobs]
+values = {json.dumps(jobs)}
+
+[parameters]
+"path.classifier_id" = {{ dictionary = "classifiers", probability = 0.5 }}
+"path.job_id" = {{ dictionary = "jobs", probability = 0.5 }}
+""")
     run = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
+        [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config),
          "run", f"{server['url']}/openapi.json", "--header", f"Authorization: Bearer {API_KEY}", "--checks", "all",
          "--no-color"],
         cwd=tmp, capture_output=True, text=True, timeout=900)
@@ -145,3 +169,6 @@ def test_schemathesis_all_checks_pass_against_rmt_serve(server):
     generated = re.search(r"(\d+) generated, (\d+) passed", output)
     assert generated and int(generated[1]) > 20 * int(tested[1]), output[-3000:]
     assert "Traceback" not in server["child"].log(1_000_000), server["child"].log()
+    with httpx.Client(base_url=server["url"], headers=auth, timeout=60) as http:  # the real ids were used
+        states = [http.get(f"/v1/jobs/{job}").json().get("status") for job in jobs]
+    assert any(state != "queued" for state in states), states
