@@ -482,6 +482,7 @@ class ServedClassifier(_Classifier):
                 where = base.info.maskable[name]
                 flipped[where["initializer"]] = (name, bool(where["transpose"]))
         self.masked = frozenset(flipped)
+        self._registry = registry
         plan = registry.acquire(self.base_id, self.masked)
         self._release = weakref.finalize(self, registry.release, self.base_id, self.masked)
 
@@ -525,6 +526,51 @@ class ServedClassifier(_Classifier):
         self._shapes: dict[tuple, dict] = {}  # batch shape -> every passed value's (shape, dtype), seen once
         self._bound: dict[tuple, list[_BoundChain]] = {}
         self._bound_lock = threading.Lock()
+
+    @property
+    def batch_group(self):
+        """Classifiers with equal groups run the same shared sessions (rmt_core/serving.py mixes their requests in
+        one batch); None where nothing is shared (the head runs inside the classifier's one session)."""
+        if self._head_in_session or not any(seg.kind == "shared" for seg, _ in self._chain):
+            return None
+        return (id(self._registry), self.base_id, self.masked)
+
+    @property
+    def chain(self) -> list[tuple]:
+        """(segment, session) in order: the shared segments' sessions are the same objects for every
+        classifier of this ``batch_group``."""
+        return self._chain
+
+    @property
+    def last_use(self) -> dict[str, int]:
+        return self._last_use
+
+    @property
+    def input_name(self) -> str:
+        return self._input
+
+    @property
+    def output_name(self) -> str:
+        return self._output
+
+    @property
+    def resident_bytes(self) -> int:
+        """What this classifier holds beyond the shared base: its own baked tensors (ORT keeps them, prepacked,
+        in sessions of its own; measured within ~10% of the RSS a load adds: bench/RESULTS-multitenant.md)
+        and its head's arrays."""
+        head = sum(a.nbytes for a in (self.head.W, self.head.b, self.head.cache_keys, self.head.cache_values)
+                   if a is not None)
+        return int(self.own_tensor_bytes + head)
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, object]:
+        """Preprocessed batch -> (probs [N,C], outlier scores or None): outlier where the head scores them."""
+        if self._head_in_session:
+            logits, features = self._chain[0][1].run([LOGITS, self._output], {self._input: self._checked_batch(batch)})
+        else:
+            features = self.features(batch)
+            logits = self.head.logits(features)
+        scores = getattr(self.head, "outlier_scores", None)
+        return softmax(logits), (scores(features) if scores is not None else None)
 
     @property
     def own_sessions(self) -> int:

@@ -79,7 +79,13 @@ class Settings(BaseSettings):
                                  "failed and cancelled jobs stay with their classifier).")
 
     # Serving
-    classifier_cache_size: int = Field(8, ge=1, description="ONNX Runtime sessions kept in the LRU.")
+    classifier_cache_size: int = Field(
+        1000, ge=1, description="Most classifiers kept loaded (least recently used dropped first); "
+                                "classifier_cache_bytes bounds them too.")
+    classifier_cache_bytes: int = Field(
+        4 << 30, gt=0, description="Most bytes the loaded classifiers hold beyond their shared bases (a ViT-B-32 "
+                                   "r-amt classifier ~120 MB, a zero-shot or head-only one its head; the bases "
+                                   "themselves are not counted).")
     ort_providers: str = Field("auto", description="auto | cpu | cuda")
     batch_max_size: int = Field(32, ge=1, description="Micro-batching: most images in one ORT call.")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Micro-batching: longest wait for more requests.")
