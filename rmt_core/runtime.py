@@ -296,6 +296,7 @@ class _Plan:
         self.segments = segments
         self.shared_sessions = shared_sessions
         self.refs = 0
+        self.layout: dict | bool | None = None  # rmt_core/serving.py's batch layout; False: rows cannot be split
 
 
 class BaseRegistry:
@@ -526,6 +527,11 @@ class ServedClassifier(_Classifier):
         self._shapes: dict[tuple, dict] = {}  # batch shape -> every passed value's (shape, dtype), seen once
         self._bound: dict[tuple, list[_BoundChain]] = {}
         self._bound_lock = threading.Lock()
+        self._plan = plan
+        if plan.layout is None and not whole and any(seg.kind == "shared" for seg in plan.segments):
+            from .serving import probe_layout
+
+            plan.layout = probe_layout(self) or False  # once per plan, in the loader's thread
 
     @property
     def batch_group(self):
@@ -533,7 +539,14 @@ class ServedClassifier(_Classifier):
         one batch); None where nothing is shared (the head runs inside the classifier's one session)."""
         if self._head_in_session or not any(seg.kind == "shared" for seg, _ in self._chain):
             return None
+        if not self._plan.layout:  # values passed between segments that cannot be split by rows
+            return None
         return (id(self._registry), self.base_id, self.masked)
+
+    @property
+    def batch_layout(self) -> dict:
+        """How each value passed between segments depends on the batch (rmt_core/serving.py)."""
+        return self._plan.layout  # type: ignore[return-value]
 
     @property
     def chain(self) -> list[tuple]:
