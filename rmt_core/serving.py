@@ -88,8 +88,8 @@ def probe_layout(classifier: Any) -> dict | None:
     runs = {}
     for n in (2, 3):
         env = {classifier.input_name: x[:n]}
-        for seg, session in classifier.chain:
-            env.update(zip(seg.outputs, session.run(seg.outputs, {k: env[k] for k in seg.inputs})))
+        for i, (seg, _) in enumerate(classifier.chain):
+            env.update(zip(seg.outputs, classifier.run_segment(i, {k: env[k] for k in seg.inputs})))
         runs[n] = env
     layout: dict[str, tuple] = {}
     for seg, _ in classifier.chain:
@@ -154,15 +154,14 @@ def _run_group(classifiers: list, batches: list[np.ndarray]) -> list[tuple[np.nd
     total = int(bounds[-1])
     env = {first.input_name: np.concatenate([c._checked_batch(b) for c, b in zip(classifiers, batches)])}
     last_use, layout = first.last_use, first.batch_layout
-    for i, (seg, shared_session) in enumerate(first.chain):
+    for i, (seg, _) in enumerate(first.chain):
         if seg.kind == "shared":
-            outs = shared_session.run(seg.outputs, {n: env[n] for n in seg.inputs})
+            outs = first.run_segment(i, {n: env[n] for n in seg.inputs})
         else:
             parts = []
             for j, clf in enumerate(classifiers):
                 rows = slice(int(bounds[j]), int(bounds[j + 1]))
-                parts.append(clf.chain[i][1].run(seg.outputs, {n: _rows(env[n], layout[n], rows, total)
-                                                               for n in seg.inputs}))
+                parts.append(clf.run_segment(i, {n: _rows(env[n], layout[n], rows, total) for n in seg.inputs}))
             outs = [_joined([p[k] for p in parts], layout[name], total) for k, name in enumerate(seg.outputs)]
         env.update(zip(seg.outputs, outs))
         for n in seg.inputs:

@@ -336,3 +336,41 @@ def test_predict_mixed_answers_classifiers_without_a_group_one_by_one(world):
     np.testing.assert_allclose(got[0][0], a.predict(x[:1])[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[1][0], b.predict(x)[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[2][0], a.predict(x[1:])[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared_min_bytes", [0, None])
+def test_every_fp32_mode_equals_the_baked_model(world, shared_min_bytes):
+    """The JIT tier (weights formed per call from the positions the mask drops) gives the baked fp32 model's
+    probabilities to 1e-4, alone and after serving other classifiers from the same per-thread buffers, and
+    holds only those positions."""
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=shared_min_bytes)
+    x = world["x"]
+    baked = {k: load_classifier(world[k], world["bases"], registry) for k in ("a", "b", "zero")}
+    jit = {k: load_classifier(world[k], world["bases"], registry, mode="jit") for k in ("a", "b", "zero")}
+    assert jit["a"].mode == "jit" and jit["zero"].mode == "baked"  # nothing masked: the shared base as it is
+    ref = make_session(_baked_reference(world["bits_a"], world["tmp"] / f"ref-jit-{shared_min_bytes}.onnx"), "cpu")
+    from rmt_core.runtime import softmax
+
+    expected_a = softmax(ref.run(None, {"image": x})[0])
+    for order in (("a", "b", "a", "zero", "b", "a"),):  # switching classifiers restores and re-zeroes the buffers
+        for k in order:
+            np.testing.assert_allclose(jit[k].predict(x)[0], baked[k].predict(x)[0], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(jit[k].run(x[:1]), baked[k].run(x[:1]), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(jit["a"].run(x), expected_a, rtol=0, atol=1e-4)
+    dropped = sum(int((~bits).sum()) for bits in world["bits_a"].values())
+    assert jit["a"].own_tensor_bytes == dropped * 4 < baked["a"].own_tensor_bytes / 4
+
+
+def test_jit_and_baked_classifiers_mix_in_one_batch(world):
+    from rmt_core.serving import predict_mixed
+
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=0)
+    a = load_classifier(world["a"], world["bases"], registry, mode="jit")
+    b = load_classifier(world["b"], world["bases"], registry)
+    a_baked = load_classifier(world["a"], world["bases"], registry)
+    assert a.batch_group == b.batch_group is not None
+    x = world["x"]
+    got = predict_mixed([(a, x[:2]), (b, x[1:]), (a, x[2:])])
+    np.testing.assert_allclose(got[0][0], a_baked.predict(x[:2])[0], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got[1][0], b.predict(x[1:])[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[2][0], a_baked.predict(x[2:])[0], rtol=0, atol=1e-4)
