@@ -53,7 +53,8 @@ def onnx_loader(providers: str = "auto") -> Loader:
     return load
 
 
-def served_loader(bases_dir: Path, providers: str = "auto", shared_min_bytes: int | None = None) -> Loader:
+def served_loader(bases_dir: Path, providers: str = "auto", shared_min_bytes: int | None = None,
+                  mode: str = "baked") -> Loader:
     """The service's loader: base + mask + head versions over one shared BaseRegistry (bases shared between
     classifiers, released when the last one using them is collected), old model.onnx directories as they are."""
     from rmt_core.runtime import BaseRegistry, load_classifier
@@ -61,7 +62,7 @@ def served_loader(bases_dir: Path, providers: str = "auto", shared_min_bytes: in
     registry = BaseRegistry(bases_dir, providers, return_memory=True, shared_min_bytes=shared_min_bytes)
 
     def load(classifier_id: str, version_dir: Path) -> Any:
-        return load_classifier(version_dir, registry=registry)
+        return load_classifier(version_dir, registry=registry, mode=mode)
 
     load.registry = registry  # type: ignore[attr-defined]  (for /readyz and tests: what is shared)
     return load

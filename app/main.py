@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
                                       providers=settings.ort_providers,
                                       batch_max_size=settings.batch_max_size,
                                       batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics,
-                                      loader=served_loader(store.bases_dir, settings.ort_providers))
+                                      loader=served_loader(store.bases_dir, settings.ort_providers,
+                                                           mode=settings.serving_mode))
     install_error_handlers(app)
     install_database_errors(app)
     for router in (health.router, classifiers.router, classify.router, jobs.router, ui.router):

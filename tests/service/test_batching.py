@@ -145,13 +145,15 @@ def many_on_one_base(tmp_path_factory):
     return {"bases": tmp / "bases", "dirs": dirs, "x": x}
 
 
-def test_mixed_traffic_under_eviction_never_answers_with_another_classifiers_model(many_on_one_base, monkeypatch):
+@pytest.mark.parametrize("mode", ["baked", "jit"])
+def test_mixed_traffic_under_eviction_never_answers_with_another_classifiers_model(many_on_one_base, monkeypatch,
+                                                                                   mode):
     """Capacity 3 for six classifiers: requests to random classifiers evict each other while their batches mix.
     Each answer must be what its own classifier gives alone."""
     import random
 
     bases, dirs, x = many_on_one_base["bases"], many_on_one_base["dirs"], many_on_one_base["x"]
-    loader = served_loader(bases, "cpu", shared_min_bytes=0)
+    loader = served_loader(bases, "cpu", shared_min_bytes=0, mode=mode)
     alone = {}
     for cid, d in dirs.items():
         clf = loader(cid, d)
