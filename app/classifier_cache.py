@@ -22,6 +22,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rmt_core.heap import release_free_memory
+from rmt_core.serving import batch_group, predict_mixed
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,16 @@ def onnx_loader(providers: str = "auto") -> Loader:
     return load
 
 
-def served_loader(bases_dir: Path, providers: str = "auto") -> Loader:
+def served_loader(bases_dir: Path, providers: str = "auto", shared_min_bytes: int | None = None,
+                  mode: str = "baked") -> Loader:
     """The service's loader: base + mask + head versions over one shared BaseRegistry (bases shared between
     classifiers, released when the last one using them is collected), old model.onnx directories as they are."""
     from rmt_core.runtime import BaseRegistry, load_classifier
 
-    registry = BaseRegistry(bases_dir, providers, return_memory=True)
+    registry = BaseRegistry(bases_dir, providers, return_memory=True, shared_min_bytes=shared_min_bytes)
 
     def load(classifier_id: str, version_dir: Path) -> Any:
-        return load_classifier(version_dir, registry=registry)
+        return load_classifier(version_dir, registry=registry, mode=mode)
 
     load.registry = registry  # type: ignore[attr-defined]  (for /readyz and tests: what is shared)
     return load
@@ -95,11 +98,21 @@ def _call_on_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[[], None]
 
 
 class MicroBatcher:
-    """Gathers [n,3,H,W] requests for one classifier into single ``run`` calls."""
+    """Gathers [n,3,H,W] requests into single calls.
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], executor: ThreadPoolExecutor,
-                 max_batch: int, max_wait_s: float, on_batch: Callable[[int], None] | None = None):
+    Plain (``run(batch) -> probs``): every request is for one model; the batch is concatenated and split.
+    Mixed (``run_mixed([(owner, batch), ...]) -> [result, ...]``): each request names its ``owner`` (the
+    classifier), and the run answers each request on its own (rmt_core/serving.py: the shared segments of
+    a base run once for all owners). The serving cache uses one mixed batcher per batch group.
+    """
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray] | None, executor: ThreadPoolExecutor,
+                 max_batch: int, max_wait_s: float, on_batch: Callable[[int], None] | None = None,
+                 run_mixed: Callable[[list], list] | None = None):
+        if (run is None) == (run_mixed is None):
+            raise ValueError("a MicroBatcher takes run or run_mixed, exactly one")
         self._run = run
+        self._run_mixed = run_mixed
         self._executor = executor
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_s)
@@ -111,11 +124,23 @@ class MicroBatcher:
         self._last_submit = float("-inf")
         self._traffic = False  # did the newest request arrive soon after the one before it?
 
-    async def submit(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities for ``batch``, computed together with whatever else is waiting."""
+    def _call(self, items: list) -> list:
+        """Per item (batch, owner): its answer. Runs in the executor."""
+        if self._run_mixed is not None:
+            return self._run_mixed([(owner, batch) for batch, owner in items])
+        batch = items[0][0] if len(items) == 1 else np.concatenate([b for b, _ in items])
+        probs = self._run(batch)
+        out, start = [], 0
+        for b, _ in items:
+            out.append(probs[start:start + len(b)])
+            start += len(b)
+        return out
+
+    async def submit(self, batch: np.ndarray, owner: Any = None) -> Any:
+        """The answer for ``batch`` (of ``owner`` in a mixed batcher), computed with whatever else is waiting."""
         loop = asyncio.get_running_loop()
         if self._closed:  # evicted while this request held it: run alone rather than fail
-            return await loop.run_in_executor(self._executor, self._run, batch)
+            return (await loop.run_in_executor(self._executor, self._call, [(batch, owner)]))[0]
         if self._loop is not loop:  # first use, or a new event loop (a test client's portal)
             self._loop, self._queue, self._task = loop, asyncio.Queue(), None
         if self._task is None or self._task.done():  # first use, or the serving task died: (re)start it
@@ -126,7 +151,7 @@ class MicroBatcher:
         self._traffic = now - self._last_submit < TRAFFIC_WINDOW_S
         self._last_submit = now
         future = loop.create_future()
-        self._queue.put_nowait((batch, future))
+        self._queue.put_nowait((batch, owner, future))
         return await future
 
     def _drain(self, items: list, count: int) -> int:
@@ -158,39 +183,38 @@ class MicroBatcher:
             except Exception as exc:  # never let one batch stop the classifier: fail its requests, serve on
                 log.exception("micro-batch of %d request(s) failed", len(items))
                 self._fail(items, exc)
+            finally:
+                del first, items  # what an evicted classifier's last batch held is freed now, not at the next one
 
     async def _serve_batch(self, items: list) -> None:
-        items = [(b, f) for b, f in items if not f.done()]  # a cancelled request (client gone) is skipped
+        items = [item for item in items if not item[2].done()]  # a cancelled request (client gone) is skipped
         if not items:
             return
-        try:
-            batch = items[0][0] if len(items) == 1 else np.concatenate([b for b, _ in items])
-        except ValueError:  # shapes differ (requests preprocessed differently): each runs on its own
+        shapes = {b.shape[1:] for b, _, _ in items}
+        if len(shapes) > 1:  # shapes differ (requests preprocessed differently): each runs on its own
             for item in items:
-                await self._serve_batch([item])  # one item: no concatenation, no recursion
+                await self._serve_batch([item])  # one item: one shape, no recursion
             return
         loop = asyncio.get_running_loop()
         try:
-            probs = await loop.run_in_executor(self._executor, self._run, batch)
+            answers = await loop.run_in_executor(self._executor, self._call, [(b, o) for b, o, _ in items])
         except Exception as exc:
             self._fail(items, exc)
             return
         if self._on_batch is not None:
             try:
-                self._on_batch(len(batch))
+                self._on_batch(sum(len(b) for b, _, _ in items))
             except Exception:  # metrics must never cost an answer
                 log.exception("micro-batch callback failed")
-        start = 0
-        for b, future in items:
+        for (_, _, future), answer in zip(items, answers):
             if not future.done():
-                future.set_result(probs[start:start + len(b)])
-            start += len(b)
+                future.set_result(answer)
 
     @staticmethod
     def _fail(items: list, exc: BaseException) -> None:
-        for _, future in items:
-            if not future.done():
-                future.set_exception(exc)
+        for item in items:
+            if not item[-1].done():
+                item[-1].set_exception(exc)
 
     def close(self) -> None:
         """Stop serving after the queued requests; safe from any thread."""
@@ -203,17 +227,44 @@ class MicroBatcher:
 @dataclass
 class CachedClassifier:
     classifier: Any
-    batcher: MicroBatcher
+    batcher: MicroBatcher  # the batcher of its batch group (shared with the classifiers of one base and mask set)
     version_dir: Path | None = None
+    version: Any = None    # what the caller named the version by (the route: its record), for the answer
+    nbytes: int = 0        # what it holds beyond the shared base (the byte bound counts this)
+    group: Any = None
+
+    async def predict(self, batch: np.ndarray) -> tuple[np.ndarray, Any]:
+        """(probs, outlier or None) for a preprocessed batch, batched with other requests of its group."""
+        return await self.batcher.submit(batch, self.classifier)
+
+
+def _resident_bytes(classifier: Any) -> int:
+    try:
+        return max(0, int(getattr(classifier, "resident_bytes", 0) or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 class ClassifierCache:
-    """classifier id -> loaded classifier + its batcher, least recently used dropped first."""
+    """classifier id -> loaded classifier, least recently used dropped first, bounded by count and by bytes.
+
+    The bounds cover what loads in flight will hold, too: a load reserves its room (its size guessed from the
+    classifiers loaded before it) before it starts, and waits when loads in flight already fill the cache.
+    An evicted classifier is freed once the last request holding it is answered; the freed heap is then
+    given back to the system in a thread of its own, never on the event loop.
+
+    Versions: ``get(id, version_dir, version, resolve)``. When the cache holds (or loads) another version of
+    the id than the request names, ``resolve()`` (run in a thread: it reads the records) says which version
+    serves now, and the cache follows that: a request that resolved its version just before a newer one was
+    published is answered by the newer one, and the cache never goes back to the older one; a rollback
+    (an older version serving again) is followed too. Without ``resolve`` the requested version wins.
+    """
 
     def __init__(self, capacity: int, providers: str = "auto", batch_max_size: int = 32,
                  batch_max_wait_ms: float = 2.0, ort_threads: int = 2, metrics=None,
-                 loader: Loader | None = None):
+                 loader: Loader | None = None, max_bytes: int | None = None):
         self.capacity = max(1, capacity)
+        self.max_bytes = max_bytes if max_bytes and max_bytes > 0 else None
         self.providers = providers
         self.batch_max_size = batch_max_size
         self.batch_max_wait_s = batch_max_wait_ms / 1000.0
@@ -221,8 +272,14 @@ class ClassifierCache:
         self._entries: OrderedDict[str, CachedClassifier] = OrderedDict()
         self._loading: dict[str, tuple[Path, asyncio.Task]] = {}  # id -> the one load in flight for it
         self._evictions: dict[str, int] = {}  # id -> times evicted: a load that overlapped one is not kept
+        self._reserved: dict[str, int] = {}  # id -> bytes reserved by its load in flight
+        self._room_waiters: list[asyncio.Future] = []
+        self._groups: dict[Any, tuple[MicroBatcher, int]] = {}  # batch group -> (its batcher, entries in it)
+        self._loaded_bytes: list[int] = []  # the sizes of recent loads: the guess for the next one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="load")
+        self._trim_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trim")
+        self._trim_pending = threading.Event()
         # Model runs happen here, not in the request threadpool, so they never queue behind decoding.
         self.executor = ThreadPoolExecutor(max_workers=max(1, ort_threads), thread_name_prefix="ort")
         self.metrics = metrics
@@ -234,12 +291,20 @@ class ClassifierCache:
     def __contains__(self, classifier_id: str) -> bool:
         return classifier_id in self._entries
 
-    async def get(self, classifier_id: str, version_dir: Path) -> CachedClassifier:
-        """The loaded classifier for ``version_dir``, loading it (once, however many ask) if needed."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached classifiers (beyond the shared bases)."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    async def get(self, classifier_id: str, version_dir: Path, version: Any = None,
+                  resolve: Callable[[], tuple[Path, Any]] | None = None) -> CachedClassifier:
+        """The loaded classifier for ``version_dir`` (or the version serving now: see the class), loading it
+        (once, however many ask) if needed."""
         loop = asyncio.get_running_loop()
         with self._lock:
             self._loop = loop
         version_dir = Path(version_dir)
+        resolved = resolve is None
         for _ in range(8):  # a few rounds at most: each either returns or waits for a load to finish
             entry = self._entries.get(classifier_id)
             if entry is not None and entry.version_dir in (None, version_dir):
@@ -249,10 +314,15 @@ class ClassifierCache:
             loading = self._loading.get(classifier_id)
             if loading is not None and loading[1].get_loop() is not loop:  # begun on a loop that has ended
                 loading = None
+            other = (entry is not None) or (loading is not None and loading[0] != version_dir)
+            if other and not resolved:  # the cache holds another version: which one serves now?
+                version_dir, version = await loop.run_in_executor(None, resolve)
+                version_dir, resolved = Path(version_dir), True
+                continue
             if loading is None:
-                if entry is not None:  # a newer version was published: serve it from now on
+                if entry is not None:  # another version serves now: from now on, this one
                     self._drop(classifier_id)
-                task = loop.create_task(self._load(classifier_id, version_dir), name=f"load-{classifier_id}")
+                task = loop.create_task(self._load(classifier_id, version_dir, version), name=f"load-{classifier_id}")
                 self._loading[classifier_id] = (version_dir, task)
                 task.add_done_callback(lambda t, cid=classifier_id: self._load_done(cid, t))
                 loading = (version_dir, task)
@@ -268,52 +338,133 @@ class ClassifierCache:
         if current is not None and current[1] is task:  # always, success or not: no lock left behind
             del self._loading[classifier_id]
             self._evictions.pop(classifier_id, None)
+        self._unreserve(classifier_id)
         if not task.cancelled() and task.exception() is not None:
             log.warning("loading classifier %s failed: %r", classifier_id, task.exception())
 
-    async def _load(self, classifier_id: str, version_dir: Path) -> CachedClassifier:
+    # -- room ------------------------------------------------------------------------------------------------
+
+    def _guess_bytes(self) -> int:
+        recent = self._loaded_bytes[-16:]
+        return max(recent) if recent else 0
+
+    def _over(self, extra_count: int = 0, extra_bytes: int = 0) -> bool:
+        count = len(self._entries) + len(self._reserved) + extra_count
+        if count > self.capacity:
+            return True
+        if self.max_bytes is None:
+            return False
+        return self.nbytes + sum(self._reserved.values()) + extra_bytes > self.max_bytes
+
+    async def _reserve(self, classifier_id: str) -> None:
+        """Make room for one more classifier (evicting the least recently used), waiting while loads in flight
+        fill the cache; then count it as held until its load ends."""
+        guess = self._guess_bytes()
+        while True:
+            for old_id in list(self._entries):
+                if not self._over(1, guess):
+                    break
+                self._evict_lru(old_id)
+            # Room, or nothing left to evict and no other load to wait for (one classifier larger than the
+            # byte bound still loads: alone).
+            if not self._over(1, guess) or not self._reserved:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            await waiter
+        self._reserved[classifier_id] = guess
+
+    def _unreserve(self, classifier_id: str) -> None:
+        if self._reserved.pop(classifier_id, None) is not None:
+            waiters, self._room_waiters = self._room_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _evict_lru(self, old_id: str) -> None:
+        self._drop(old_id)
+        self._event("eviction")
+        log.info("evicted classifier %s from the cache", old_id)
+        self._update_size()
+
+    # -- load ------------------------------------------------------------------------------------------------
+
+    async def _load(self, classifier_id: str, version_dir: Path, version: Any) -> CachedClassifier:
         self._event("miss")
         evictions = self._evictions.get(classifier_id, 0)
-        self._make_room(limit=self.capacity - 1)  # before loading: never hold capacity + 1 sessions at once
+        await self._reserve(classifier_id)  # before loading: never hold more than the bounds, loads included
         loop = asyncio.get_running_loop()
         classifier = await loop.run_in_executor(self._load_executor, self.loader, classifier_id, version_dir)
         log.info("loaded classifier %s from %s on %s", classifier_id, version_dir.name,
                  getattr(classifier, "providers", "?"))
-        batcher = MicroBatcher(classifier.run, self.executor, self.batch_max_size, self.batch_max_wait_s,
-                               on_batch=self._observe_batch)
-        entry = CachedClassifier(classifier, batcher, version_dir)
+        self._watch_free(classifier)
+        nbytes = _resident_bytes(classifier)
+        self._loaded_bytes = [*self._loaded_bytes[-15:], nbytes]
+        group = batch_group(classifier)
+        entry = CachedClassifier(classifier, self._batcher_for(group), version_dir, version, nbytes, group)
+        self._unreserve(classifier_id)
         if self._evictions.get(classifier_id, 0) != evictions:  # deleted while it loaded: answer, don't keep
-            batcher.close()
+            self._leave_group(group, entry.batcher)
             return entry
         self._drop(classifier_id)  # defensive: never overwrite a live entry without closing it
         self._entries[classifier_id] = entry
-        self._make_room(keep=classifier_id, limit=self.capacity)  # others may have loaded meanwhile
+        for old_id in list(self._entries):  # its real size may exceed the guess
+            if not self._over() or old_id == classifier_id:
+                break
+            self._evict_lru(old_id)
         self._update_size()
         return entry
+
+    def _batcher_for(self, group: Any) -> MicroBatcher:
+        """The group's batcher (made on first use), counted as used by one more entry. A classifier without a
+        group gets a batcher of its own (its group is the entry)."""
+        key = group if group is not None else object()
+        batcher, users = self._groups.get(key, (None, 0))
+        if batcher is None:
+            batcher = MicroBatcher(None, self.executor, self.batch_max_size, self.batch_max_wait_s,
+                                   on_batch=self._observe_batch, run_mixed=predict_mixed)
+        self._groups[key] = (batcher, users + 1)
+        batcher.group_key = key  # type: ignore[attr-defined]
+        return batcher
+
+    def _leave_group(self, group: Any, batcher: MicroBatcher | None = None) -> None:
+        key = batcher.group_key if batcher is not None else group  # type: ignore[attr-defined]
+        found = self._groups.get(key)
+        if found is None:
+            return
+        batcher, users = found
+        if users <= 1:  # the group's last classifier: its batcher stops after the requests it holds
+            del self._groups[key]
+            batcher.close()
+        else:
+            self._groups[key] = (batcher, users - 1)
+
+    def _watch_free(self, classifier: Any) -> None:
+        """When ``classifier`` is really freed (no entry, batch or request holds it), give the freed heap back."""
+        try:
+            weakref.finalize(classifier, self._after_free)
+        except TypeError:  # not weak-referenceable: nothing to watch
+            pass
+
+    def _after_free(self) -> None:
+        if self._trim_pending.is_set():  # one trim returns whatever was freed before it runs
+            return
+        self._trim_pending.set()
+        try:
+            self._trim_executor.submit(self._trim)
+        except RuntimeError:  # the cache is closed
+            self._trim_pending.clear()
+
+    def _trim(self) -> None:
+        self._trim_pending.clear()
+        release_free_memory()
 
     def _drop(self, classifier_id: str) -> bool:
         entry = self._entries.pop(classifier_id, None)
         if entry is None:
             return False
-        entry.batcher.close()
+        self._leave_group(entry.group, entry.batcher)
         return True
-
-    def _make_room(self, keep: str | None = None, limit: int | None = None) -> None:
-        """Drop least recently used entries until at most ``limit`` (default capacity - 1) remain."""
-        limit = self.capacity - 1 if limit is None else limit
-        evicted = False
-        for old_id in list(self._entries):
-            if len(self._entries) <= limit:
-                break
-            if old_id == keep:
-                continue
-            self._drop(old_id)
-            evicted = True
-            self._event("eviction")
-            log.info("evicted classifier %s from the cache", old_id)
-        if evicted:
-            release_free_memory()
-            self._update_size()
 
     def evict(self, classifier_id: str) -> None:
         """Drop ``classifier_id`` (deleted, or replaced). Safe from any thread: the work runs on the loop."""
@@ -325,7 +476,6 @@ class ClassifierCache:
         if classifier_id in self._loading:
             self._evictions[classifier_id] = self._evictions.get(classifier_id, 0) + 1
         if self._drop(classifier_id):
-            release_free_memory()
             self._update_size()
 
     def close(self) -> None:
@@ -333,6 +483,7 @@ class ClassifierCache:
             self.evict(classifier_id)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._load_executor.shutdown(wait=False, cancel_futures=True)
+        self._trim_executor.shutdown(wait=False, cancel_futures=True)
 
     def _event(self, kind: str) -> None:
         if self.metrics is not None:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from rmt_core import __version__
+from rmt_core.heap import limit_malloc_arenas
 from rmt_service.settings import Settings
 from rmt_service.migrate import prepare, wait_until_ready
 from rmt_service.store import Store
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
     """A ready-to-serve app over ``settings.data_dir``; ``queue`` replaces the broker producer (tests)."""
+    # Here, not only in `rmt serve`: `uvicorn --factory app.main:create_app` starts no thread of ours before this
+    # (rmt_core/heap.py says why; the API image sets MALLOC_ARENA_MAX itself, which wins).
+    limit_malloc_arenas()
     settings = settings or Settings()
     store = Store(settings)
     if settings.database_migrate:  # once per start; replicas serialise on a database lock
@@ -53,10 +57,12 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.tenant_keys = tenant_keys
     app.state.metrics = metrics
     app.state.queue = queue or JobQueue(settings)
-    app.state.cache = ClassifierCache(settings.classifier_cache_size, providers=settings.ort_providers,
+    app.state.cache = ClassifierCache(settings.classifier_cache_size, max_bytes=settings.classifier_cache_bytes,
+                                      providers=settings.ort_providers,
                                       batch_max_size=settings.batch_max_size,
                                       batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics,
-                                      loader=served_loader(store.bases_dir, settings.ort_providers))
+                                      loader=served_loader(store.bases_dir, settings.ort_providers,
+                                                           mode=settings.serving_mode))
     install_error_handlers(app)
     install_database_errors(app)
     for router in (health.router, classifiers.router, classify.router, jobs.router, ui.router):

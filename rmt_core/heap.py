@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ _LIBC = _libc()
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Call before the process starts threads; True if glibc accepted it."""
-    if _LIBC is None:
+    """Call before the process starts threads; True if glibc accepted it. An arena limit set in the environment
+    (``MALLOC_ARENA_MAX``, as the API image does; glibc applied it at start) is left as the operator set it."""
+    if _LIBC is None or os.environ.get("MALLOC_ARENA_MAX"):
         return False
     ok = bool(_LIBC.mallopt(_M_ARENA_MAX, arenas))
     log.debug("malloc arenas limited to %d: %s", arenas, ok)
@@ -60,7 +62,10 @@ def release_free_memory() -> None:
 
 @functools.cache
 def return_freed_memory() -> bool:
-    """Blocks >= 1 MiB are mmap'd and returned to the OS when freed (process-wide, set once); True if set."""
+    """Blocks >= 1 MiB are mmap'd and returned to the OS when freed (process-wide, set once); True if set.
+    A threshold set in the environment (``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``) is kept."""
+    if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
     ok = _LIBC is not None and bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     log.debug("malloc mmap threshold fixed at %d bytes: %s", MMAP_THRESHOLD, ok)
     return ok

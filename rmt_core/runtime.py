@@ -259,17 +259,29 @@ class _LoadedBase:
         raise KeyError(name)
 
     def segment_session(self, registry: "BaseRegistry", segment, values: dict[str, np.ndarray] | None = None,
-                        head=None):
+                        head=None, weight_inputs: frozenset[str] = frozenset()):
         """An ORT session for ``segment``; large initializers are handed over as OrtValues (no protobuf
         round trip), taken from ``values`` when given (masked tensors) or from the base's data file. With
         ``head`` (a segment that is the whole base, built for one classifier) the head's nodes are appended:
-        the session then answers ``LOGITS`` as well as the features, as today's baked model did."""
+        the session then answers ``LOGITS`` as well as the features, as today's baked model did.
+        ``weight_inputs``: initializers that become inputs of the session (the JIT tier feeds each classifier's
+        masked weights per call)."""
+        import dataclasses
+
         from onnx import helper
 
         from .head import append_to_graph
         from .segments import external_placeholder, segment_model
 
         values = dict(values or {})
+        types = self.types
+        if weight_inputs:
+            segment = dataclasses.replace(segment, initializers=[n for n in segment.initializers if n not in weight_inputs],
+                                          inputs=[*segment.inputs, *[n for n in segment.initializers if n in weight_inputs]])
+            types = dict(types)
+            for n in weight_inputs:
+                dtype, shape = self.layout[n][2], self.layout[n][3]
+                types[n] = helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), list(shape))
         tensors = {}
         for n in segment.initializers:
             if n in values or n in self.layout:
@@ -278,7 +290,7 @@ class _LoadedBase:
                 tensors[n] = external_placeholder(n, values[n])
             else:
                 tensors[n] = next(t for t in self.model.graph.initializer if t.name == n)
-        model = segment_model(self.model, segment, tensors, self.types)
+        model = segment_model(self.model, segment, tensors, types)
         if head is not None:
             append_to_graph(model.graph, head, features=self.output_name, output=LOGITS)
             model.graph.output.append(helper.make_value_info(self.output_name, self.types[self.output_name]))
@@ -296,6 +308,13 @@ class _Plan:
         self.segments = segments
         self.shared_sessions = shared_sessions
         self.refs = 0
+        self.layout: dict | bool | None = None  # rmt_core/serving.py's batch layout; False: rows cannot be split
+        # JIT tier (built on first use): own segments as sessions whose masked weights are inputs, the base
+        # values of those weights, and per thread the weights last formed (restored and re-zeroed per classifier)
+        self.jit_sessions: dict[int, ort.InferenceSession] | None = None
+        self.base_values: dict[str, np.ndarray] = {}
+        self.formed = threading.local()
+        self.lock = threading.Lock()
 
 
 class BaseRegistry:
@@ -358,6 +377,20 @@ class BaseRegistry:
             plan.refs += 1
             return plan
 
+    def jit_sessions(self, base_id: str, plan: _Plan) -> dict[int, ort.InferenceSession]:
+        """The plan's own segments built once, their masked weights as inputs (the JIT tier)."""
+        with plan.lock:
+            if plan.jit_sessions is None:
+                base = self.base(base_id)
+                sessions = {}
+                for i, seg in enumerate(plan.segments):
+                    if seg.kind == "own":
+                        for n in seg.masked:
+                            plan.base_values[n] = base.array(n)
+                        sessions[i] = base.segment_session(self, seg, weight_inputs=frozenset(seg.masked))
+                plan.jit_sessions = sessions
+            return plan.jit_sessions
+
     def release(self, base_id: str, masked: frozenset[str]) -> None:
         with self._lock:
             key = (base_id, frozenset(masked))
@@ -383,6 +416,12 @@ class BaseRegistry:
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
               "tensor(bool)": np.bool_, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+# How a served classifier holds its masked weights: "baked" (multiplied in at load, in sessions of its own:
+# today's latency, ~its masked tensors in memory) or "jit" (only the positions its mask drops; the weights are
+# formed per call into per-thread buffers and fed to sessions shared by the plan: ~its mask in memory, a load
+# in milliseconds once the plan is built). bench/RESULTS-multitenant.md measures both.
+SERVING_MODES = ("baked", "jit")
 
 # Batches up to this size run the chain through IO bindings into reused buffers (``_BoundChain``).
 BIND_MAX_BATCH = 8
@@ -450,8 +489,11 @@ class _BoundChain:
 class ServedClassifier(_Classifier):
     """A classifier served over a shared base: same interface as OnnxClassifier (labels, run, top_k, ...)."""
 
-    def __init__(self, version_dir: Path | str, registry: BaseRegistry):
+    def __init__(self, version_dir: Path | str, registry: BaseRegistry, mode: str = "baked"):
         import weakref
+
+        if mode not in SERVING_MODES:
+            raise ValueError(f"serving mode {mode!r} must be one of {', '.join(SERVING_MODES)}")
 
         from .artifact import load_packed
         from .head import HEAD_FILE, Head
@@ -482,14 +524,18 @@ class ServedClassifier(_Classifier):
                 where = base.info.maskable[name]
                 flipped[where["initializer"]] = (name, bool(where["transpose"]))
         self.masked = frozenset(flipped)
-        plan = registry.acquire(self.base_id, self.masked)
+        self._registry = registry
+        plan = self._plan = registry.acquire(self.base_id, self.masked)
         self._release = weakref.finalize(self, registry.release, self.base_id, self.masked)
 
         # A classifier with one session of its own for the whole base (a small backbone: bench/RESULTS-layout.md)
         # runs its head inside it, as today's baked model does: at ~2 ms a call, the numpy head and the first
         # numpy work after ORT returns were +5-10%.
-        whole = len(plan.segments) == 1 and plan.segments[0].kind == "own"
+        jit = mode == "jit" and any(seg.kind == "own" for seg in plan.segments)
+        self.mode = "jit" if jit else "baked"
+        whole = len(plan.segments) == 1 and plan.segments[0].kind == "own" and not jit
         self._head_in_session = whole
+        self._dropped: dict[str, np.ndarray] = {}  # JIT tier: initializer -> flat indices of its masked-out weights
 
         def build(seg):
             values = {}
@@ -506,14 +552,23 @@ class ServedClassifier(_Classifier):
             return base.segment_session(registry, seg, values, head), sum(v.nbytes for v in values.values())
 
         own = [i for i, seg in enumerate(plan.segments) if seg.kind == "own"]
-        if len(own) > 1 and registry.load_threads > 1:  # ORT builds sessions without the GIL
+        if jit:  # what this classifier holds: the positions of the weights its mask drops (int32), nothing else
+            for n, (mask_name, transposed) in flipped.items():
+                keep = packed.unpack(mask_name)
+                keep = keep.T if transposed else keep
+                if keep.shape != tuple(base.layout[n][3]):
+                    raise ValueError(f"mask for {n} has shape {keep.shape}, the base tensor {base.layout[n][3]}")
+                self._dropped[n] = np.flatnonzero(~keep).astype(np.int32 if keep.size < 2**31 else np.int64)
+            sessions = registry.jit_sessions(self.base_id, plan)
+            built = {i: (sessions[i], 0) for i in own}
+        elif len(own) > 1 and registry.load_threads > 1:  # ORT builds sessions without the GIL
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(min(registry.load_threads, len(own)), thread_name_prefix="rmt-load") as pool:
                 built = dict(zip(own, pool.map(build, [plan.segments[i] for i in own])))
         else:
             built = {i: build(plan.segments[i]) for i in own}
-        self.own_tensor_bytes = sum(nbytes for _, nbytes in built.values())
+        self.own_tensor_bytes = sum(nbytes for _, nbytes in built.values()) + sum(i.nbytes for i in self._dropped.values())
         self._chain: list[tuple] = [(seg, built[i][0] if seg.kind == "own" else plan.shared_sessions[i])
                                     for i, seg in enumerate(plan.segments)]  # (segment, session) in order
         # drop each intermediate once no later segment needs it
@@ -525,6 +580,95 @@ class ServedClassifier(_Classifier):
         self._shapes: dict[tuple, dict] = {}  # batch shape -> every passed value's (shape, dtype), seen once
         self._bound: dict[tuple, list[_BoundChain]] = {}
         self._bound_lock = threading.Lock()
+        if plan.layout is None and not whole and any(seg.kind == "shared" for seg in plan.segments):
+            from .serving import probe_layout
+
+            plan.layout = probe_layout(self) or False  # once per plan, in the loader's thread
+
+    def _weights(self, seg) -> dict[str, np.ndarray]:
+        """JIT tier: ``seg``'s masked weights formed for this classifier in this thread's buffers (the base value
+        with this classifier's dropped positions zeroed; the previous classifier's positions restored first, so
+        a switch costs two scatters of the flipped weights, not a copy of the tensor). Empty when baked."""
+        if self.mode != "jit" or seg.kind != "own":
+            return {}
+        formed = self._plan.formed
+        if not hasattr(formed, "buffers"):
+            formed.buffers, formed.owner = {}, {}
+        out = {}
+        for n in seg.masked:
+            base = self._plan.base_values[n]
+            buf = formed.buffers.get(n)
+            if buf is None:
+                buf = formed.buffers[n] = base.copy()
+                formed.owner[n] = None
+            dropped = self._dropped.get(n)
+            previous = formed.owner[n]
+            if previous is not dropped:
+                flat, base_flat = buf.reshape(-1), base.reshape(-1)
+                if previous is not None:
+                    flat[previous] = base_flat[previous]
+                if dropped is not None:
+                    flat[dropped] = 0
+                formed.owner[n] = dropped
+            out[n] = buf
+        return out
+
+    def run_segment(self, index: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Segment ``index`` of this classifier's chain on ``feeds`` (numpy); the JIT tier adds its weights."""
+        seg, session = self._chain[index]
+        return session.run(seg.outputs, {**feeds, **self._weights(seg)})
+
+    @property
+    def batch_group(self):
+        """Classifiers with equal groups run the same shared sessions (rmt_core/serving.py mixes their requests in
+        one batch); None where nothing is shared (the head runs inside the classifier's one session)."""
+        if self._head_in_session or not any(seg.kind == "shared" for seg, _ in self._chain):
+            return None
+        if not self._plan.layout:  # values passed between segments that cannot be split by rows
+            return None
+        return (id(self._registry), self.base_id, self.masked)
+
+    @property
+    def batch_layout(self) -> dict:
+        """How each value passed between segments depends on the batch (rmt_core/serving.py)."""
+        return self._plan.layout  # type: ignore[return-value]
+
+    @property
+    def chain(self) -> list[tuple]:
+        """(segment, session) in order: the shared segments' sessions are the same objects for every
+        classifier of this ``batch_group``."""
+        return self._chain
+
+    @property
+    def last_use(self) -> dict[str, int]:
+        return self._last_use
+
+    @property
+    def input_name(self) -> str:
+        return self._input
+
+    @property
+    def output_name(self) -> str:
+        return self._output
+
+    @property
+    def resident_bytes(self) -> int:
+        """What this classifier holds beyond the shared base: its own baked tensors (ORT keeps them, prepacked,
+        in sessions of its own; measured within ~10% of the RSS a load adds: bench/RESULTS-multitenant.md)
+        and its head's arrays."""
+        head = sum(a.nbytes for a in (self.head.W, self.head.b, self.head.cache_keys, self.head.cache_values)
+                   if a is not None)
+        return int(self.own_tensor_bytes + head)
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, object]:
+        """Preprocessed batch -> (probs [N,C], outlier scores or None): outlier where the head scores them."""
+        if self._head_in_session:
+            logits, features = self._chain[0][1].run([LOGITS, self._output], {self._input: self._checked_batch(batch)})
+        else:
+            features = self.features(batch)
+            logits = self.head.logits(features)
+        scores = getattr(self.head, "outlier_scores", None)
+        return softmax(logits), (scores(features) if scores is not None else None)
 
     @property
     def own_sessions(self) -> int:
@@ -540,15 +684,19 @@ class ServedClassifier(_Classifier):
         batch = self._checked_batch(batch)
         if len(self._chain) == 1:
             seg, session = self._chain[0]
-            return session.run([self._output], {self._input: batch})[0]
-        bindable = batch.shape[0] <= BIND_MAX_BATCH and self._providers[0] == "CPUExecutionProvider"
+            return session.run([self._output], {self._input: batch, **self._weights(seg)})[0]
+        bindable = (batch.shape[0] <= BIND_MAX_BATCH and self._providers[0] == "CPUExecutionProvider"
+                    and self.mode == "baked")
         if bindable and batch.shape in self._shapes:
             return self._run_bound(batch)
         # OrtValues between segments: on CUDA the activations stay on the device from one segment to the next
         env = {self._input: ort.OrtValue.ortvalue_from_numpy(batch)}
         shapes = {self._input: (batch.shape, batch.dtype)}
         for i, (seg, session) in enumerate(self._chain):
-            outs = session.run_with_ort_values(seg.outputs, {n: env[n] for n in seg.inputs})
+            feeds = {n: env[n] for n in seg.inputs}
+            for n, value in self._weights(seg).items():
+                feeds[n] = ort.OrtValue.ortvalue_from_numpy(value)
+            outs = session.run_with_ort_values(seg.outputs, feeds)
             env.update(zip(seg.outputs, outs))
             for n, v in zip(seg.outputs, outs) if bindable else ():
                 dtype = _ORT_TYPES.get(v.data_type())
@@ -592,7 +740,7 @@ class ServedClassifier(_Classifier):
 
 
 def load_classifier(version_dir: Path | str, bases_dir: Path | str | None = None,
-                    registry: BaseRegistry | None = None, providers: str = "auto"):
+                    registry: BaseRegistry | None = None, providers: str = "auto", mode: str = "baked"):
     """The classifier in ``version_dir``: base + mask + head, or an old baked model.onnx directory.
 
     Pass one ``registry`` per process so classifiers on the same base share it.
@@ -609,7 +757,7 @@ def load_classifier(version_dir: Path | str, bases_dir: Path | str | None = None
         registry = BaseRegistry(bases_dir, providers)
     elif bases_dir is not None and Path(bases_dir) != registry.bases_dir:
         raise ValueError(f"bases_dir {bases_dir} is not the registry's {registry.bases_dir}")
-    return ServedClassifier(version_dir, registry)
+    return ServedClassifier(version_dir, registry, mode)
 
 
 def default_bases_dir(version_dir: Path | str) -> Path:

@@ -79,10 +79,28 @@ class Settings(BaseSettings):
                                  "failed and cancelled jobs stay with their classifier).")
 
     # Serving
-    classifier_cache_size: int = Field(8, ge=1, description="ONNX Runtime sessions kept in the LRU.")
+    classifier_cache_size: int = Field(
+        1000, ge=1, description="Most classifiers kept loaded (least recently used dropped first); "
+                                "classifier_cache_bytes bounds them too.")
+    classifier_cache_bytes: int = Field(
+        4 << 30, gt=0, description="Most bytes the loaded classifiers hold beyond their shared bases (a ViT-B-32 "
+                                   "r-amt classifier ~120 MB, a zero-shot or head-only one its head; the bases "
+                                   "themselves are not counted).")
+    serving_mode: str = Field(
+        "baked", description="How loaded classifiers hold their masked weights: baked (multiplied in at load, "
+                             "sessions of their own: the lowest latency, ~120 MB per ViT-B-32 r-amt classifier) "
+                             "| jit (only the positions the mask drops, weights formed per call: ~6 MB each, "
+                             "loads in milliseconds; bench/RESULTS-multitenant.md).")
     ort_providers: str = Field("auto", description="auto | cpu | cuda")
     batch_max_size: int = Field(32, ge=1, description="Micro-batching: most images in one ORT call.")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Micro-batching: longest wait for more requests.")
+
+    @field_validator("serving_mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        if value not in ("baked", "jit"):
+            raise ValueError(f"serving_mode {value!r} must be baked or jit")
+        return value
 
     @field_validator("data_dir")
     @classmethod

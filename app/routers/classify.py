@@ -33,6 +33,14 @@ def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, setting
     return np.stack([classifier.preprocess(decode_image(data, settings, what, budget)) for data, what in blobs])
 
 
+def _own_min_score(version) -> float | None:
+    manifest = version.manifest or {}
+    min_score = manifest.get("min_score")
+    if min_score is None:
+        min_score = (manifest.get("validation") or {}).get("min_score")
+    return min_score
+
+
 @router.post("/{classifier_id}/classify", response_model=ClassifyResponse,
              openapi_extra=_CLASSIFY_BODY, responses=_ERRORS)
 async def classify(classifier_id: str, request: Request, settings: SettingsDep, store: StoreDep,
@@ -49,11 +57,9 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
     # The records database is read in the threadpool: never a blocking query on the event loop.
     record, version = await run_in_threadpool(served_version, store, classifier_id, tenant)
     model_dir = store.version_dir(version)
+    min_score_asked = min_score
     if min_score is None and record.config.get("unknown"):
-        manifest = version.manifest or {}
-        min_score = manifest.get("min_score")
-        if min_score is None:
-            min_score = (manifest.get("validation") or {}).get("min_score")
+        min_score = _own_min_score(version)
     form = await read_form(request, settings, max_files=settings.max_classify_images + 1,
                            limit_name="RMT_MAX_CLASSIFY_IMAGES", limit=settings.max_classify_images)
     try:
@@ -76,14 +82,22 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
             names.append(part.filename)
     finally:
         await form.close()
-    try:  # the cache serves the version model_dir names: a newer published version replaces the cached one
-        entry = await cache.get(classifier_id, model_dir)
+    def serving_now():  # asked by the cache (in a thread) when it holds another version than this request's
+        _, current = served_version(store, classifier_id, tenant)
+        return store.version_dir(current), current
+
+    try:  # the version serving now: a request that resolved an older one just before a publish gets the newer one
+        entry = await cache.get(classifier_id, model_dir, version=version, resolve=serving_now)
     except (OSError, ValueError, RuntimeError):  # unreadable or incompatible artifact: details in the log only
         log.exception("classifier %s (%s) could not be loaded", classifier_id, model_dir)
         raise ApiError(500, "model_load_failed", f"classifier {classifier_id} could not be loaded; the operator "
                                                  "can find the details in the server log") from None
+    if entry.version is not None and entry.version.version_id != version.version_id:  # the version serving now
+        version = entry.version
+        if min_score_asked is None and record.config.get("unknown"):
+            min_score = _own_min_score(version)
     arrays = await run_in_threadpool(_prepare, blobs, entry.classifier, settings)
-    probs = await entry.batcher.submit(arrays)
+    probs, _outlier = await entry.predict(arrays)  # through the micro-batcher of its base, mixed with others
     metrics.classified.inc(len(blobs))
     predictions = entry.classifier.top_k(probs, top_k)
     top = np.asarray(probs).max(axis=1)

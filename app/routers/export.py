@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -65,13 +67,38 @@ Softmax over the logits gives the probabilities the service returns. Run it with
 MATERIALIZED_CACHE_BYTES = 4 << 30
 
 
+_building: dict[str, tuple[threading.Lock, int]] = {}  # version dir -> (its lock, threads using it)
+_building_lock = threading.Lock()
+
+
+@contextmanager
+def _single_flight(key: str):
+    """One thread at a time per ``key``: N concurrent downloads of a model not yet materialised build it once,
+    the others wait and then find it cached."""
+    with _building_lock:
+        lock, users = _building.get(key, (None, 0))
+        lock = lock or threading.Lock()
+        _building[key] = (lock, users + 1)
+    try:
+        with lock:
+            yield
+    finally:
+        with _building_lock:
+            lock, users = _building[key]
+            if users <= 1:
+                del _building[key]
+            else:
+                _building[key] = (lock, users - 1)
+
+
 def model_onnx_path(store: Store, model_dir: Path) -> Path:
     """The self-contained ONNX model of a published version: materialised from the shared base, the mask and
     the head (labels, preprocessing and head in metadata_props) and cached; older versions' own model.onnx."""
     from rmt_core.materialize import materialized_model_path
 
-    return materialized_model_path(model_dir, store.bases_dir, store.settings.data_dir / "cache" / "onnx",
-                                   MATERIALIZED_CACHE_BYTES)
+    with _single_flight(str(Path(model_dir).resolve())):
+        return materialized_model_path(model_dir, store.bases_dir, store.settings.data_dir / "cache" / "onnx",
+                                       MATERIALIZED_CACHE_BYTES)
 
 
 def write_bundle(model_dir: Path, onnx_path: Path, classifier_id: str, name: str, out) -> None:

@@ -295,3 +295,82 @@ def test_small_batches_run_the_chain_bound_to_reused_buffers_and_stay_exact_unde
     out = a.features(batches[0])
     out[:] = 0  # a caller owns what it gets: the next call is not affected
     np.testing.assert_array_equal(a.features(batches[0]), plain[0])
+
+
+def test_mixed_batches_return_what_each_classifier_returns_alone(world, tmp_path, monkeypatch):
+    """A micro-batch that mixes classifiers of one base and mask set runs the shared segments once over every
+    row and each classifier's own segments and head on its rows: each request gets what its classifier gives
+    alone. Classifiers of another group (zero-shot) in the same batch are answered on their own."""
+    import rmt_core.serving as serving
+
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=0)
+    c = _version(tmp_path, "c", world["backbone"], world["base"], _random_bits(world["backbone"], 3, drop=0.5))
+    a, b, c = (load_classifier(d, world["bases"], registry) for d in (world["a"], world["b"], c))
+    zero = load_classifier(world["zero"], world["bases"], registry)
+    assert a.batch_group is not None and a.batch_group == b.batch_group == c.batch_group
+    assert zero.batch_group is not None and zero.batch_group != a.batch_group
+    groups = []
+    real = serving._run_group
+    monkeypatch.setattr(serving, "_run_group", lambda clfs, batches: groups.append(len(clfs)) or real(clfs, batches))
+    x = np.concatenate([world["x"], world["x"][::-1] * 0.5])
+    requests = [(a, x[0:1]), (b, x[1:3]), (zero, x[0:2]), (a, x[2:3]), (c, x[3:6]), (b, x[5:6]), (zero, x[4:5])]
+    got = serving.predict_mixed(requests)
+    assert groups == [3], "a, b and c did not run as one group"
+    for (clf, batch), (probs, outlier) in zip(requests, got):
+        alone, _ = clf.predict(batch)
+        assert probs.shape == alone.shape
+        np.testing.assert_allclose(probs, alone, rtol=1e-5, atol=1e-6)
+        assert outlier is None  # these heads score no outliers
+    # the answers are told apart: another classifier's probabilities would fail the check above
+    assert not np.allclose(a.predict(x[0:1])[0], b.predict(x[0:1])[0], atol=1e-4)
+
+
+def test_predict_mixed_answers_classifiers_without_a_group_one_by_one(world):
+    registry = BaseRegistry(world["bases"], "cpu")  # the toy base: one own session per classifier, no group
+    a, b = (load_classifier(world[k], world["bases"], registry) for k in ("a", "b"))
+    assert a.batch_group is None
+    from rmt_core.serving import predict_mixed
+
+    x = world["x"]
+    got = predict_mixed([(a, x[:1]), (b, x), (a, x[1:])])
+    np.testing.assert_allclose(got[0][0], a.predict(x[:1])[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1][0], b.predict(x)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[2][0], a.predict(x[1:])[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared_min_bytes", [0, None])
+def test_every_fp32_mode_equals_the_baked_model(world, shared_min_bytes):
+    """The JIT tier (weights formed per call from the positions the mask drops) gives the baked fp32 model's
+    probabilities to 1e-4, alone and after serving other classifiers from the same per-thread buffers, and
+    holds only those positions."""
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=shared_min_bytes)
+    x = world["x"]
+    baked = {k: load_classifier(world[k], world["bases"], registry) for k in ("a", "b", "zero")}
+    jit = {k: load_classifier(world[k], world["bases"], registry, mode="jit") for k in ("a", "b", "zero")}
+    assert jit["a"].mode == "jit" and jit["zero"].mode == "baked"  # nothing masked: the shared base as it is
+    ref = make_session(_baked_reference(world["bits_a"], world["tmp"] / f"ref-jit-{shared_min_bytes}.onnx"), "cpu")
+    from rmt_core.runtime import softmax
+
+    expected_a = softmax(ref.run(None, {"image": x})[0])
+    for order in (("a", "b", "a", "zero", "b", "a"),):  # switching classifiers restores and re-zeroes the buffers
+        for k in order:
+            np.testing.assert_allclose(jit[k].predict(x)[0], baked[k].predict(x)[0], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(jit[k].run(x[:1]), baked[k].run(x[:1]), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(jit["a"].run(x), expected_a, rtol=0, atol=1e-4)
+    dropped = sum(int((~bits).sum()) for bits in world["bits_a"].values())
+    assert jit["a"].own_tensor_bytes == dropped * 4 < baked["a"].own_tensor_bytes / 4
+
+
+def test_jit_and_baked_classifiers_mix_in_one_batch(world):
+    from rmt_core.serving import predict_mixed
+
+    registry = BaseRegistry(world["bases"], "cpu", shared_min_bytes=0)
+    a = load_classifier(world["a"], world["bases"], registry, mode="jit")
+    b = load_classifier(world["b"], world["bases"], registry)
+    a_baked = load_classifier(world["a"], world["bases"], registry)
+    assert a.batch_group == b.batch_group is not None
+    x = world["x"]
+    got = predict_mixed([(a, x[:2]), (b, x[1:]), (a, x[2:])])
+    np.testing.assert_allclose(got[0][0], a_baked.predict(x[:2])[0], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got[1][0], b.predict(x[1:])[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[2][0], a_baked.predict(x[2:])[0], rtol=0, atol=1e-4)

@@ -5,8 +5,10 @@ import asyncio
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from app.classifier_cache import ClassifierCache, MicroBatcher, served_loader
@@ -100,7 +102,7 @@ def test_lru_keeps_at_most_capacity_sessions(tuned, tmp_path):
         for i, d in enumerate(dirs):
             entry = await cache.get(f"c{i}", d)
             x = entry.classifier.preprocess(Image.new("RGB", (40, 40)))
-            assert (await entry.batcher.submit(x[None])).shape == (1, 2)
+            assert (await entry.predict(x[None]))[0].shape == (1, 2)
         assert len(cache) == 2 and "c3" in cache and "c2" in cache and "c0" not in cache
         await cache.get("c2", dirs[2])  # hit: c2 becomes most recent, c3 is next out
         await cache.get("c0", dirs[0])
@@ -124,3 +126,99 @@ def test_only_the_serving_loader_changes_the_process_malloc_threshold(tmp_path, 
     assert calls == []
     loader = served_loader(tmp_path, "cpu")
     assert calls == [1] and loader.registry.bases_dir == tmp_path
+
+
+@pytest.fixture(scope="module")
+def many_on_one_base(tmp_path_factory):
+    """Five mask-tuned classifiers and a zero-shot one on one toy base, split into shared and own segments."""
+    from tests.core.test_layout import _random_bits, _version
+    from tests.core.toys import tiny
+    from rmt_core.base import ensure_base
+
+    tmp = tmp_path_factory.mktemp("many")
+    backbone = tiny()
+    base = ensure_base(backbone, tmp / "bases")
+    dirs = {f"m{i}": _version(tmp, f"m{i}", backbone, base, _random_bits(backbone, 10 + i, drop=0.3))
+            for i in range(5)}
+    dirs["zero"] = _version(tmp, "zero", backbone, base, None)
+    x = np.random.default_rng(0).standard_normal((6, 3, *backbone.image_size)).astype(np.float32)
+    return {"bases": tmp / "bases", "dirs": dirs, "x": x}
+
+
+@pytest.mark.parametrize("mode", ["baked", "jit"])
+def test_mixed_traffic_under_eviction_never_answers_with_another_classifiers_model(many_on_one_base, monkeypatch,
+                                                                                   mode):
+    """Capacity 3 for six classifiers: requests to random classifiers evict each other while their batches mix.
+    Each answer must be what its own classifier gives alone."""
+    import random
+
+    bases, dirs, x = many_on_one_base["bases"], many_on_one_base["dirs"], many_on_one_base["x"]
+    loader = served_loader(bases, "cpu", shared_min_bytes=0, mode=mode)
+    alone = {}
+    for cid, d in dirs.items():
+        clf = loader(cid, d)
+        alone[cid] = [clf.predict(x[i:i + 1])[0] for i in range(len(x))]
+        del clf
+    for i in range(len(x)):  # the classifiers answer differently: a wrong one cannot pass for the right one
+        rows = [alone[cid][i] for cid in dirs]
+        assert min(np.abs(p - q).max() for j, p in enumerate(rows) for q in rows[j + 1:]) > 1e-4
+    import rmt_core.serving as serving
+
+    groups = []
+    run_group = serving._run_group
+    monkeypatch.setattr(serving, "_run_group", lambda clfs, batches: groups.append(len(clfs)) or run_group(clfs, batches))
+    cache = ClassifierCache(capacity=3, providers="cpu", loader=loader, batch_max_wait_ms=5)
+    random.seed(3)
+
+    async def request(cid: str, i: int):
+        await asyncio.sleep(random.random() * 0.05)
+        entry = await cache.get(cid, dirs[cid])
+        probs, outlier = await entry.predict(x[i:i + 1])
+        return cid, i, probs
+
+    async def main():
+        answers = []
+        for _ in range(6):
+            answers += await asyncio.gather(*(request(random.choice(list(dirs)), random.randrange(len(x)))
+                                              for _ in range(16)))
+        return answers
+
+    try:
+        answers = asyncio.run(main())
+    finally:
+        cache.close()
+    for cid, i, probs in answers:
+        np.testing.assert_allclose(probs, alone[cid][i], rtol=1e-5, atol=1e-6, err_msg=f"{cid} image {i}")
+    assert len(answers) == 96 and groups and max(groups) > 1, "no batch mixed classifiers"
+
+
+def test_the_byte_bound_holds_for_loads_in_flight_too():
+    """Classifiers of 100 bytes, a bound of 250: never more than two held, however many load at once."""
+    class Sized:
+        resident_bytes = 100
+
+        def run(self, batch):
+            return np.zeros((len(batch), 2), np.float32)
+
+    peaks = []
+    cache = None
+
+    def loader(cid, version_dir):
+        threading.Event().wait(0.02)
+        peaks.append(cache.nbytes + sum(cache._reserved.values()))
+        return Sized()
+
+    cache = ClassifierCache(capacity=100, max_bytes=250, loader=loader)
+
+    async def main():
+        for i in range(3):
+            await cache.get(f"c{i}", Path(f"/v/{i}"))
+        assert cache.nbytes <= 250 and len(cache) == 2
+        await asyncio.gather(*(cache.get(f"d{i}", Path(f"/w/{i}")) for i in range(5)))
+        assert cache.nbytes <= 250 and len(cache) == 2
+
+    try:
+        asyncio.run(main())
+    finally:
+        cache.close()
+    assert max(peaks) <= 250, peaks
