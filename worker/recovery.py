@@ -4,7 +4,7 @@ Runs in every worker's main process and is safe to run from several at once: eac
 conditional update in the database (rmt_service.jobs.sweep), so a job is re-queued by exactly one
 sweeper. The queries are index ranges over the jobs that need action, so a sweep costs the same with
 a hundred or a million stored jobs. Once an hour it also deletes old succeeded jobs (retention) and
-blobs no record refers to.
+blobs no record refers to; at start it removes the staging that crashed processes left (Store.clean_staging).
 """
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ class RecoveryThread(threading.Thread):
         self._next_gc = time.monotonic() + 60.0
 
     def run(self) -> None:
+        try:
+            removed = self.store.clean_staging()
+            if removed:
+                log.info("removed %d staging entries left by stopped processes", removed)
+        except Exception:
+            log.exception("cleaning staging at start failed; the hourly collection retries")
         while not self._stop_event.is_set():
             try:
                 recover_jobs(self.store, self.enqueue)

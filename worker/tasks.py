@@ -141,6 +141,8 @@ def _build_kwargs(build_classifier: Callable, store: Store, previews: _Previews)
     """Optional arguments the installed pipeline takes (the shared bases live on the blob volume)."""
     params = inspect.signature(build_classifier).parameters
     kwargs: dict[str, Any] = {"bases_dir": store.bases_dir} if "bases_dir" in params else {}
+    if "base_staging" in params:  # a new base is staged with the other blobs, so a crash leaves nothing unowned
+        kwargs["base_staging"] = store.blobs.base_staging
     if "on_base" in params and "on_candidate" in params:
         kwargs.update(on_base=previews.on_base, on_candidate=previews)
     return kwargs
