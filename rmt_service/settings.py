@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         description="Celery broker. Empty = embedded local broker (SQLite under data_dir); "
         "redis://host:6379/0 at scale.",
     )
+    min_free_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0,
+        description="Free space the data volume keeps: below it /readyz answers 503 (creates, uploads and base "
+                    "exports would soon fail with no space), so a balancer stops sending work before the disk fills.")
     api_keys: str = Field("", description="Comma-separated tenant:key pairs. Empty = no auth (loopback only).")
     api_keys_file: Path | None = Field(None, description="File with one tenant:key pair per line.")
     allow_insecure_bind: bool = Field(False, description="Allow binding a non-loopback address with no API keys.")

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from . import jobs as jobsm
 from .blobs import BlobError, BlobStore
-from .db import Database, bases, classifiers, db_now, jobs, tenants, uploads, versions
+from .db import Database, bases, classifiers, db_now, job_counts, jobs, tenants, uploads, versions
 from .jobs import ACTIVE_STATUSES, JOB_STATUSES, TERMINAL_STATUSES, JobRecord  # noqa: F401 (re-exported)
 from .settings import Settings
 
@@ -59,6 +59,10 @@ def is_job_id(value: str) -> bool:
 
 class StoreError(RuntimeError):
     """The records are not in the state an operation needs (missing classifier, lease lost, bad build)."""
+
+
+class NotReady(RuntimeError):
+    """The service would refuse work now (no space, records not writable); /readyz answers 503."""
 
 
 class QuotaExceeded(StoreError):
@@ -610,9 +614,47 @@ class Store:
 
     check_writable = check_ready
 
+    def check_space(self) -> None:
+        """Raise NotReady when the data volume has less free space than RMT_MIN_FREE_BYTES."""
+        free = self.blobs.free_bytes()
+        if free < self.settings.min_free_bytes:
+            raise NotReady(f"the data volume has {free} bytes free, below RMT_MIN_FREE_BYTES="
+                           f"{self.settings.min_free_bytes}")
+
+    def check_records_writable(self, wait_s: float = 1.0) -> None:
+        """Raise unless the records database takes a write now (not locked past ``wait_s``, not read-only).
+
+        The write is real (a job counter set to itself, on the tables a create writes) and rolled back.
+        """
+        wait_ms = max(1, int(wait_s * 1000))
+        with self.db.engine.connect() as conn:
+            if self.db.is_sqlite:  # on the driver's connection: through SQLAlchemy it would begin a transaction
+                conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={wait_ms}")
+            try:
+                with conn.execution_options(rmt_immediate=True).begin():
+                    if self.db.dialect == "postgresql":
+                        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+                        conn.exec_driver_sql("LOCK TABLE tenants, classifiers, uploads, jobs, job_counts "
+                                             "IN ROW EXCLUSIVE MODE")
+                    conn.execute(update(job_counts).where(job_counts.c.status == "queued").values(n=job_counts.c.n))
+                    raise _Rollback
+            except _Rollback:
+                pass
+            finally:
+                if self.db.is_sqlite:  # the pooled connection goes back with the engine's own lock wait
+                    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={self.db_lock_timeout_ms}")
+
+    @property
+    def db_lock_timeout_ms(self) -> int:
+        return max(1, int(self.settings.database_lock_timeout_seconds * 1000))
+
 
 class _InUse(Exception):
     """Rolls back a collection that found its blob in use."""
+
+
+class _Rollback(Exception):
+    """Rolls back a probe write."""
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

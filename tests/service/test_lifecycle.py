@@ -204,3 +204,61 @@ def test_a_base_export_is_staged_through_the_blob_store(store, monkeypatch):
     assert seen["out"].parent == store.blobs.tmp
     assert info.path == store.bases_dir / ("a" * 32) and (info.path / basemod.BASE_JSON).is_file()
     assert not seen["out"].exists()
+
+
+# ------------------------------------------------------------------ /readyz answers 503 whenever a create would fail
+def _ready(settings, queue=None):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.service.helpers import FakeQueue
+
+    return TestClient(create_app(settings, queue=queue or FakeQueue()))
+
+
+def test_readyz_is_503_below_the_free_space_floor(tmp_path, database_url):
+    from tests.service.helpers import make_settings
+
+    settings = make_settings(tmp_path / "data", database_url=database_url, min_free_bytes=2**62)
+    with _ready(settings) as client:
+        body = client.get("/readyz")
+        assert body.status_code == 503 and body.json()["checks"]["space"] == "unavailable"
+    with _ready(make_settings(tmp_path / "data", database_url=database_url, min_free_bytes=0)) as client:
+        assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_is_503_while_the_records_database_is_locked(settings):
+    from sqlalchemy import create_engine
+
+    with _ready(settings) as client:
+        assert client.get("/readyz").status_code == 200
+        url = settings.effective_database_url
+        engine = create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as other:
+                if url.startswith("sqlite"):
+                    other.exec_driver_sql("BEGIN IMMEDIATE")  # another process holds the write lock
+                else:
+                    other.exec_driver_sql("BEGIN")
+                    other.exec_driver_sql("LOCK TABLE classifiers IN ACCESS EXCLUSIVE MODE")
+                answer = client.get("/readyz")
+                other.exec_driver_sql("ROLLBACK")
+        finally:
+            engine.dispose()
+        assert answer.status_code == 503 and answer.json()["checks"]["records"] == "unavailable"
+        assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_is_503_when_the_records_database_is_read_only(tmp_path):
+    """SQLite opened read-only (a read-only mount, a file the service may not write)."""
+    from tests.service.helpers import make_settings
+
+    settings = make_settings(tmp_path / "data")
+    with _ready(settings) as client:
+        assert client.get("/readyz").status_code == 200
+    read_only = make_settings(tmp_path / "data",
+                              database_url=f"sqlite:///file:{settings.data_dir / 'rmt.sqlite'}?mode=ro&uri=true",
+                              database_migrate=False)
+    with _ready(read_only) as client:
+        answer = client.get("/readyz")
+    assert answer.status_code == 503 and answer.json()["checks"]["records"] == "unavailable"
