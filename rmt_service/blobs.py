@@ -191,6 +191,16 @@ class BlobStore:
         fsync_dir(target.parent)
         return target
 
+    def unput(self, key: str, staging: Path) -> None:
+        """Undo ``put_dir`` whose records were not committed: the blob goes back to its staging name (removed
+        if that fails), so no row-less blob is left and the caller can publish it again."""
+        try:
+            if Path(staging).parent != self.tmp:
+                raise OSError(f"{staging} is not a staging directory of this blob store")
+            os.rename(self.path(key), staging)
+        except OSError:
+            self.delete(key)
+
     def delete(self, key: str) -> None:
         """Remove a blob no row refers to any more (rename away first, so readers never see half of it)."""
         path = self.path(key)

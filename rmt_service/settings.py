@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(
         30, gt=0, description="A running job renews its lease every second; a lease expired on the database clock "
                         "means its worker is gone (crash, kill, freeze) and the job is recovered.")
+    job_stall_grace_seconds: float | None = Field(
+        None, gt=0, description="How long a running job rides out a records database it cannot write (stalled, "
+                                "locked, failing over) before giving its work up. Empty = 3 leases. If its lease "
+                                "expired meanwhile and no other worker took the job, the job carries on.")
     job_time_limit_seconds: int = Field(6 * 3600, gt=0, description="Hard limit for one tuning job.")
     job_max_attempts: int = Field(3, ge=1, description="Redeliveries after a worker crash before the job fails.")
     job_resend_seconds: float = Field(
@@ -116,6 +120,10 @@ class Settings(BaseSettings):
         names = [n.strip() for n in self.allowed_pretrained.split(",") if n.strip()]
         return list(dict.fromkeys([self.default_pretrained, *(None if n.lower() in ("none", "null") else n
                                                               for n in names)]))
+
+    @property
+    def stall_grace_seconds(self) -> float:
+        return float(self.job_stall_grace_seconds or 3 * self.job_lease_seconds)
 
     @property
     def effective_database_url(self) -> str:

@@ -417,7 +417,7 @@ class Store:
                     conn.execute(update(classifiers).where(classifiers.c.id == classifier_id)
                                  .values(current_version_id=version_id))
         except BaseException:
-            self.blobs.delete(key)
+            self.blobs.unput(key, build_dir)  # back in staging: the caller may retry (a stalled database)
             raise
         return VersionRecord(version_id, classifier_id, candidate[:40], final, key, base_id, manifest, files, now)
 
@@ -481,8 +481,8 @@ class Store:
             return "missing", None
         return jobsm.claim(self.db, job_id, owner, self.settings.job_lease_seconds, self.settings.job_max_attempts)
 
-    def heartbeat(self, job_id: str, owner: str) -> str:
-        return jobsm.heartbeat(self.db, job_id, owner, self.settings.job_lease_seconds)
+    def heartbeat(self, job_id: str, owner: str, attempt: int | None = None) -> str:
+        return jobsm.heartbeat(self.db, job_id, owner, self.settings.job_lease_seconds, attempt)
 
     def set_progress(self, job_id: str, owner: str, progress: dict[str, Any],
                      warnings: list[str] | None = None) -> bool:
@@ -491,9 +491,23 @@ class Store:
     def finish_job(self, job_id: str, owner: str, status: str, error: dict[str, str] | None = None) -> bool:
         return jobsm.finish(self.db, job_id, owner, status, error)
 
-    def recover(self, enqueue: Callable[[str], None]) -> dict[str, int]:
-        """One sweep: expired leases, lost broker messages, retention. Sends what needs sending."""
-        counts, send = jobsm.sweep(self.db, self.settings.job_max_attempts, self.settings.job_resend_seconds)
+    def recover(self, enqueue: Callable[[str], None], queue_depth: Callable[[], int] | None = None
+                ) -> dict[str, int]:
+        """One sweep: expired leases, lost broker messages, retention. Sends what needs sending.
+
+        A queued job past its resend time is re-sent only while the broker's queue is empty (``queue_depth``):
+        while messages wait there, workers are busy and the job's own message is most likely among them, so
+        a burst of creates behind a busy worker is not multiplied; when the queue has drained and the job still
+        has not started, its message was lost.
+        """
+        resend = True
+        if queue_depth is not None:
+            try:
+                resend = queue_depth() == 0
+            except Exception as exc:  # the broker cannot say: re-send as before (duplicates are harmless)
+                log.warning("could not read the queue depth: %s", exc)
+        counts, send = jobsm.sweep(self.db, self.settings.job_max_attempts, self.settings.job_resend_seconds,
+                                   resend=resend)
         for job_id in send:
             try:
                 enqueue(job_id)

@@ -14,7 +14,7 @@ from rmt_service.migrate import wait_until_ready
 from rmt_service.settings import Settings
 from rmt_service.store import Store
 
-from .celery_app import QUEUE, TUNE_TASK, create_celery
+from .celery_app import QUEUE, TUNE_TASK, create_celery, queue_depth
 from .recovery import RecoveryThread
 from .tasks import register_tasks, start_preload
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     def enqueue(job_id: str) -> None:
         app.send_task(TUNE_TASK, args=[job_id], task_id=job_id, queue=QUEUE)
 
-    sweeper = RecoveryThread(store, settings, enqueue)
+    sweeper = RecoveryThread(store, settings, enqueue, queue_depth=lambda: queue_depth(app))
 
     @signals.worker_ready.connect(weak=False)
     def _start_sweep(**_: object) -> None:

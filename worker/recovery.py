@@ -26,18 +26,19 @@ def sweep_interval(settings: Settings) -> float:
     return max(1.0, min(10.0, settings.job_lease_seconds / 4))
 
 
-def recover_jobs(store: Store, enqueue: Callable[[str], None]) -> dict[str, int]:
+def recover_jobs(store: Store, enqueue: Callable[[str], None],
+                 queue_depth: Callable[[], int] | None = None) -> dict[str, int]:
     """One sweep. Returns how many jobs were re-queued, failed, cancelled, re-sent or pruned."""
-    return store.recover(enqueue)
+    return store.recover(enqueue, queue_depth)
 
 
 class RecoveryThread(threading.Thread):
     """Sweeps every ``interval`` seconds until stopped; collects unreferenced blobs every hour."""
 
     def __init__(self, store: Store, settings: Settings, enqueue: Callable[[str], None],
-                 interval: float | None = None):
+                 interval: float | None = None, queue_depth: Callable[[], int] | None = None):
         super().__init__(name="rmt-lease-sweep", daemon=True)
-        self.store, self.settings, self.enqueue = store, settings, enqueue
+        self.store, self.settings, self.enqueue, self.queue_depth = store, settings, enqueue, queue_depth
         self.interval = interval if interval is not None else sweep_interval(settings)
         self._stop_event = threading.Event()
         self._next_gc = time.monotonic() + 60.0
@@ -51,7 +52,7 @@ class RecoveryThread(threading.Thread):
             log.exception("cleaning staging at start failed; the hourly collection retries")
         while not self._stop_event.is_set():
             try:
-                recover_jobs(self.store, self.enqueue)
+                recover_jobs(self.store, self.enqueue, self.queue_depth)
             except Exception:
                 log.exception("lease sweep failed; retrying in %.0fs", self.interval)
             if time.monotonic() >= self._next_gc:
