@@ -12,7 +12,9 @@ backbone and weights points at the same directory:
 The exporter renames and transposes weights (a Linear's weight becomes ``onnx::MatMul_123`` = W.T), so
 the map from torch parameter to initializer is found by value and checked to be one-to-one; a mask
 bit for ``visual.X`` then lands on ``initializer`` (transposed when ``transpose``). The directory is
-written to a temp name and renamed into place; an existing base is reused, never rewritten.
+written to a staging directory and renamed into place; an existing base is reused, never rewritten. Where
+that staging lives is the caller's to decide (``ensure_base(staging=...)``: the service stages it with its
+other blobs, so it knows what a crash left behind); alone, a hidden temp directory beside the bases.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -103,10 +106,13 @@ def load_base(bases_dir: Path | str, base_id: str) -> BaseInfo:
     return BaseInfo.load(base_dir_for(bases_dir, base_id))
 
 
-def ensure_base(backbone, bases_dir: Path | str, opset: int = 17) -> BaseInfo:
+def ensure_base(backbone, bases_dir: Path | str, opset: int = 17,
+                staging: Callable[[], Path] | None = None) -> BaseInfo:
     """The base of ``backbone`` in ``bases_dir``: reused when its fingerprint is there, exported once otherwise.
 
-    ``backbone.model`` must carry its original weights (no masks attached, nothing baked in).
+    ``backbone.model`` must carry its original weights (no masks attached, nothing baked in). ``staging()``
+    gives the empty directory to export into, on the same filesystem as ``bases_dir`` (default: a hidden
+    temp directory inside it); it is renamed into place when complete, removed on failure.
     """
     from .masking import find_masks
 
@@ -119,7 +125,7 @@ def ensure_base(backbone, bases_dir: Path | str, opset: int = 17) -> BaseInfo:
     if (final / BASE_JSON).is_file():
         return BaseInfo.load(final)
     bases_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{base_id}.", dir=bases_dir))
+    tmp = Path(staging()) if staging is not None else Path(tempfile.mkdtemp(prefix=f".{base_id}.", dir=bases_dir))
     try:
         _export(backbone, base_id, tmp, opset)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a base is read by every process that serves

@@ -209,7 +209,8 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                      progress: Callable[[Progress], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, device: str = "auto",
                      on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None,
-                     on_base: Callable[[dict], None] | None = None) -> dict:
+                     on_base: Callable[[dict], None] | None = None,
+                     base_staging: Callable[[], Path] | None = None) -> dict:
     """Tune a classifier from ``samples`` = [(image path or PIL image, label), ...] into ``out_dir``.
 
     Candidates (zero-shot, a head fitted on frozen features, the mask-tuned encoder, a head on it) are
@@ -218,7 +219,8 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     service can publish previews. The backbone's base is ensured in ``bases_dir`` (default: a ``bases``
     folder beside ``out_dir``) before tuning; ``on_base(fields)`` is then called once with the manifest fields
     every version of this build shares (labels, preprocess, base_id, ...), which ``write_preview`` needs to
-    turn an ``on_candidate`` head into a servable version directory. Returns the manifest. Raises
+    turn an ``on_candidate`` head into a servable version directory. ``base_staging`` gives the directory a
+    new base is exported into (see base.ensure_base). Returns the manifest. Raises
     TuningCancelled, ValueError (bad input), ExportParityError (the served path disagrees with torch).
     """
     import torch
@@ -245,7 +247,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
                              quick_gelu=config.quick_gelu_setting)
     preprocess = PreprocessConfig.from_dict(backbone.preprocess)
-    base = ensure_base(backbone, bases_dir)  # before tuning: the base is the untouched encoder
+    base = ensure_base(backbone, bases_dir, staging=base_staging)  # before tuning: the base is the untouched encoder
     if on_base is not None:
         on_base({"labels": labels, "backbone": config.backbone, "pretrained": config.pretrained,
                  "method": config.method, "config": config.to_dict(), "preprocess": preprocess.to_dict(),

@@ -10,6 +10,8 @@ from celery import Celery
 
 from rmt_service.settings import Settings
 
+from .sqla_broker import broker_url
+
 TUNE_TASK = "rmt.tune"
 QUEUE = "rmt"
 
@@ -31,7 +33,7 @@ def transport_options(settings: Settings) -> dict:
 
 def create_celery(settings: Settings) -> Celery:
     limit = settings.job_time_limit_seconds
-    app = Celery("rmt", broker=settings.effective_broker_url, set_as_current=False)
+    app = Celery("rmt", broker=broker_url(settings.effective_broker_url), set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -52,3 +54,10 @@ def create_celery(settings: Settings) -> Celery:
     )
     app.rmt_settings = settings
     return app
+
+
+def queue_depth(app: Celery) -> int:
+    """Messages waiting in the job queue (not counting those a worker has taken and not yet acknowledged)."""
+    with app.connection_for_read() as conn:
+        with conn.channel() as channel:
+            return int(channel.queue_declare(queue=QUEUE, durable=True, auto_delete=False).message_count)

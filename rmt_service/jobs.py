@@ -191,8 +191,13 @@ def claim(db: Database, job_id: str, owner: str, lease_s: float, max_attempts: i
         return outcome, get(conn, job_id)
 
 
-def heartbeat(db: Database, job_id: str, owner: str, lease_s: float) -> str:
-    """Renew our lease. Returns ok | cancelled (asked to stop) | lease_lost (someone took over) | deleted."""
+def heartbeat(db: Database, job_id: str, owner: str, lease_s: float, attempt: int | None = None) -> str:
+    """Renew our lease. Returns ok | cancelled (asked to stop) | lease_lost (someone took over) | deleted.
+
+    With ``attempt`` (the job's attempts when we claimed it), a lease that expired while we could not renew it
+    (a database stall) and that the sweep re-queued is taken back, as long as no one claimed the job since:
+    the work done so far is not thrown away. A worker that claims it later finds it held and leaves it.
+    """
     now = db_now()
     with db.write() as conn:
         row = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running",
@@ -201,6 +206,13 @@ def heartbeat(db: Database, job_id: str, owner: str, lease_s: float) -> str:
                            .returning(jobs.c.cancel_requested)).first()
         if row is not None:
             return "cancelled" if row.cancel_requested else "ok"
+        if attempt is not None and conn.execute(update(jobs).where(
+                jobs.c.id == job_id, jobs.c.status == "queued", jobs.c.lease_owner.is_(None),
+                jobs.c.attempts == attempt, jobs.c.cancel_requested.is_(False))
+                .values(status="running", lease_owner=owner, lease_expires_at=now + lease_s,
+                        updated_at=now)).rowcount:
+            _bump(conn, "queued", "running")
+            return "ok"
         exists = conn.execute(select(jobs.c.id).where(jobs.c.id == job_id)).first()
         return "lease_lost" if exists else "deleted"
 
@@ -259,8 +271,8 @@ def resend_delay(sends: int, base_s: float, max_s: float = 600.0) -> float:
     return min(max_s, base_s * (2 ** max(0, sends - 1)))
 
 
-def sweep(db: Database, max_attempts: int, resend_s: float) -> tuple[dict[str, int], list[str]]:
-    """Recover expired leases and lost messages. Returns (counts, job ids to send to the broker).
+def sweep(db: Database, max_attempts: int, resend_s: float, resend: bool = True) -> tuple[dict[str, int], list[str]]:
+    """Recover expired leases and lost messages (only with ``resend``). Returns (counts, job ids to send).
 
     Both queries are index ranges ((status, lease_expires_at) and (status, resend_at)) over the jobs that
     need action, so the cost does not grow with the number of jobs ever stored.
@@ -276,7 +288,7 @@ def sweep(db: Database, max_attempts: int, resend_s: float) -> tuple[dict[str, i
                                .limit(SWEEP_BATCH)).all()
         forgotten = conn.execute(select(jobs.c.id, jobs.c.sends)
                                  .where(jobs.c.status == "queued", jobs.c.resend_at < now)
-                                 .limit(SWEEP_BATCH)).all()
+                                 .limit(SWEEP_BATCH)).all() if resend else []
     for row in expired:
         now = db_now()
         same = and_(jobs.c.id == row.id, jobs.c.status == "running", jobs.c.lease_expires_at < now,

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         description="Celery broker. Empty = embedded local broker (SQLite under data_dir); "
         "redis://host:6379/0 at scale.",
     )
+    min_free_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0,
+        description="Free space the data volume keeps: below it /readyz answers 503 (creates, uploads and base "
+                    "exports would soon fail with no space), so a balancer stops sending work before the disk fills.")
     api_keys: str = Field("", description="Comma-separated tenant:key pairs. Empty = no auth (loopback only).")
     api_keys_file: Path | None = Field(None, description="File with one tenant:key pair per line.")
     allow_insecure_bind: bool = Field(False, description="Allow binding a non-loopback address with no API keys.")
@@ -69,6 +73,10 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(
         30, gt=0, description="A running job renews its lease every second; a lease expired on the database clock "
                         "means its worker is gone (crash, kill, freeze) and the job is recovered.")
+    job_stall_grace_seconds: float | None = Field(
+        None, gt=0, description="How long a running job rides out a records database it cannot write (stalled, "
+                                "locked, failing over) before giving its work up. Empty = 3 leases. If its lease "
+                                "expired meanwhile and no other worker took the job, the job carries on.")
     job_time_limit_seconds: int = Field(6 * 3600, gt=0, description="Hard limit for one tuning job.")
     job_max_attempts: int = Field(3, ge=1, description="Redeliveries after a worker crash before the job fails.")
     job_resend_seconds: float = Field(
@@ -130,6 +138,10 @@ class Settings(BaseSettings):
         names = [n.strip() for n in self.allowed_pretrained.split(",") if n.strip()]
         return list(dict.fromkeys([self.default_pretrained, *(None if n.lower() in ("none", "null") else n
                                                               for n in names)]))
+
+    @property
+    def stall_grace_seconds(self) -> float:
+        return float(self.job_stall_grace_seconds or 3 * self.job_lease_seconds)
 
     @property
     def effective_database_url(self) -> str:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from . import jobs as jobsm
 from .blobs import BlobError, BlobStore
-from .db import Database, bases, classifiers, db_now, tenants, uploads, versions
+from .db import Database, bases, classifiers, db_now, job_counts, jobs, tenants, uploads, versions
 from .jobs import ACTIVE_STATUSES, JOB_STATUSES, TERMINAL_STATUSES, JobRecord  # noqa: F401 (re-exported)
 from .settings import Settings
 
@@ -57,6 +57,10 @@ def is_job_id(value: str) -> bool:
 
 class StoreError(RuntimeError):
     """The records are not in the state an operation needs (missing classifier, lease lost, bad build)."""
+
+
+class NotReady(RuntimeError):
+    """The service would refuse work now (no space, records not writable); /readyz answers 503."""
 
 
 class QuotaExceeded(StoreError):
@@ -415,19 +419,41 @@ class Store:
                     conn.execute(update(classifiers).where(classifiers.c.id == classifier_id)
                                  .values(current_version_id=version_id))
         except BaseException:
-            self.blobs.delete(key)
+            self.blobs.unput(key, build_dir)  # back in staging: the caller may retry (a stalled database)
             raise
         return VersionRecord(version_id, classifier_id, candidate[:40], final, key, base_id, manifest, files, now)
 
     def _register_base(self, conn: Connection, base_id: str, manifest: dict[str, Any], now: float) -> None:
+        """Record the base a version uses, and check its blob is there, inside the publishing transaction.
+
+        Idempotent under concurrency (two jobs publishing their first version on a new backbone: one inserts,
+        the other's insert does nothing). The row is then locked for the transaction, so a collection that
+        removes this base (``_collect_base``, which deletes the row first) runs wholly before or after; after,
+        the blob is gone and the publish is refused instead of pointing a version at a missing base.
+        """
         try:
             key = self.blobs.base_key(base_id)
         except BlobError:
             return
-        if conn.execute(select(bases.c.base_id).where(bases.c.base_id == base_id)).first() is None:
-            conn.execute(insert(bases).values(base_id=base_id, backbone=str(manifest.get("backbone") or ""),
-                                              pretrained=str(manifest.get("pretrained") or ""), blob_key=key,
-                                              created_at=now))
+        self._insert_base_row(conn, base_id, str(manifest.get("backbone") or ""),
+                              str(manifest.get("pretrained") or ""), key, now)
+        if not self.db.is_sqlite:  # SQLite's write transaction already holds the database's one write lock
+            conn.execute(select(bases.c.base_id).where(bases.c.base_id == base_id).with_for_update())
+        if not self.blobs.path(key).is_dir():
+            raise StoreError(f"base {base_id} is no longer stored (collected while this job ran); retry the job")
+
+    def _insert_base_row(self, conn: Connection, base_id: str, backbone: str, pretrained: str, key: str,
+                         now: float) -> None:
+        values = dict(base_id=base_id, backbone=backbone, pretrained=pretrained, blob_key=key, created_at=now)
+        if self.db.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        elif self.db.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:  # no portable upsert: check, then insert (a race here ends in the caller's retry)
+            if conn.execute(select(bases.c.base_id).where(bases.c.base_id == base_id)).first() is None:
+                conn.execute(insert(bases).values(**values))
+            return
+        conn.execute(dialect_insert(bases).values(**values).on_conflict_do_nothing(index_elements=["base_id"]))
 
     @property
     def bases_dir(self) -> Path:
@@ -457,8 +483,8 @@ class Store:
             return "missing", None
         return jobsm.claim(self.db, job_id, owner, self.settings.job_lease_seconds, self.settings.job_max_attempts)
 
-    def heartbeat(self, job_id: str, owner: str) -> str:
-        return jobsm.heartbeat(self.db, job_id, owner, self.settings.job_lease_seconds)
+    def heartbeat(self, job_id: str, owner: str, attempt: int | None = None) -> str:
+        return jobsm.heartbeat(self.db, job_id, owner, self.settings.job_lease_seconds, attempt)
 
     def set_progress(self, job_id: str, owner: str, progress: dict[str, Any],
                      warnings: list[str] | None = None) -> bool:
@@ -467,9 +493,23 @@ class Store:
     def finish_job(self, job_id: str, owner: str, status: str, error: dict[str, str] | None = None) -> bool:
         return jobsm.finish(self.db, job_id, owner, status, error)
 
-    def recover(self, enqueue: Callable[[str], None]) -> dict[str, int]:
-        """One sweep: expired leases, lost broker messages, retention. Sends what needs sending."""
-        counts, send = jobsm.sweep(self.db, self.settings.job_max_attempts, self.settings.job_resend_seconds)
+    def recover(self, enqueue: Callable[[str], None], queue_depth: Callable[[], int] | None = None
+                ) -> dict[str, int]:
+        """One sweep: expired leases, lost broker messages, retention. Sends what needs sending.
+
+        A queued job past its resend time is re-sent only while the broker's queue is empty (``queue_depth``):
+        while messages wait there, workers are busy and the job's own message is most likely among them, so
+        a burst of creates behind a busy worker is not multiplied; when the queue has drained and the job still
+        has not started, its message was lost.
+        """
+        resend = True
+        if queue_depth is not None:
+            try:
+                resend = queue_depth() == 0
+            except Exception as exc:  # the broker cannot say: re-send as before (duplicates are harmless)
+                log.warning("could not read the queue depth: %s", exc)
+        counts, send = jobsm.sweep(self.db, self.settings.job_max_attempts, self.settings.job_resend_seconds,
+                                   resend=resend)
         for job_id in send:
             try:
                 enqueue(job_id)
@@ -482,14 +522,84 @@ class Store:
         return counts
 
     # ---------------------------------------------------------------- upkeep
-    def collect_garbage(self, grace_s: float = 3600.0, base_grace_s: float | None = None) -> dict[str, int]:
-        """Remove blobs no row refers to, older than ``grace_s`` (writes in flight are younger).
+    def _active_classifiers(self, ids: list[str]) -> set[str]:
+        """Those of ``ids`` whose job is queued or running (their build directories are theirs)."""
+        with self.db.read() as conn:
+            return set(conn.execute(select(jobs.c.classifier_id).where(
+                jobs.c.classifier_id.in_(ids), jobs.c.status.in_(ACTIVE_STATUSES))).scalars().all())
 
-        A base is removed only when no version refers to it (and it is older than ``base_grace_s``,
-        default 7 days: exporting one again is expensive).
+    def clean_staging(self, grace_s: float = 3600.0) -> int:
+        """Remove staging nothing live owns: builds of jobs no longer queued or running, uploads and base exports
+        of processes that died (at once on this host; after ``grace_s`` for another host's), and crashed base
+        exports of older releases. Run at start-up and by every collection."""
+        tmp_names = [p.name for p in self.blobs.tmp.iterdir() if p.name.startswith("build-clf_")]
+        ids = sorted({n[len("build-"):].split("-", 1)[0] for n in tmp_names})
+        owned: set[str] = set()
+        for chunk in _chunks(ids, 500):
+            owned |= self._active_classifiers(chunk)
+        removed = self.blobs.cleanup_tmp(grace_s, build_owned=owned.__contains__)
+        return removed + self.blobs.cleanup_base_staging()
+
+    def _bases_in_use(self, conn: Connection) -> set[tuple[str, str]]:
+        """(backbone, pretrained) of every queued or running job: the bases those jobs tune on or will."""
+        rows = conn.execute(select(classifiers.c.config).select_from(
+            jobs.join(classifiers, classifiers.c.id == jobs.c.classifier_id))
+            .where(jobs.c.status.in_(ACTIVE_STATUSES))).scalars().all()
+        return {(str((c or {}).get("backbone") or ""), str((c or {}).get("pretrained") or "")) for c in rows}
+
+    def _base_identity(self, conn: Connection, base_id: str) -> tuple[str, str] | None:
+        """(backbone, pretrained) of a stored base, from its row or its base.json; None if neither says."""
+        row = conn.execute(select(bases.c.backbone, bases.c.pretrained).where(bases.c.base_id == base_id)).first()
+        if row is not None and row.backbone:
+            return row.backbone, row.pretrained or ""
+        try:
+            meta = json.loads((self.blobs.path(self.blobs.base_key(base_id)) / "base.json").read_text())
+        except (OSError, ValueError, BlobError):
+            return None
+        return str(meta.get("backbone") or ""), str(meta.get("pretrained") or "")
+
+    def _collect_base(self, base_id: str, key: str) -> bool:
+        """Remove one base no version and no queued or running job uses; False if it is (still) in use.
+
+        The row is deleted first (inserted first if the base was never registered), which locks it against a
+        concurrent publish (``_register_base``); the blob is renamed away before the commit. A publish thus
+        either committed before (its version keeps the base) or finds the blob gone and is refused.
+        """
+        trash = None
+        try:
+            with self.db.write() as conn:
+                now = float(conn.execute(select(db_now())).scalar_one())
+                identity = self._base_identity(conn, base_id)
+                self._insert_base_row(conn, base_id, "", "", key, now)
+                conn.execute(delete(bases).where(bases.c.base_id == base_id))
+                in_use = conn.execute(select(versions.c.version_id).where(versions.c.base_id == base_id)
+                                      .limit(1)).first() is not None
+                if not in_use:
+                    wanted = self._bases_in_use(conn)
+                    # A base that does not say what it is may belong to any job: kept while any job is active.
+                    in_use = bool(wanted) and (identity is None or identity in wanted)
+                if in_use:
+                    raise _InUse
+                trash = self.blobs.take_away(key)
+        except _InUse:  # rolled back: the row stays as it was
+            return False
+        except BaseException:
+            if trash is not None:
+                self.blobs.restore(trash, key)
+            raise
+        if trash is not None:
+            self.blobs.delete_taken(trash)
+        return True
+
+    def collect_garbage(self, grace_s: float = 3600.0, base_grace_s: float | None = None) -> dict[str, int]:
+        """Remove blobs no row refers to, older than ``grace_s`` (writes in flight are younger), and staging
+        nothing live owns (``clean_staging``).
+
+        A base is removed only when no version refers to it and no queued or running job tunes on its backbone
+        and weights (and it is older than ``base_grace_s``, default 7 days: exporting one again is expensive).
         """
         base_grace_s = 7 * 86400.0 if base_grace_s is None else base_grace_s
-        removed = {"uploads": 0, "versions": 0, "bases": 0, "tmp": self.blobs.cleanup_tmp(max(grace_s, 3600.0))}
+        removed = {"uploads": 0, "versions": 0, "bases": 0, "tmp": self.clean_staging(max(grace_s, 3600.0))}
         checks = {
             "uploads": lambda ids: select(classifiers.c.id).where(classifiers.c.id.in_(ids)),
             "versions": lambda ids: select(versions.c.version_id).where(versions.c.version_id.in_(ids)),
@@ -505,12 +615,10 @@ class Store:
                     if ident in alive:
                         continue
                     if kind == "bases":
-                        with self.db.write() as conn:
-                            if conn.execute(select(versions.c.version_id).where(versions.c.base_id == ident)
-                                            .limit(1)).first() is not None:
-                                continue  # a version appeared meanwhile
-                            conn.execute(delete(bases).where(bases.c.base_id == ident))
-                    self.blobs.delete(key)
+                        if not self._collect_base(ident, key):
+                            continue
+                    else:
+                        self.blobs.delete(key)
                     removed[kind] += 1
         return removed
 
@@ -521,6 +629,48 @@ class Store:
         self.blobs.check_writable()
 
     check_writable = check_ready
+
+    def check_space(self) -> None:
+        """Raise NotReady when the data volume has less free space than RMT_MIN_FREE_BYTES."""
+        free = self.blobs.free_bytes()
+        if free < self.settings.min_free_bytes:
+            raise NotReady(f"the data volume has {free} bytes free, below RMT_MIN_FREE_BYTES="
+                           f"{self.settings.min_free_bytes}")
+
+    def check_records_writable(self, wait_s: float = 1.0) -> None:
+        """Raise unless the records database takes a write now (not locked past ``wait_s``, not read-only).
+
+        The write is real (a job counter set to itself, on the tables a create writes) and rolled back.
+        """
+        wait_ms = max(1, int(wait_s * 1000))
+        with self.db.engine.connect() as conn:
+            if self.db.is_sqlite:  # on the driver's connection: through SQLAlchemy it would begin a transaction
+                conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={wait_ms}")
+            try:
+                with conn.execution_options(rmt_immediate=True).begin():
+                    if self.db.dialect == "postgresql":
+                        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+                        conn.exec_driver_sql("LOCK TABLE tenants, classifiers, uploads, jobs, job_counts "
+                                             "IN ROW EXCLUSIVE MODE")
+                    conn.execute(update(job_counts).where(job_counts.c.status == "queued").values(n=job_counts.c.n))
+                    raise _Rollback
+            except _Rollback:
+                pass
+            finally:
+                if self.db.is_sqlite:  # the pooled connection goes back with the engine's own lock wait
+                    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={self.db_lock_timeout_ms}")
+
+    @property
+    def db_lock_timeout_ms(self) -> int:
+        return max(1, int(self.settings.database_lock_timeout_seconds * 1000))
+
+
+class _InUse(Exception):
+    """Rolls back a collection that found its blob in use."""
+
+
+class _Rollback(Exception):
+    """Rolls back a probe write."""
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

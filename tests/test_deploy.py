@@ -28,7 +28,7 @@ ESSENTIAL_SETTINGS = {
     "api_keys", "broker_url", "max_upload_bytes", "max_files", "max_image_bytes", "max_image_pixels",
     "max_queued_jobs", "default_backbone", "default_pretrained", "device", "ort_providers",
     "job_time_limit_seconds", "allowed_backbones", "allowed_pretrained", "max_tune_steps", "max_request_pixels",
-    "max_classify_images", "max_classify_pixels",
+    "max_classify_images", "max_classify_pixels", "min_free_bytes",
 }
 SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN", re.IGNORECASE)
 

@@ -10,7 +10,7 @@ import warnings
 from celery import signals
 from celery.exceptions import SecurityWarning
 
-from rmt_service.celery_app import QUEUE, TUNE_TASK, create_celery
+from rmt_service.celery_app import QUEUE, TUNE_TASK, create_celery, queue_depth
 from rmt_service.migrate import wait_until_ready
 from rmt_service.settings import Settings
 from rmt_service.store import Store
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     def enqueue(job_id: str) -> None:
         app.send_task(TUNE_TASK, args=[job_id], task_id=job_id, queue=QUEUE)
 
-    sweeper = RecoveryThread(store, settings, enqueue)
+    sweeper = RecoveryThread(store, settings, enqueue, queue_depth=lambda: queue_depth(app))
 
     @signals.worker_ready.connect(weak=False)
     def _start_sweep(**_: object) -> None:

@@ -16,46 +16,100 @@ from typing import Any, Callable
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError
 
 from rmt_core.config import TuneConfig
 from rmt_service.celery_app import TUNE_TASK
 from rmt_service.jobs import new_owner
-from rmt_service.faults import job_error
+from rmt_service.faults import disk_full, job_error
 from rmt_service.settings import Settings
 from rmt_service.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL_S = 0.5
+FINISH_RETRY_S = 1.0        # first wait before writing a job's end again (doubling, up to 10 s)
+FINISH_PATIENCE_S = 3600.0  # how long a job's end is retried while the records database refuses writes
+STALL_LOG_INTERVAL_S = 30.0
 
 
 class _Heartbeat(threading.Thread):
-    """Renews the lease while the job runs; notices a cancel request, a lost lease or a deleted job."""
+    """Renews the lease while the job runs; notices a cancel request, a lost lease or a deleted job.
 
-    def __init__(self, store: Store, job_id: str, owner: str, lease_s: float):
+    A renewal that fails (the records database stalled, locked, failing over, full) is retried every interval;
+    only when none has succeeded for ``grace_s`` is the job given up (reason "stalled"). A lease that expired
+    meanwhile is taken back if the job was not claimed by another worker (rmt_service.jobs.heartbeat).
+    """
+
+    def __init__(self, store: Store, job_id: str, owner: str, lease_s: float, attempt: int | None = None,
+                 grace_s: float | None = None):
         super().__init__(name=f"lease-{job_id}", daemon=True)
-        self.store, self.job_id, self.owner = store, job_id, owner
+        self.store, self.job_id, self.owner, self.attempt = store, job_id, owner, attempt
         self.interval = min(1.0, lease_s / 4)
-        self.stop_requested = threading.Event()  # cancel asked, lease lost, or job deleted
+        self.grace_s = 3 * lease_s if grace_s is None else grace_s
+        self.stop_requested = threading.Event()  # cancel asked, lease lost, job deleted, or stalled past the grace
         self.reason = ""
         self._done = threading.Event()
+        self._last_ok = time.monotonic()
+        self._last_log = 0.0
 
     def beat(self) -> None:
-        state = self.store.heartbeat(self.job_id, self.owner)
+        state = self.store.heartbeat(self.job_id, self.owner, self.attempt)
+        self._last_ok = time.monotonic()
         if state != "ok":
-            self.reason = state
+            self._give_up(state)
+
+    def _give_up(self, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            self.reason = reason
             self.stop_requested.set()
+
+    def try_beat(self) -> bool:
+        """One renewal; a failure is logged (at most every STALL_LOG_INTERVAL_S) and counts toward the grace."""
+        try:
+            self.beat()
+            return True
+        except Exception:
+            stalled_s = time.monotonic() - self._last_ok
+            if time.monotonic() - self._last_log >= STALL_LOG_INTERVAL_S:
+                self._last_log = time.monotonic()
+                log.warning("job %s: lease renewal failing for %.0fs (grace %.0fs)", self.job_id, stalled_s,
+                            self.grace_s, exc_info=True)
+            if stalled_s > self.grace_s:
+                self._give_up("stalled")
+            return False
+
+    def beat_through_stall(self) -> None:
+        """Renew once, waiting through a stall up to the grace (the last look before publishing)."""
+        while not self.try_beat() and not self.stop_requested.is_set():
+            self._done.wait(self.interval)
 
     def run(self) -> None:
         while not self._done.wait(self.interval):
-            try:
-                self.beat()
-            except Exception:
-                log.exception("lease renewal for %s failed", self.job_id)
+            self.try_beat()
 
     def finish(self) -> None:
         self._done.set()
         self.join(timeout=5)
+
+
+def _end(store: Store, job_id: str, owner: str, status: str, error: dict[str, str] | None = None) -> bool:
+    """Write the job's end, retrying while the records database refuses writes (full, locked, stalled):
+    the job shows its real outcome as soon as a write is possible, instead of "running" until its lease is
+    swept. False when someone else's outcome stands (the lease was taken)."""
+    wait, deadline = FINISH_RETRY_S, time.monotonic() + FINISH_PATIENCE_S
+    while True:
+        try:
+            return store.finish_job(job_id, owner, status, error)
+        except DBAPIError as exc:
+            if time.monotonic() >= deadline:
+                log.error("job %s: could not record its end (%s) for %.0fs; the lease sweep recovers it",
+                          job_id, status, FINISH_PATIENCE_S)
+                return False
+            log.warning("job %s: recording its end (%s) failed (%s); retrying in %.0fs", job_id, status,
+                        "no space" if disk_full(exc) else type(exc).__name__, wait)
+            time.sleep(wait)
+            wait = min(10.0, wait * 2)
 
 
 class _JobReport:
@@ -78,7 +132,10 @@ class _JobReport:
             if warnings is not None:
                 self.warnings = list(dict.fromkeys(warnings))
             values = {**self.values, "schedule": self.schedule, "preview": self.preview}
-            self.store.set_progress(self.job_id, self.owner, values, self.warnings)
+            try:
+                self.store.set_progress(self.job_id, self.owner, values, self.warnings)
+            except DBAPIError as exc:  # a stalled or full database: the next write carries the same values
+                log.warning("job %s: progress not recorded (%s)", self.job_id, type(exc).__name__)
 
     def progress(self, progress: Any) -> None:
         values = progress.to_dict()
@@ -119,8 +176,8 @@ class _Previews:
             write_preview(build_dir, self.shared, name, head, accuracy)
             self.store.publish_version(self.classifier_id, build_dir, job_id=self.report.job_id,
                                        owner=self.report.owner, final=False, candidate=name)
-        except StoreError as exc:  # lease lost or classifier deleted: the heartbeat stops the build
-            log.warning("job %s: preview %s not published (%s)", self.report.job_id, name, exc)
+        except (StoreError, DBAPIError) as exc:  # lease lost, classifier deleted (the heartbeat stops the build)
+            log.warning("job %s: preview %s not published (%s)", self.report.job_id, name, exc)  # or a stall
             return
         finally:
             self.store.discard(build_dir)
@@ -140,6 +197,8 @@ def _build_kwargs(build_classifier: Callable, store: Store, previews: _Previews)
     """Optional arguments the installed pipeline takes (the shared bases live on the blob volume)."""
     params = inspect.signature(build_classifier).parameters
     kwargs: dict[str, Any] = {"bases_dir": store.bases_dir} if "bases_dir" in params else {}
+    if "base_staging" in params:  # a new base is staged with the other blobs, so a crash leaves nothing unowned
+        kwargs["base_staging"] = store.blobs.base_staging
     if "on_base" in params and "on_candidate" in params:
         kwargs.update(on_base=previews.on_base, on_candidate=previews)
     return kwargs
@@ -157,15 +216,16 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
         return outcome
     classifier = store.get_classifier(job.classifier_id)
     if classifier is None:
-        store.finish_job(job_id, owner, "failed", {"code": "classifier_deleted",
-                                                   "message": "the classifier was deleted before tuning finished"})
+        _end(store, job_id, owner, "failed", {"code": "classifier_deleted",
+                                              "message": "the classifier was deleted before tuning finished"})
         return "failed"
     current = store.current_version(job.classifier_id)
     if current is not None and current.final:  # published, then the record of it was lost: nothing to redo
-        store.finish_job(job_id, owner, "succeeded")
+        _end(store, job_id, owner, "succeeded")
         return "succeeded"
 
-    heartbeat = _Heartbeat(store, job_id, owner, settings.job_lease_seconds)
+    heartbeat = _Heartbeat(store, job_id, owner, settings.job_lease_seconds, attempt=job.attempts,
+                           grace_s=settings.stall_grace_seconds)
     heartbeat.start()
     build_dir = None
     try:
@@ -180,21 +240,21 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
         manifest = build_classifier(samples, config, build_dir, progress=report.progress,
                                     should_stop=heartbeat.stop_requested.is_set, device=settings.device,
                                     **_build_kwargs(build_classifier, store, previews))
-        heartbeat.beat()  # one last look: cancelled or taken over during export?
+        heartbeat.beat_through_stall()  # one last look: cancelled or taken over during export?
         if heartbeat.stop_requested.is_set():
             raise TuningCancelled(heartbeat.reason)
         report.write(warnings=[*report.warnings, *((manifest or {}).get("warnings") or [])])  # the job shows them too
         # Blob first, then one transaction: version row + job succeeded, only while we hold the lease.
-        store.publish_version(job.classifier_id, build_dir, job_id=job_id, owner=owner, final=True)
+        _publish_through_stall(store, job.classifier_id, build_dir, job_id, owner, heartbeat)
         return "succeeded"
     except TuningCancelled:
         if heartbeat.reason == "cancelled":
-            store.finish_job(job_id, owner, "cancelled")
+            _end(store, job_id, owner, "cancelled")
             return "cancelled"
         log.warning("job %s: stopped (%s)", job_id, heartbeat.reason or "cancelled")
         return heartbeat.reason or "cancelled"
     except SoftTimeLimitExceeded:
-        store.finish_job(job_id, owner, "failed", {
+        _end(store, job_id, owner, "failed", {
             "code": "time_limit",
             "message": f"tuning ran past the {settings.job_time_limit_seconds}s limit (RMT_JOB_TIME_LIMIT_SECONDS); "
                        "use fewer epochs or images"})
@@ -202,25 +262,51 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
     except StoreError as exc:
         if heartbeat.reason or store.get_classifier(job.classifier_id) is None:
             log.warning("job %s: not published (%s)", job_id, exc)
-            store.finish_job(job_id, owner, "failed", {"code": "classifier_deleted",
-                                                       "message": "the classifier was deleted during tuning"})
+            _end(store, job_id, owner, "failed", {"code": "classifier_deleted",
+                                                  "message": "the classifier was deleted during tuning"})
             return heartbeat.reason or "failed"
         log.exception("job %s: publishing failed", job_id)
-        store.finish_job(job_id, owner, "failed", {"code": "publish_failed",
-                                                   "message": "the tuned classifier could not be stored; retry"})
+        _end(store, job_id, owner, "failed", {"code": "publish_failed",
+                                              "message": "the tuned classifier could not be stored; retry"})
         return "failed"
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        if store.get_classifier(job.classifier_id) is None:
+        if _classifier_gone(store, job.classifier_id):
             error = {"code": "classifier_deleted", "message": "the classifier was deleted during tuning"}
         else:  # a fixed message per kind of fault (disk full, out of memory, ...): no paths or raw text
             error = job_error(exc)
-        store.finish_job(job_id, owner, "failed", error)
+        _end(store, job_id, owner, "failed", error)
         return "failed"
     finally:
         heartbeat.finish()
         if build_dir is not None:
             store.discard(build_dir)
+
+
+def _classifier_gone(store: Store, classifier_id: str) -> bool:
+    try:
+        return store.get_classifier(classifier_id) is None
+    except DBAPIError:  # the database cannot say now (stalled, full): the fault itself is the answer
+        return False
+
+
+def _publish_through_stall(store: Store, classifier_id: str, build_dir, job_id: str, owner: str,
+                           heartbeat: _Heartbeat) -> None:
+    """The final publish, retried while the records database is stalled (not full: that is the job's end)
+    and the heartbeat has not given the job up; the build directory is back in staging after each failure."""
+    from rmt_core.tuning import TuningCancelled
+
+    while True:
+        try:
+            store.publish_version(classifier_id, build_dir, job_id=job_id, owner=owner, final=True)
+            return
+        except DBAPIError as exc:
+            if disk_full(exc) or heartbeat.stop_requested.is_set() or not build_dir.is_dir():
+                raise
+            log.warning("job %s: publishing waits for the records database (%s)", job_id, type(exc).__name__)
+            heartbeat.beat_through_stall()
+            if heartbeat.stop_requested.is_set():
+                raise TuningCancelled(heartbeat.reason) from exc
 
 
 PRELOAD_MODULES = ("torch", "rmt_core.backbones", "rmt_core.base", "rmt_core.candidates", "rmt_core.tuning",

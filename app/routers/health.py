@@ -1,4 +1,5 @@
-"""Probes and metrics: /healthz (process up), /readyz (store writable, broker reachable; inference device), /metrics."""
+"""Probes and metrics: /healthz (process up), /readyz (store writable with free space, records writable, broker
+reachable; inference device), /metrics."""
 from __future__ import annotations
 
 import logging
@@ -26,13 +27,15 @@ def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(store: StoreDep, queue: QueueDep, settings: SettingsDep) -> JSONResponse:
-    """Ready to accept work: the data directory is writable and the broker answers.
+    """Ready to accept work: the data directory is writable with at least RMT_MIN_FREE_BYTES free, the records
+    database takes a write (not locked, not read-only), and the broker answers. 503 whenever a create would fail.
 
     ``inference`` says what classification runs on: ``device`` "cuda" or "cpu" and the ONNX Runtime execution
     providers in priority order (the GPU API image on a host without a usable GPU reports "cpu").
     """
     checks = {}
-    for name, check in (("store", store.check_writable), ("broker", queue.ping)):
+    for name, check in (("store", store.check_writable), ("space", store.check_space),
+                        ("records", store.check_records_writable), ("broker", queue.ping)):
         try:
             await run_in_threadpool(check)
             checks[name] = "ok"

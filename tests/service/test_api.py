@@ -225,7 +225,7 @@ def test_broker_down_answers_503_and_stores_nothing(client, queue, settings):
     assert client.get("/readyz").status_code == 503
     queue.down = False
     assert client.post("/v1/classifiers", files=files, data=data).status_code == 202
-    assert client.get("/readyz").json()["checks"] == {"store": "ok", "broker": "ok"}
+    assert client.get("/readyz").json()["checks"] == {"store": "ok", "space": "ok", "records": "ok", "broker": "ok"}
 
 
 # ------------------------------------------------------------------ jobs

@@ -140,6 +140,7 @@ def test_preview_then_final(store):
     assert store.current_version(cid).version_id == preview.version_id
     view = store.view(cid)
     assert view.version.final is False and view.job.status == "running"
+    (store.bases_dir / ("b" * 16)).mkdir()
     final = store.publish_version(cid, _build(store, cid, {"labels": [], "base_id": "b" * 16}),
                                   job_id=job.job_id, owner="w")
     assert store.current_version(cid).version_id == final.version_id and final.base_id == "b" * 16
@@ -284,11 +285,11 @@ def test_garbage_collection_keeps_what_rows_refer_to(store):
     record, job = store.create_classifier("t", "", _samples(), {})
     cid = record.classifier_id
     store.claim(job.job_id, "w")
-    store.publish_version(cid, _build(store, cid, {"labels": [], "base_id": "base1"}), job_id=job.job_id, owner="w")
     for kind, name in (("versions", "ver_" + "1" * 24), ("uploads", "clf_" + "2" * 24), ("bases", "base1"),
                        ("bases", "base2")):
         (store.blobs.root / kind / name).mkdir()
         (store.blobs.root / kind / name / "f").write_bytes(b"x")
+    store.publish_version(cid, _build(store, cid, {"labels": [], "base_id": "base1"}), job_id=job.job_id, owner="w")
     removed = store.collect_garbage(grace_s=0, base_grace_s=0)
     assert removed["versions"] == 1 and removed["uploads"] == 1 and removed["bases"] == 1
     assert (store.blobs.root / "bases" / "base1").is_dir() and not (store.blobs.root / "bases" / "base2").exists()
@@ -297,12 +298,15 @@ def test_garbage_collection_keeps_what_rows_refer_to(store):
 
 
 def test_stale_staging_is_cleaned_up(store):
+    """Staging another host made (its process cannot be checked from here) goes an hour after its last write."""
     import os
 
-    record, _ = store.create_classifier("t", "", _samples(), {})
-    old = store.new_build_dir(record.classifier_id)
+    old, fresh = store.blobs.tmp / "put-1@elsewhere.7.99", store.blobs.tmp / "put-2@elsewhere.7.99"
+    for path in (old, fresh):
+        path.mkdir()
+        (path / "part").write_bytes(b"x")
+    os.utime(old / "part", (1, 1))
     os.utime(old, (1, 1))
-    fresh = store.new_build_dir(record.classifier_id)
     assert store.blobs.cleanup_tmp(3600) == 1 and not old.exists() and fresh.exists()
     store.check_ready()
 
