@@ -182,8 +182,9 @@ class MicroBatcher:
                 log.exception("micro-batch callback failed")
         start = 0
         for b, future in items:
-            if not future.done():
-                future.set_result(probs[start:start + len(b)])
+            if not future.done():  # ``run`` may answer a tuple of per-row arrays (predict: probs, outlier scores)
+                future.set_result(tuple(None if part is None else part[start:start + len(b)] for part in probs)
+                                  if isinstance(probs, tuple) else probs[start:start + len(b)])
             start += len(b)
 
     @staticmethod
@@ -279,7 +280,8 @@ class ClassifierCache:
         classifier = await loop.run_in_executor(self._load_executor, self.loader, classifier_id, version_dir)
         log.info("loaded classifier %s from %s on %s", classifier_id, version_dir.name,
                  getattr(classifier, "providers", "?"))
-        batcher = MicroBatcher(classifier.run, self.executor, self.batch_max_size, self.batch_max_wait_s,
+        # predict: (probs, outlier scores); a classifier object without it (a test double) answers probs alone
+        batcher = MicroBatcher(getattr(classifier, "predict", None) or classifier.run, self.executor, self.batch_max_size, self.batch_max_wait_s,
                                on_batch=self._observe_batch)
         entry = CachedClassifier(classifier, batcher, version_dir)
         if self._evictions.get(classifier_id, 0) != evictions:  # deleted while it loaded: answer, don't keep

@@ -177,6 +177,11 @@ class _Classifier:
         """Preprocessed batch [N,3,H,W] -> class probabilities [N,C]."""
         return softmax(self.logits(batch))
 
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(class probabilities [N,C], outlier scores [N] in [0, 1] or None when the classifier has no
+        open-set data: old baked directories and heads built before it existed)."""
+        return self.run(batch), None
+
     def top_k(self, probs: np.ndarray, top_k: int = 5) -> list[list[dict]]:
         k = max(1, min(int(top_k), len(self.labels)))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -582,6 +587,16 @@ class ServedClassifier(_Classifier):
         if self._head_in_session:
             return self._chain[0][1].run([LOGITS], {self._input: self._checked_batch(batch)})[0]
         return self.head.logits(self.features(batch))
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.head.has_outlier:
+            return self.run(batch), None
+        if self._head_in_session:  # the session answers the features beside the logits
+            logits, features = self._chain[0][1].run([LOGITS, self._output], {self._input: self._checked_batch(batch)})
+        else:
+            features = self.features(batch)
+            logits = self.head.logits(features)
+        return softmax(logits), self.head.outlier_scores(features)
 
     def close(self) -> None:
         """Give the shared sessions back to the registry now (otherwise when this object is collected)."""
