@@ -295,3 +295,27 @@ def test_small_batches_run_the_chain_bound_to_reused_buffers_and_stay_exact_unde
     out = a.features(batches[0])
     out[:] = 0  # a caller owns what it gets: the next call is not affected
     np.testing.assert_array_equal(a.features(batches[0]), plain[0])
+
+
+def test_predict_answers_outlier_scores_from_the_features_the_head_receives(world, tmp_path):
+    """predict = (probs, outlier): in the head-in-session path the session's features feed the open-set score,
+    in the numpy path the chain's; an old head without open-set data answers None."""
+    import shutil
+
+    registry = BaseRegistry(world["bases"], "cpu")
+    x = world["x"]
+    for name in ("a", "zero"):
+        plain = load_classifier(world[name], world["bases"], registry)
+        probs, outlier = plain.predict(x)
+        assert outlier is None and np.allclose(probs, plain.run(x))
+        version = tmp_path / name
+        shutil.copytree(world[name], version)
+        head = Head.load(version / "head.npz")
+        head.with_outlier(plain.features(x[:2]))  # "built from" the first two images
+        head.save(version / "head.npz")
+        served = load_classifier(version, world["bases"], registry)
+        assert served._head_in_session == (name == "a")
+        probs, outlier = served.predict(x)
+        np.testing.assert_allclose(probs, served.run(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(outlier, head.outlier_scores(served.features(x)), atol=1e-4)
+        assert outlier[:2].max() < 0.1  # the images it was built from are not outliers
