@@ -624,14 +624,15 @@ class Selection:
         if chosen.head.has_outlier and chosen.features is not None and len(chosen.features) > 1:
             loo = leave_one_out_distances(chosen.features)
             outlier = distance_to_score(loo, chosen.head.outlier_center, chosen.head.outlier_width)
-            out["max_outlier"] = round(float(np.quantile(outlier, 1 - UNKNOWN_SHARE / 2)), 4)
+            # "higher": never interpolate below an observed score (with 6 images that alone would reject 1 in 6)
+            out["max_outlier"] = round(float(np.quantile(outlier, 1 - UNKNOWN_SHARE / 2, method="higher")), 4)
         top = None
         if chosen.logits is not None:
             judged = ~np.isnan(chosen.logits).any(axis=1)
             probs = softmax(chosen.logits[judged] / chosen.head.temperature)
             top = np.full(len(self.row_targets), np.nan)
             top[judged] = probs.max(axis=1)
-            min_score = float(np.quantile(top[judged], UNKNOWN_SHARE / 2))
+            min_score = float(np.quantile(top[judged], UNKNOWN_SHARE / 2, method="lower"))
             # n images cannot vouch for a confidence above 1 - 1/(n+1) (saturated scores would otherwise ask for
             # 1.0 and turn every new image into "unknown"); never below chance
             min_score = max(min(min_score, 1.0 - 1.0 / (int(judged.sum()) + 1)), 1.0 / c)
