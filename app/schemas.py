@@ -197,8 +197,14 @@ class Prediction(BaseModel):
 
 class Classification(BaseModel):
     filename: str | None = Field(None, description="The uploaded part's file name, as the client sent it.")
-    label: str | None = Field(None, description="The top label, or null when its score is below min_score.")
-    unknown: bool = Field(False, description="true when the top score is below min_score (label is null).")
+    label: str | None = Field(None, description="The top label, or null when the answer is unknown.")
+    unknown: bool = Field(False, description="true when outlier_score is above max_outlier or the top score is "
+                                             "below min_score (label is null).")
+    outlier_score: float | None = Field(
+        None, description="0-1, higher = less like the images this classifier was built from (distance to the "
+                          "nearest training image in the backbone's feature space, scaled so that 0.5 is the 95th "
+                          "percentile of the training images' own leave-one-out distances). null for classifiers "
+                          "built before outlier scores existed.")
     predictions: list[Prediction] = Field(description="The top-k labels, best first (also when unknown).")
 
 
@@ -207,8 +213,12 @@ class ClassifyResponse(BaseModel):
     model: str | None = Field(None, description="The candidate that answered: zero-shot, head, mask, mask+head.")
     final: bool = Field(True, description="false while a preview answers (the job is still tuning); true once "
                                           "the published model answers.")
-    min_score: float | None = Field(None, description="The threshold applied (the query's, else the "
-                                                      "classifier's default when it was built with unknown).")
+    min_score: float | None = Field(None, description="The top-score threshold applied (the query's, else the "
+                                                      "classifier config's, else its default when it was built "
+                                                      "with unknown); null = none.")
+    max_outlier: float | None = Field(None, description="The outlier-score threshold applied (the query's, else "
+                                                        "the classifier config's, else its default when it was "
+                                                        "built with unknown); null = none.")
     results: list[Classification]
     predictions: list[Prediction] | None = Field(
         None, description="Only for a single `file` upload: the same as results[0].predictions.")

@@ -239,22 +239,43 @@ async def _samples_from_files(files: list, labels: list, settings: Settings) -> 
         if not isinstance(raw_label, str):
             raise ApiError(400, "invalid_label", f"labels[{i}] is a file; send it as a text field")
         label = clean_label(raw_label, settings, f"labels[{i}]")
-        what = f"files[{i}] ({_display_name(upload.filename)})"
+        what = f"files[{i}] ({display_name(upload.filename)})"
         data = await _read_upload(upload, settings.max_image_bytes, what)
-        samples.append(Sample(data=data, label=label, original_name=_display_name(upload.filename)))
+        samples.append(Sample(data=data, label=label, original_name=display_name(upload.filename)))
     await run_in_threadpool(_validate_images, samples, settings)
     return samples
 
 
+def decode_all(blobs: list[tuple[bytes, str]], settings: Settings, budget: PixelBudget | None = None) -> list[Image.Image]:
+    """Decode every (data, what) pair. Undecodable images do not stop the loop: one error names every bad file,
+    so a user fixes them all at once; a limit (413) still rejects at once, since the rest cannot help."""
+    images, bad = [], []
+    for data, what in blobs:
+        try:
+            images.append(decode_image(data, settings, what, budget))
+        except ApiError as exc:
+            if exc.status == 413:
+                raise
+            bad.append(exc)
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        status = bad[0].status if len({e.status for e in bad}) == 1 else 400
+        raise ApiError(status, bad[0].code if len({e.code for e in bad}) == 1 else "invalid_image",
+                       f"{len(bad)} files cannot be used: " + "; ".join(e.message for e in bad))
+    return images
+
+
 def _validate_images(samples: list[Sample], settings: Settings) -> None:
-    """Decode every image (off the event loop); the first bad one rejects the whole request."""
+    """Decode every image (off the event loop); bad ones reject the whole request, all named in one error."""
     budget = PixelBudget(settings.max_request_pixels, "RMT_MAX_REQUEST_PIXELS")
-    for i, sample in enumerate(samples):
-        decode_image(sample.data, settings, f"files[{i}] ({sample.original_name})", budget)
+    decode_all([(sample.data, f"files[{i}] ({sample.original_name})") for i, sample in enumerate(samples)],
+               settings, budget)
+    for sample in samples:
         sample.ext = image_extension(sample.data)
 
 
-def _display_name(name: str | None) -> str:
+def display_name(name: str | None) -> str:
     """A client's file name for messages only (never a path): printable, bounded."""
     text = "".join(ch for ch in (name or "unnamed") if ch.isprintable())
     return text[:120] or "unnamed"
@@ -290,7 +311,7 @@ def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
         for info in members:
             if _unsafe_member(info.filename):
                 raise ApiError(400, "unsafe_archive_path",
-                               f"archive member {_display_name(info.filename)!r} is an absolute path or climbs out "
+                               f"archive member {display_name(info.filename)!r} is an absolute path or climbs out "
                                "with '..'; refusing the archive")
             parts = [p for p in info.filename.split("/") if p]
             if parts and parts[0] != "__MACOSX" and not any(p.startswith(".") for p in parts):
@@ -316,12 +337,12 @@ def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
         loose = ["/".join(parts) for _, parts in files if len(parts) < 2]
         if loose:
             raise ApiError(400, "archive_layout",
-                           f"archive file {_display_name(loose[0])!r} is not inside a class folder; "
+                           f"archive file {display_name(loose[0])!r} is not inside a class folder; "
                            "put each class's images in a top-level folder named after the class")
         total = extracted = 0
         samples = []
         for info, parts in files:
-            what = f"archive member {_display_name(info.filename)!r}"
+            what = f"archive member {display_name(info.filename)!r}"
             if info.flag_bits & 0x1:
                 raise ApiError(400, "bad_archive", f"{what} is encrypted")
             if info.file_size > settings.max_image_bytes:
@@ -343,14 +364,14 @@ def _archive_samples(data: bytes, settings: Settings) -> list[Sample]:
             if extracted > settings.max_upload_bytes:
                 raise ApiError(413, "payload_too_large",
                                f"archive expands past {settings.max_upload_bytes} bytes (RMT_MAX_UPLOAD_BYTES)")
-            label = clean_label(parts[0], settings, f"archive folder {_display_name(parts[0])!r}")
+            label = clean_label(parts[0], settings, f"archive folder {display_name(parts[0])!r}")
             decode_image(content, settings, what, budget)
             samples.append(Sample(data=content, label=label, ext=image_extension(content),
-                                  original_name=_display_name("/".join(parts))))
+                                  original_name=display_name("/".join(parts))))
         with_images = {parts[0] for _, parts in files}
         empty = sorted({parts[0] for _, parts in entries} - with_images)
         if empty:
-            raise ApiError(400, "empty_class", f"class folder {_display_name(empty[0])!r} has no images")
+            raise ApiError(400, "empty_class", f"class folder {display_name(empty[0])!r} has no images")
         return samples
 
 

@@ -11,7 +11,12 @@ import math
 import numpy as np
 
 N_BINS = 15
-T_RANGE = (1e-2, 1e2)
+# Bounds on T. Beyond ~20 CLIP's logits (scale 100) carry less than a tenth of a logit between classes and
+# every score is ~1/C; below 0.05 a head's logits are multiplied twentyfold. The data-dependent upper bound
+# (``collapse_bound``) is usually the tighter one.
+T_RANGE = (0.05, 20.0)
+# The mean top score T may not push below chance + this share of (1 - chance): scores never collapse to uniform.
+COLLAPSE_FLOOR = 0.2
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -35,7 +40,28 @@ def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0, smoot
     return float(-np.mean((1 - smoothing) * on_label + smoothing * others))
 
 
-def fit_temperature(logits: np.ndarray, targets, bounds: tuple[float, float] = T_RANGE, iters: int = 80) -> float:
+def collapse_bound(logits: np.ndarray, floor: float = COLLAPSE_FLOOR, bounds: tuple[float, float] = T_RANGE) -> float:
+    """The largest T in ``bounds`` at which the mean top score of softmax(logits / T) is still at least
+    chance + ``floor`` * (1 - chance): a larger T would make every answer read "no idea" whatever the image."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(logits) == 0:
+        return bounds[1]
+    chance = 1.0 / logits.shape[1]
+    want = chance + floor * (1 - chance)
+    mean_top = lambda t: float(softmax(logits / t).max(axis=1).mean())  # noqa: E731  (decreasing in t)
+    if mean_top(bounds[1]) >= want:
+        return bounds[1]
+    if mean_top(bounds[0]) < want:  # logits with no spread at all: nothing to protect
+        return bounds[0]
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_top(math.exp(mid)) >= want else (lo, mid)
+    return float(math.exp(lo))
+
+
+def fit_temperature(logits: np.ndarray, targets, bounds: tuple[float, float] = T_RANGE, iters: int = 80,
+                    prior: bool = True) -> float:
     """The T in ``bounds`` minimising NLL(logits / T): golden-section search on log T.
 
     NLL is convex in 1/T (a log-sum-exp of functions linear in 1/T minus a linear term), so it is unimodal in
@@ -44,25 +70,36 @@ def fit_temperature(logits: np.ndarray, targets, bounds: tuple[float, float] = T
     The targets are smoothed by 1/(n+2) (Laplace's rule of succession): when every validation answer is right,
     plain NLL is minimised by T -> 0 (certainty from a handful of images); smoothed, the fitted confidence
     stays near (n+1)/(n+2). With hundreds of samples the smoothing is negligible.
+
+    With ``prior`` the objective adds (log T)^2 / n: a weak pull toward T = 1 that a handful of images cannot
+    overrule by much (T = 100 from 10 images was the failure this guards), negligible at hundreds. The upper
+    bound is lowered to ``collapse_bound``: scores never collapse to uniform.
     """
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets)
     if len(targets) == 0:
         return 1.0
-    smoothing = 1.0 / (len(targets) + 2)
+    n = len(targets)
+    smoothing = 1.0 / (n + 2)
+    bounds = (bounds[0], max(bounds[0], min(bounds[1], collapse_bound(logits, bounds=bounds))))
+    weight = 1.0 / n if prior else 0.0
+
+    def objective(log_t: float) -> float:
+        return nll(logits, targets, math.exp(log_t), smoothing) + weight * log_t ** 2
+
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(logits, targets, math.exp(a), smoothing), nll(logits, targets, math.exp(b), smoothing)
+    fa, fb = objective(a), objective(b)
     for _ in range(iters):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = nll(logits, targets, math.exp(a), smoothing)
+            fa = objective(a)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = nll(logits, targets, math.exp(b), smoothing)
+            fb = objective(b)
     return float(math.exp((lo + hi) / 2))
 
 
@@ -131,35 +168,65 @@ def default_min_score(probs: np.ndarray, targets, keep: float = 0.95) -> dict:
     }
 
 
-def calibrate(logits: np.ndarray, targets, want_min_score: bool = False) -> dict:
-    """Fit T on ``logits`` (validation), report ECE before and (cross-fitted) after, optionally a min_score.
+def reliability(probs: np.ndarray, targets, n_bins: int = 10) -> list[dict]:
+    """The reliability diagram's data: per non-empty confidence bin, its range, count, mean confidence and
+    accuracy (what the picture in reliability.png shows)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets)
+    if len(targets) == 0:
+        return []
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == targets
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    return [{"lo": k / n_bins, "hi": (k + 1) / n_bins, "n": int((bins == k).sum()),
+             "confidence": round(float(confidence[bins == k].mean()), 4),
+             "accuracy": round(float(correct[bins == k].mean()), 4)}
+            for k in range(n_bins) if (bins == k).any()]
 
-    The fitted T is kept only when it helps out of sample: the cross-fitted NLL (each sample scored with a T
-    fitted on the other folds) must beat the NLL at T = 1. On a handful of images a model that is already
-    calibrated (a mask-tuned encoder usually is) gets a noisy T that makes it worse; an over-confident one
-    (zero-shot CLIP under a domain shift: T of 5-15) passes easily. Otherwise T stays 1 and ``temperature_kept``
-    says why.
+
+def calibrate(logits: np.ndarray, targets, want_min_score: bool = False, source: str = "validation") -> dict:
+    """Fit T on ``logits`` (out-of-sample logits of every image the candidate was judged on), report ECE
+    before and (cross-fitted) after with the number of images behind them, optionally a min_score.
+
+    The fitted T is kept only when it helps out of sample on BOTH counts: the cross-fitted NLL and the
+    cross-fitted ECE (each sample scored with a T fitted on the other folds) must beat T = 1. On a handful of
+    images a model that is already calibrated gets a noisy T that makes it worse; an over-confident one
+    (zero-shot CLIP under a domain shift: T of 5-15) passes easily. Otherwise T stays 1 and
+    ``temperature_kept`` says why. T always lies within ``bounds`` (T_RANGE, lowered so scores never collapse).
     """
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets)
+    upper = max(T_RANGE[0], min(T_RANGE[1], collapse_bound(logits)))
     fitted = fit_temperature(logits, targets)
     crossed = cross_fitted_probs(logits, targets)
+    plain = softmax(logits)
     nll_crossed = float(-np.mean(np.log(np.clip(crossed[np.arange(len(targets)), targets], 1e-12, None))))
     nll_plain = nll(logits, targets)
-    helps = nll_crossed < nll_plain
+    ece_before = expected_calibration_error(plain, targets)
+    ece_crossed = expected_calibration_error(crossed, targets)
+    better_nll, better_ece = nll_crossed < nll_plain, ece_crossed < ece_before
+    helps = better_nll and better_ece
     temperature = fitted if helps else 1.0
-    ece_before = expected_calibration_error(softmax(logits), targets)
+    if helps:
+        why = "fitted T lowers both the cross-fitted NLL and the cross-fitted ECE"
+    else:
+        worse = [name for name, ok in (("NLL", better_nll), ("ECE", better_ece)) if not ok]
+        why = f"T = 1: a fitted T did not lower the {' or the '.join(worse)} out of sample (cross-fitted)"
+    shown = crossed if helps else plain
     report = {
         "temperature": round(temperature, 5),
         "fitted_temperature": round(fitted, 5),
-        "temperature_kept": ("fitted T lowers the cross-fitted NLL" if helps else
-                             "T = 1: a fitted T did not lower the NLL out of sample (cross-fitted)"),
+        "bounds": [T_RANGE[0], round(upper, 5)],
+        "temperature_kept": why,
         "ece_before": round(ece_before, 4),
-        "ece_after": round(expected_calibration_error(crossed, targets) if helps else ece_before, 4),
+        "ece_after": round(ece_crossed if helps else ece_before, 4),
         "ece_after_in_sample": round(expected_calibration_error(softmax(logits / temperature), targets), 4),
         "nll_before": round(nll_plain, 4),
         "nll_after": round(nll_crossed if helps else nll_plain, 4),
+        "mean_top_score": round(float(shown.max(axis=1).mean()), 4) if len(targets) else None,
         "n": int(len(targets)),
+        "source": source,
+        "reliability": reliability(shown, targets),
     }
     if want_min_score:
         report["unknown"] = default_min_score(softmax(logits / temperature), targets)

@@ -9,18 +9,20 @@ Every build can publish one of four candidates over one shared frozen base (simp
     mask        the zero-shot head on the mask-tuned encoder's features (the configured method)
     mask+head   the fitted head on the mask-tuned encoder's features (the paper's Table 3 combination)
 
-Validation. When every class has at least MIN_PER_CLASS_FOR_HOLDOUT images, a seeded per-class holdout is
-set aside before anything is fitted and all four candidates are scored on it. Otherwise every image trains,
-heads are scored by k-fold (leave-one-out for <= LOO_MAX images) on the frozen features, which costs
-milliseconds, and zero-shot on all images (it fits nothing). A mask cannot be cross-validated at that price
-(one tuning run per fold), so without a holdout the mask candidates are not tuned at all under
-``select="auto"``: they could not be judged, and an unjudged model is never published automatically. The
-report says so; pinning ``select="mask"`` tunes and publishes it unvalidated.
+Validation uses every image (issue 16). Zero-shot fits nothing: every image judges it. Heads refit in
+milliseconds, so they are judged by repeated stratified k-fold over ALL images (leave-one-out for <= LOO_MAX),
+and the published head is then refit on all of them. A mask costs a tuning run per fit, so it is tuned on the
+training split and judged on a seeded per-class holdout (only when every class has MIN_PER_CLASS_FOR_HOLDOUT
+images); its head is refit on every image after judging. Without a holdout the mask is not tuned under
+``select="auto"`` (it could not be judged); pinning ``select="mask"`` tunes and publishes it unvalidated.
+With a class of ONE image no fold can hold an image out without removing its class: the head comes from a
+prior (Tip-Adapter at its published setting) and the candidates are compared on augmented views.
 
-Selection: the best validation accuracy wins; a candidate within one validation sample (1/n) of the best
-counts as a tie and ties go to the simpler candidate (zero-shot < head < mask < mask+head), since fewer
-fitted parameters generalise more predictably from a small validation set. The published head then gets a
-temperature fitted on its validation logits (calibration.py), baked into ``Head.temperature``.
+Selection: a paired comparison on the same images (``paired_better``: the images where two candidates disagree, per-image
+correctness, McNemar-style). The simplest candidate is the champion and each more complex one takes its place only when the
+evidence favours it; a tie stays with the simpler one. The published head then gets a temperature
+cross-fitted on its out-of-sample logits (calibration.py) and open-set data (head.py: ``outlier_scores``), and
+the report carries the default ``min_score`` / ``max_outlier`` and what they reject of the user's own images.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import numpy as np
 
 from .calibration import calibrate, nll, softmax
 from .config import CANDIDATES, MIN_PER_CLASS_FOR_HOLDOUT, TuneConfig
-from .head import Head
+from .head import Head, distance_to_score, leave_one_out_distances
 
 LOO_MAX = 10  # at most this many images: leave-one-out instead of k-fold
 FOLDS = 5
@@ -225,66 +227,171 @@ def fit_best_head(features: np.ndarray, targets: Sequence[int], zero_shot: Head,
                                       fit.head.kind == "linear-probe"))
 
 
+# ------------------------------------------------------------------------------- the paired rule
+PAIRED_CONFIDENCE = 0.8  # P(the more complex candidate is better) needed to leave the simpler one
+
+
+def _beta_above_half(a: float, b: float, grid: int = 4001) -> float:
+    """P(p > 1/2) for p ~ Beta(a, b), a, b >= 1 (numerically: no scipy in the core)."""
+    x = np.linspace(0.0, 1.0, grid)[1:-1]
+    log_pdf = (a - 1) * np.log(x) + (b - 1) * np.log1p(-x)
+    w = np.exp(log_pdf - log_pdf.max())
+    return float(w[x > 0.5].sum() / w.sum())
+
+
+def paired_evidence(correct_a, correct_b) -> dict:
+    """How strongly per-image scores ``correct_a`` beat ``correct_b`` on the SAME images (rows aligned;
+    NaN = not judged, dropped pairwise). Scores are 1/0 correctness or its mean over CV repeats.
+
+    McNemar's view, made Bayesian: only images where the two disagree carry evidence. With W = the summed
+    margin on images where A is ahead and L = where B is, the chance that A is right more often than B on
+    such images is P(p > 1/2) under p ~ Beta(W + 1, L + 1) (a uniform prior). 1 win to 0 gives 0.75, 2 to 0
+    0.88, 3 to 1 0.81, 30 to 10 ~1.0: how few the images are is part of the answer, which a fixed "one image"
+    margin could not say."""
+    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same images: shapes {a.shape} and {b.shape}")
+    both = ~(np.isnan(a) | np.isnan(b))
+    diff = a[both] - b[both]
+    n = int(both.sum())
+    wins, losses = float(diff[diff > 0].sum()), float(-diff[diff < 0].sum())
+    return {"n": n, "diff": round(float(diff.mean()), 4) if n else 0.0,
+            "p_better": round(_beta_above_half(wins + 1, losses + 1), 4) if n else None,
+            "wins": round(wins, 2), "losses": round(losses, 2)}
+
+
+def paired_better(correct_a, correct_b, confidence: float = PAIRED_CONFIDENCE) -> bool:
+    """True when the evidence on the same images favours A over B: A is ahead on average and
+    ``paired_evidence`` puts P(A better) at ``confidence`` or more. A tie (no image where they differ) is False, so
+    the caller keeps the simpler candidate unless the other one earned the switch. Pure (numpy only): the
+    early stop and the version comparison reuse it."""
+    ev = paired_evidence(correct_a, correct_b)
+    return ev["p_better"] is not None and ev["diff"] > 0 and ev["p_better"] >= confidence
+
+
 # --------------------------------------------------------------------------------------- selection
+CV_REPEATS = 3  # repeated stratified k-fold for heads (leave-one-out is deterministic: one repeat)
+CV_REPEAT_MAX_N = 400  # above this many images one k-fold repeat is evidence enough (and cheaper)
+VIEWS_PER_IMAGE = 4  # augmented views per image that judge 1-shot builds
+PRIOR_ALPHA, PRIOR_BETA = 0.01, 5.5  # Tip-Adapter's published setting (alpha 1 at CLIP's logit scale 100)
+
+
+def fit_prior_head(features: np.ndarray, targets: Sequence[int], zero_shot: Head) -> Head:
+    """The head for a build where some class has ONE image: no fold can hold an image out without removing
+    its class, so nothing can choose settings from the data. Tip-Adapter's cache at its published setting
+    (a training-free prior; bench/RESULTS-selection.md measures it against zero-shot at 1 shot)."""
+    y = np.asarray(targets, dtype=int)
+    f = _normalise(features)
+    onehot = np.eye(zero_shot.n_classes)[y]
+    return Head(W=zero_shot.W, b=zero_shot.b, scale=zero_shot.scale, cache_keys=f.astype(np.float32),
+                cache_values=onehot.astype(np.float32), cache_alpha=PRIOR_ALPHA * zero_shot.scale,
+                cache_beta=PRIOR_BETA, kind="tip-adapter",
+                meta={"alpha": PRIOR_ALPHA * zero_shot.scale, "beta": PRIOR_BETA, "n_fit": int(len(y)),
+                      "settings": "prior (1 image in some class)"})
+
+
 @dataclass
 class Candidate:
     name: str  # one of config.CANDIDATES
-    head: Head  # calibrated (temperature set) once validated
+    head: Head  # what is published: refit on every image it may see, calibrated, with its open-set data
     uses_mask: bool
-    accuracy: float | None = None
-    n: int = 0
-    method: str = "not validated"  # holdout | k-fold | leave-one-out | all images | not validated
-    logits: np.ndarray | None = None  # uncalibrated validation logits, rows aligned with Selection.val_targets
+    accuracy: float | None = None  # mean of ``correct`` over the rows it was judged on
+    n: int = 0  # rows judged
+    method: str = "not validated"  # "repeated k-fold" | "leave-one-out" | "holdout" | "all images" | "augmented views"
+    logits: np.ndarray | None = None  # [rows, C] out-of-sample logits, NaN rows where not judged
     calibration: dict | None = None
     ready_s: float | None = None  # seconds from the start of the build until this candidate existed
+    correct: np.ndarray | None = None  # [rows] per-row correctness in [0, 1] (mean over CV repeats), NaN = not judged
+    refit: str | None = None  # what the published head was fitted on, when not what was judged
+    features: np.ndarray | None = None  # raw features of every image, as this candidate's head receives them
 
     def row(self) -> dict:
         return {"name": self.name, "kind": self.head.kind, "uses_mask": self.uses_mask,
                 "accuracy": None if self.accuracy is None else round(self.accuracy, 4), "n": self.n,
-                "method": self.method, "ready_s": None if self.ready_s is None else round(self.ready_s, 2)}
+                "method": self.method, "ready_s": None if self.ready_s is None else round(self.ready_s, 2),
+                **({"refit": self.refit} if self.refit else {})}
 
 
-def pick(candidates: Sequence[Candidate], select: str = "auto") -> tuple[Candidate, str]:
-    """(chosen candidate, why). ``select`` pins a candidate by name; "auto" takes the best validated
-    accuracy, and any candidate within one validation sample (1/n) of it that is simpler wins the tie."""
+def pick(candidates: Sequence[Candidate], select: str = "auto",
+         confidence: float = PAIRED_CONFIDENCE) -> tuple[Candidate, str, list[dict]]:
+    """(chosen candidate, why, the paired comparisons that decided). ``select`` pins a candidate by name.
+
+    "auto": the simplest candidate (config.CANDIDATES order) is the champion; each more complex candidate
+    challenges the champion on the images both were judged on and takes its place only when
+    ``paired_better`` says the evidence favours it. Fewer fitted parameters generalise more predictably, so a
+    tie stays with the simpler one; a clear margin does not."""
     by_name = {c.name: c for c in candidates}
     if select != "auto":
         if select not in by_name:
             raise ValueError(f"select={select!r}: that candidate was not built (built: {', '.join(by_name)})")
-        return by_name[select], f"pinned by config.select={select!r}"
-    scored = [c for c in candidates if c.accuracy is not None]
-    if not scored:
-        return by_name["zero-shot"], "no candidate could be validated: zero-shot, which fits nothing"
-    best = max(c.accuracy for c in scored)
-    n = min(c.n for c in scored)
-    tolerance = 1.0 / max(n, 1) + 1e-9
+        return by_name[select], f"pinned by config.select={select!r}", []
     order = {name: i for i, name in enumerate(CANDIDATES)}
-    chosen = min((c for c in scored if c.accuracy >= best - tolerance), key=lambda c: order[c.name])
-    top = max(scored, key=lambda c: (c.accuracy, -order[c.name]))
-    if chosen is top:
-        return chosen, f"best validation accuracy ({chosen.accuracy:.3f} on {chosen.n} images)"
-    return chosen, (f"within one validation image of the best ({top.name} {top.accuracy:.3f} vs {chosen.accuracy:.3f} "
-                    f"on {n} images): the simpler candidate wins the tie")
+    scored = sorted((c for c in candidates if c.correct is not None and c.n > 0), key=lambda c: order[c.name])
+    if not scored:
+        return by_name["zero-shot"], "no candidate could be validated: zero-shot, which fits nothing", []
+    champion, decisions = scored[0], []
+    for challenger in scored[1:]:
+        ev = paired_evidence(challenger.correct, champion.correct)
+        won = ev["p_better"] is not None and ev["diff"] > 0 and ev["p_better"] >= confidence
+        decisions.append({"challenger": challenger.name, "champion": champion.name, **ev, "switched": won})
+        if won:
+            champion = challenger
+    if not decisions:
+        why = f"the only judged candidate ({champion.accuracy:.3f} on {champion.n})"
+    elif champion is scored[0]:
+        why = (f"no candidate beat {champion.name} by a paired margin (P(better) >= {confidence}) on the same "
+               f"images: the simpler one stays")
+    else:
+        d = [d for d in decisions if d["challenger"] == champion.name][-1]
+        why = (f"{champion.name} beat {d['champion']} on the same {d['n']} images ({d['wins']} wins, {d['losses']} "
+               f"losses, +{d['diff']:.3f}; P(better) = {d['p_better']:.2f} >= {confidence})")
+        later = [x for x in decisions if x["champion"] == champion.name and not x["switched"]]
+        if later:
+            why += "; " + ", ".join(f"{x['challenger']} did not beat it (P = {x['p_better']})" for x in later)
+    return champion, why, decisions
 
 
 @dataclass
 class Validation:
-    """How candidates are judged. ``held`` empty = no holdout (k-fold on features for heads)."""
+    """How candidates are judged."""
 
-    method: str  # "holdout" | "k-fold" | "leave-one-out"
+    method: str  # "repeated k-fold" | "leave-one-out" | "augmented views"  (heads); masks: "holdout"
     n: int
     folds: int | None = None
+    repeats: int | None = None
 
 
 def has_holdout(class_counts: Sequence[int], config: TuneConfig) -> bool:
-    """A holdout exists when the config asks for one and every class has enough images to spare some."""
+    """A holdout (for judging the mask, whose tuning is too dear to cross-validate) exists when the config asks
+    for one and every class has enough images to spare some."""
     return config.holdout > 0 and min(class_counts) >= MIN_PER_CLASS_FOR_HOLDOUT
+
+
+def cross_validated_head(features: np.ndarray, targets: np.ndarray, zero_shot: Head, seed: int = 0
+                         ) -> tuple[ProbeFit, np.ndarray, np.ndarray, str, int, int]:
+    """(fit on all images, per-image correctness averaged over repeats, logits of the first repeat,
+    method, folds, repeats): repeated stratified k-fold (leave-one-out for <= LOO_MAX images)."""
+    method, k = validation_folds(len(targets))
+    repeats = 1 if method == "leave-one-out" or len(targets) > CV_REPEAT_MAX_N else CV_REPEATS
+    correct = np.zeros(len(targets))
+    first = None
+    for r in range(repeats):
+        fit = fit_best_head(features, targets, zero_shot, seed=seed + r)
+        correct += fit.oof_logits.argmax(1) == targets
+        if first is None:
+            first = fit
+    return first, correct / repeats, first.oof_logits, ("repeated k-fold" if repeats > 1 else method), first.folds, repeats
 
 
 @dataclass
 class Selection:
     """Builds the candidates step by step (cheap ones first, each announced through ``on_candidate`` as soon
     as it exists) and picks the one to publish.
+
+    Every image judges: zero-shot (fits nothing) on all of them, heads by repeated stratified k-fold over all
+    of them (train and holdout alike: they are refit in milliseconds), the mask candidates on the holdout
+    their tuning never saw. With a class of ONE image (1 shot), rows are augmented views of the images
+    instead (``add_views``) and the head comes from a prior (``fit_prior_head``).
 
     ``train_targets`` / ``held_targets`` are class indices; ``held_indices`` / ``train_indices`` are the
     positions of those images in the caller's upload list (for the misclassified-samples list).
@@ -306,15 +413,43 @@ class Selection:
         self.train_targets = np.asarray(self.train_targets, dtype=int)
         self.held_targets = np.asarray(self.held_targets, dtype=int)
         self.holdout = len(self.held_targets) > 0
-        if self.holdout:
-            self.validation = Validation("holdout", len(self.held_targets))
-            self.val_targets = self.held_targets
-            self.val_indices = list(self.held_indices) if self.held_indices is not None else None
+        self.targets = np.concatenate([self.train_targets, self.held_targets])
+        self.n_train = len(self.train_targets)
+        indices = None
+        if self.train_indices is not None:
+            indices = list(self.train_indices) + list(self.held_indices or [])
+        self.indices = indices
+        counts = np.bincount(self.targets, minlength=len(self.labels))
+        self.one_shot = bool(counts.min() < 2)
+        self.view_targets: np.ndarray | None = None
+        self.view_sources: np.ndarray | None = None
+        self.view_features: np.ndarray | None = None
+        method, k = validation_folds(len(self.targets))
+        if self.one_shot:
+            self.validation = Validation("augmented views", 0)
+        elif method == "leave-one-out" or len(self.targets) > CV_REPEAT_MAX_N:
+            self.validation = Validation(method, len(self.targets), min(k, len(self.targets)), 1)
         else:
-            method, k = validation_folds(len(self.train_targets))
-            self.validation = Validation(method, len(self.train_targets), min(k, len(self.train_targets)))
-            self.val_targets = self.train_targets
-            self.val_indices = list(self.train_indices) if self.train_indices is not None else None
+            self.validation = Validation("repeated k-fold", len(self.targets), k, CV_REPEATS)
+        self.decisions: list[dict] = []
+
+    # ---- rows ----------------------------------------------------------------------------------------
+    @property
+    def row_targets(self) -> np.ndarray:
+        """The targets of the rows candidates are judged on: every image, or its views at 1 shot."""
+        return self.view_targets if self.one_shot else self.targets
+
+    @property
+    def val_targets(self) -> np.ndarray:  # the name earlier callers use
+        return self.row_targets
+
+    def add_views(self, features: np.ndarray, sources: Sequence[int]) -> None:
+        """Raw base features of augmented views; ``sources[i]`` = position (train then held) of the image
+        view i came from. Judges 1-shot builds, where no image can be held out without removing its class."""
+        self.view_sources = np.asarray(sources, dtype=int)
+        self.view_targets = self.targets[self.view_sources]
+        self.view_features = np.asarray(features)
+        self.validation = Validation("augmented views", len(self.view_targets))
 
     # ---- building ------------------------------------------------------------------------------------
     @property
@@ -328,8 +463,13 @@ class Selection:
 
     def _add(self, candidate: Candidate) -> Candidate:
         candidate.ready_s = time.monotonic() - self.started
+        if candidate.features is not None and len(candidate.features):
+            candidate.head.with_outlier(candidate.features)
         if candidate.logits is not None:
-            candidate.calibration = calibrate(candidate.logits, self.val_targets, want_min_score=self.config.unknown)
+            judged = ~np.isnan(candidate.logits).any(axis=1)
+            source = ("augmented views of the training images (optimistic: the head has seen their originals)"
+                      if candidate.method == "augmented views" else f"{candidate.method}, out of sample")
+            candidate.calibration = calibrate(candidate.logits[judged], self.row_targets[judged], source=source)
             candidate.head.temperature = candidate.calibration["temperature"]
         self.candidates[candidate.name] = candidate
         if self.on_candidate is not None:
@@ -340,44 +480,82 @@ class Selection:
                 self.warnings.append(f"the {candidate.name} preview could not be published (see the worker log)")
         return candidate
 
-    def _scored(self, name: str, head: Head, uses_mask: bool, logits: np.ndarray, method: str) -> Candidate:
-        acc = float((logits.argmax(1) == self.val_targets).mean()) if len(self.val_targets) else None
-        return Candidate(name, head, uses_mask, acc, len(self.val_targets), method, logits)
+    def _judged(self, name: str, head: Head, uses_mask: bool, logits: np.ndarray, correct: np.ndarray,
+                method: str, features: np.ndarray, refit: str | None = None) -> Candidate:
+        judged = ~np.isnan(correct)
+        acc = float(correct[judged].mean()) if judged.any() else None
+        return Candidate(name, head, uses_mask, acc, int(judged.sum()), method, logits, correct=correct,
+                         refit=refit, features=features)
+
+    def _rows(self, values: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """[rows, ...] filled with NaN except ``where`` (a boolean over rows) = ``values``."""
+        out = np.full((len(self.row_targets), *values.shape[1:]), np.nan)
+        out[where] = values
+        return out
+
+    @staticmethod
+    def _all(train_features, held_features) -> np.ndarray:
+        return train_features if held_features is None or not len(held_features) else np.concatenate(
+            [train_features, held_features])
 
     def add_zero_shot(self, train_features: np.ndarray, held_features: np.ndarray | None = None) -> Candidate:
         head = copy.deepcopy(self.zero_shot)
-        feats = held_features if self.holdout else train_features
-        method = "holdout" if self.holdout else "all images"  # zero-shot fits nothing: every image validates it
-        return self._add(self._scored("zero-shot", head, False, head.logits(feats).astype(np.float64), method))
-
-    def _head_candidate(self, name: str, uses_mask: bool, train_features, held_features) -> Candidate:
-        fit = fit_best_head(train_features, self.train_targets, self.zero_shot, seed=self.config.seed)
-        if self.holdout:
-            return self._scored(name, fit.head, uses_mask, fit.head.logits(held_features).astype(np.float64),
-                                "holdout")
-        return self._scored(name, fit.head, uses_mask, fit.oof_logits, fit.method)
+        feats = self._all(train_features, held_features)
+        rows = self.view_features if self.one_shot and self.view_features is not None else feats
+        if self.one_shot and self.view_features is None:
+            return self._add(Candidate("zero-shot", head, False, features=feats))
+        logits = head.logits(rows).astype(np.float64)
+        correct = (logits.argmax(1) == self.row_targets).astype(float)
+        method = "augmented views" if self.one_shot else "all images"  # zero-shot fits nothing: every image judges it
+        return self._add(self._judged("zero-shot", head, False, logits, correct, method, feats))
 
     def add_head(self, train_features: np.ndarray, held_features: np.ndarray | None = None) -> Candidate:
-        return self._add(self._head_candidate("head", False, train_features, held_features))
+        feats = self._all(train_features, held_features)
+        if self.one_shot:
+            head = fit_prior_head(feats, self.targets, self.zero_shot)
+            if self.view_features is None:
+                return self._add(Candidate("head", head, False, features=feats))
+            logits = head.logits(self.view_features).astype(np.float64)
+            correct = (logits.argmax(1) == self.row_targets).astype(float)
+            return self._add(self._judged("head", head, False, logits, correct, "augmented views", feats))
+        fit, correct, logits, method, _, _ = cross_validated_head(feats, self.targets, self.zero_shot, self.config.seed)
+        return self._add(self._judged("head", fit.head, False, logits, correct, method, feats,
+                                      refit=f"all {len(self.targets)} images"))
 
     def add_masked(self, train_features: np.ndarray, held_features: np.ndarray | None = None) -> list[Candidate]:
-        """The mask-tuned encoder's features: the zero-shot head on them ("mask") and a probe on them."""
+        """The mask-tuned encoder's features: the zero-shot head on them ("mask") and a head on them, judged on
+        the holdout the tuning never saw; the head is then refit on every image."""
+        feats = self._all(train_features, held_features)
         if not self.can_judge_masks:
             head = copy.deepcopy(self.zero_shot)
-            fit = fit_best_head(train_features, self.train_targets, self.zero_shot, seed=self.config.seed)
-            return [self._add(Candidate("mask", head, True)), self._add(Candidate("mask+head", fit.head, True))]
+            fitted = (fit_prior_head(feats, self.targets, self.zero_shot) if self.one_shot else
+                      fit_best_head(feats, self.targets, self.zero_shot, seed=self.config.seed).head)
+            return [self._add(Candidate("mask", head, True, features=feats)),
+                    self._add(Candidate("mask+head", fitted, True, features=feats))]
+        held = np.zeros(len(self.targets), bool)
+        held[self.n_train:] = True
         zs = copy.deepcopy(self.zero_shot)
-        mask = self._scored("mask", zs, True, zs.logits(held_features).astype(np.float64), "holdout")
-        return [self._add(mask), self._add(self._head_candidate("mask+head", True, train_features, held_features))]
+        z = zs.logits(held_features).astype(np.float64)
+        mask = self._judged("mask", zs, True, self._rows(z, held),
+                            self._rows((z.argmax(1) == self.held_targets).astype(float), held), "holdout", feats)
+        on_train = fit_best_head(train_features, self.train_targets, self.zero_shot, seed=self.config.seed)
+        h = on_train.head.logits(held_features).astype(np.float64)
+        everything = fit_best_head(feats, self.targets, self.zero_shot, seed=self.config.seed)
+        mask_head = self._judged("mask+head", everything.head, True, self._rows(h, held),
+                                 self._rows((h.argmax(1) == self.held_targets).astype(float), held), "holdout", feats,
+                                 refit=f"all {len(self.targets)} images (judged as fitted on the {self.n_train} "
+                                       "training images)")
+        return [self._add(mask), self._add(mask_head)]
 
     # ---- choosing ------------------------------------------------------------------------------------
     def finish(self, extra_warnings: Sequence[str] = ()) -> tuple[Candidate, dict]:
         """(published candidate, the report's ``validation`` dict)."""
-        chosen, why = pick(list(self.candidates.values()), self.config.select)
+        chosen, why, decisions = pick(list(self.candidates.values()), self.config.select)
+        self.decisions = decisions
         warnings = [*extra_warnings, *self.warnings]
         zs, mask = self.candidates.get("zero-shot"), self.candidates.get("mask")
         if not self.can_judge_masks:
-            counts = np.bincount(np.concatenate([self.train_targets, self.held_targets]), minlength=len(self.labels))
+            counts = np.bincount(self.targets, minlength=len(self.labels))
             few = [self.labels[i] for i in np.flatnonzero(counts < MIN_PER_CLASS_FOR_HOLDOUT)]
             reason = ("holdout is 0" if self.config.holdout <= 0 else
                       f"{len(few)} class(es) have fewer than {MIN_PER_CLASS_FOR_HOLDOUT} images "
@@ -387,12 +565,19 @@ class Selection:
                                 f"{self.config.select!r} is published UNVALIDATED because config.select pins it")
             else:
                 warnings.append(f"too few images to validate mask tuning: {reason}; heads were judged by "
-                                f"{self.validation.method} on {self.validation.n} images and the mask was not tuned "
+                                f"{self.validation.method} on {self.validation.n} rows and the mask was not tuned "
                                 f"(upload >= {MIN_PER_CLASS_FOR_HOLDOUT} images per class to have it judged, or pin "
                                 "config.select='mask')")
-        if mask is not None and zs is not None and mask.accuracy is not None and mask.accuracy < zs.accuracy:
-            warnings.append(f"tuned below zero-shot: the mask-tuned encoder scored {mask.accuracy:.3f} vs zero-shot "
-                            f"{zs.accuracy:.3f} on {mask.n} holdout images")
+        if self.one_shot:
+            warnings.append("a class has a single image: the head's settings come from a prior (Tip-Adapter's "
+                            "published alpha/beta) and candidates were compared on augmented views of the images, "
+                            "which flatters any fitted head; treat the accuracies as optimistic")
+        if mask is not None and zs is not None and mask.accuracy is not None and zs.correct is not None:
+            held = ~np.isnan(mask.correct)
+            zs_held = float(zs.correct[held].mean())
+            if mask.accuracy < zs_held:
+                warnings.append(f"tuned below zero-shot: the mask-tuned encoder scored {mask.accuracy:.3f} vs "
+                                f"zero-shot {zs_held:.3f} on {mask.n} holdout images")
         if chosen.accuracy is not None and chosen.n < 20:
             warnings.append(f"validated on only {chosen.n} images: accuracies move in steps of {1 / chosen.n:.2f}")
         report = {
@@ -401,40 +586,97 @@ class Selection:
             "published_kind": chosen.head.kind,
             "uses_mask": chosen.uses_mask,
             "why": why,
+            "decided_by": ("pinned" if self.config.select != "auto" else
+                           "prior + augmented views (1 image in some class)" if self.one_shot else
+                           "paired comparison on the same images (Bayesian McNemar)"),
+            "comparisons": decisions,
             "select": self.config.select,
             "candidates": [c.row() for c in self.candidates.values()],
             "validated_by": {"method": self.validation.method, "n": self.validation.n,
-                             **({"folds": self.validation.folds} if self.validation.folds else {})},
+                             **({"folds": self.validation.folds} if self.validation.folds else {}),
+                             **({"repeats": self.validation.repeats} if self.validation.repeats else {})},
             "n_holdout": len(self.held_targets),
             "zero_shot_accuracy": zs.accuracy if zs else None,
             "tuned_accuracy": mask.accuracy if mask else None,
             "warnings": warnings,
             "temperature": chosen.head.temperature,
-            "ece_before": None, "ece_after": None, "min_score": None,
+            "ece_before": None, "ece_after": None, "min_score": None, "max_outlier": None,
         }
+        if chosen.refit:
+            report["refit"] = chosen.refit
         if chosen.calibration is not None:
             cal = chosen.calibration
             report |= {"ece_before": cal["ece_before"], "ece_after": cal["ece_after"], "calibration": cal,
-                       "min_score": cal.get("min_score")}
-        if chosen.logits is not None and len(self.val_targets):
+                       "ece_n": cal["n"], "mean_top_score": cal["mean_top_score"]}
+        report |= self._unknown_defaults(chosen)
+        if chosen.logits is not None and len(self.row_targets):
             report |= self._errors(chosen)
         return chosen, report
 
+    def _unknown_defaults(self, chosen: Candidate) -> dict:
+        """Default min_score and max_outlier, set on the user's own images so that together they turn at most
+        ~5% of in-distribution images into "unknown": max_outlier at the 97.5th percentile of the images'
+        leave-one-out outlier scores, min_score at the 2.5th percentile of their out-of-sample top scores
+        (never below chance). The report says what the pair rejected on those images."""
+        out: dict = {}
+        c = len(self.labels)
+        outlier = None
+        if chosen.head.has_outlier and chosen.features is not None and len(chosen.features) > 1:
+            loo = leave_one_out_distances(chosen.features)
+            outlier = distance_to_score(loo, chosen.head.outlier_center, chosen.head.outlier_width)
+            # "higher": never interpolate below an observed score (with 6 images that alone would reject 1 in 6)
+            out["max_outlier"] = round(float(np.quantile(outlier, 1 - UNKNOWN_SHARE / 2, method="higher")), 4)
+        top = None
+        if chosen.logits is not None:
+            judged = ~np.isnan(chosen.logits).any(axis=1)
+            probs = softmax(chosen.logits[judged] / chosen.head.temperature)
+            top = np.full(len(self.row_targets), np.nan)
+            top[judged] = probs.max(axis=1)
+            min_score = float(np.quantile(top[judged], UNKNOWN_SHARE / 2, method="lower"))
+            # n images cannot vouch for a confidence above 1 - 1/(n+1) (saturated scores would otherwise ask for
+            # 1.0 and turn every new image into "unknown"); never below chance
+            min_score = max(min(min_score, 1.0 - 1.0 / (int(judged.sum()) + 1)), 1.0 / c)
+            out["min_score"] = round(min_score, 4)
+        rejected: dict = {"n": None}
+        if outlier is not None:
+            rejected["by_outlier"] = round(float((outlier > out["max_outlier"]).mean()), 4)
+        if top is not None:
+            judged = ~np.isnan(top)
+            rejected["by_score"] = round(float((top[judged] < out["min_score"]).mean()), 4)
+            if outlier is not None and not self.one_shot:  # the same rows: every image
+                both = judged & ((outlier > out["max_outlier"]) | (top < out["min_score"]))
+                rejected["either"] = round(float(both[judged].mean()), 4)
+                rejected["n"] = int(judged.sum())
+        out["unknown_defaults"] = {
+            "min_score": out.get("min_score"), "max_outlier": out.get("max_outlier"),
+            "rejected_in_distribution": rejected,
+            "rule": (f"each threshold rejects ~{UNKNOWN_SHARE / 2:.1%} of the user's own images out of sample "
+                     "(leave-one-out outlier scores, cross-validated top scores)"),
+        }
+        return out
+
     def _errors(self, chosen: Candidate) -> dict:
-        pred = chosen.logits.argmax(1)
-        y = self.val_targets
+        judged = ~np.isnan(chosen.logits).any(axis=1)
+        rows = np.flatnonzero(judged)
+        pred = chosen.logits[judged].argmax(1)
+        y = self.row_targets[judged]
         c = len(self.labels)
         conf = np.zeros((c, c), dtype=int)
         np.add.at(conf, (y, pred), 1)
         per_class = {self.labels[i]: (round(float(conf[i, i] / conf[i].sum()), 4) if conf[i].sum() else None)
                      for i in range(c)}
-        probs = softmax(chosen.logits / chosen.head.temperature)
+        probs = softmax(chosen.logits[judged] / chosen.head.temperature)
         wrong = []
-        for row in np.flatnonzero(pred != y):
-            wrong.append({"index": int(self.val_indices[row]) if self.val_indices is not None else int(row),
-                          "true": self.labels[y[row]], "predicted": self.labels[pred[row]],
-                          "score": round(float(probs[row, pred[row]]), 4)})
+        for k in np.flatnonzero(pred != y):
+            row = int(rows[k])
+            image = int(self.view_sources[row]) if self.one_shot and self.view_sources is not None else row
+            wrong.append({"index": int(self.indices[image]) if self.indices is not None else image,
+                          "true": self.labels[y[k]], "predicted": self.labels[pred[k]],
+                          "score": round(float(probs[k, pred[k]]), 4)})
         return {"per_class_accuracy": per_class, "confusion_matrix": conf.tolist(), "misclassified": wrong}
+
+
+UNKNOWN_SHARE = 0.05  # the in-distribution share the default thresholds may turn into "unknown", together
 
 
 # ------------------------------------------------------------------------------------- one build's run
@@ -465,6 +707,10 @@ def run_candidates(model, zero_shot: Head, labels: list[str], config: TuneConfig
     has_held = held_batch is not None and len(held_targets) > 0
     base_train = encode_images(model, train_batch)
     base_held = encode_images(model, held_batch) if has_held else None
+    if selection.one_shot:
+        everything = train_batch if not has_held else np.concatenate([train_batch, held_batch])
+        views, sources = augmented_views(everything, VIEWS_PER_IMAGE, seed=config.seed)
+        selection.add_views(encode_images(model, views), sources)
     selection.add_zero_shot(base_train, base_held)
     selection.add_head(base_train, base_held)
     tuning = None
@@ -475,3 +721,26 @@ def run_candidates(model, zero_shot: Head, labels: list[str], config: TuneConfig
         selection.add_masked(encode_images(model, train_batch), encode_images(model, held_batch) if has_held else None)
     chosen, validation = selection.finish(warnings)
     return CandidateRun(chosen, validation, tuning, selection)
+
+
+def augmented_views(batch: np.ndarray, per_image: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``per_image`` random views of each preprocessed image [N, 3, H, W]: a resized crop of 60-90% of the
+    side at a random place, flipped half the time (the training augmentation's family, a little milder).
+    Returns (views [N * per_image, 3, H, W], the source image of each view)."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    n, _, h, w = batch.shape
+    out = np.empty((n * per_image, *batch.shape[1:]), dtype=np.float32)
+    sources = np.repeat(np.arange(n), per_image)
+    for row, i in enumerate(sources):
+        side = rng.uniform(0.6, 0.9)
+        ch, cw = max(1, int(round(h * side))), max(1, int(round(w * side)))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = torch.from_numpy(np.ascontiguousarray(batch[i:i + 1, :, top:top + ch, left:left + cw]))
+        view = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if rng.random() < 0.5:
+            view = view.flip(-1)
+        out[row] = view.numpy()
+    return out, sources

@@ -27,6 +27,7 @@ MAX_MIN_STEPS = 100_000
 INT_RANGES: dict[str, tuple[int, int]] = {
     "epochs": (1, MAX_EPOCHS), "min_steps": (0, MAX_MIN_STEPS), "batch_size": (1, 1024), "seed": (0, 2**32 - 1),
 }
+OPTIONAL_UNIT_FLOATS = ("min_score", "max_outlier")  # null or a number in [0, 1]
 MAX_TEMPLATE_LENGTH = 200
 MAX_NAME_LENGTH = 200
 
@@ -91,6 +92,14 @@ class TuneConfig:
         default=False,
         metadata={"help": "Answer 'unknown' below a score threshold: a default min_score is chosen on validation "
                           "data and stored with the classifier."})
+    min_score: float | None = field(
+        default=None,
+        metadata={"help": "Answer 'unknown' below this top score (0-1), overriding the default chosen on "
+                          "validation data; a classify request's min_score overrides it in turn."})
+    max_outlier: float | None = field(
+        default=None,
+        metadata={"help": "Answer 'unknown' above this outlier score (0-1: how unlike the training images), "
+                          "overriding the default chosen on validation data; a request's max_outlier overrides it."})
     keep_preview: bool = field(
         default=False,
         metadata={"help": "If the job fails or is cancelled, keep answering classify with the preview model "
@@ -107,6 +116,13 @@ class TuneConfig:
             raise ValueError(f"quick_gelu={self.quick_gelu!r} must be one of auto, on, off")
         if self.select not in ("auto", *CANDIDATES):
             raise ValueError(f"select={self.select!r} must be 'auto' or one of {', '.join(CANDIDATES)}")
+        for name in OPTIONAL_UNIT_FLOATS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value!r} must be a number in [0, 1] or null")
+            setattr(self, name, float(value))
         if self.mask_init <= self.threshold:
             raise ValueError(
                 f"mask_init={self.mask_init} must be > threshold={self.threshold}, or every weight starts masked out")
@@ -154,8 +170,12 @@ class TuneConfig:
         for name, value in values.items():
             default = known[name].default
             try:
-                if value is None and name == "pretrained":
+                if value is None and name in ("pretrained", *OPTIONAL_UNIT_FLOATS):
                     clean[name] = None
+                elif name in OPTIONAL_UNIT_FLOATS:
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        raise TypeError
+                    clean[name] = float(value)
                 elif name == "quick_gelu" and isinstance(value, bool):
                     clean[name] = value
                 elif isinstance(default, bool):

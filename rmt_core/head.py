@@ -5,7 +5,12 @@
 
 W [C, D] and b [C] are the linear part (the zero-shot head is W = normalised class text embeddings,
 b = 0, scale = CLIP's logit scale); K [M, D] / V [M, C] are an optional Tip-Adapter cache of
-normalised training features and their one-hot labels. A head is stored as a small ``.npz`` (never
+normalised training features and their one-hot labels.
+
+The head also owns the open-set score (``outlier_scores``): how far an image's features lie from the images
+the classifier was built from, as the cosine distance to the nearest of them (``outlier_keys``, normalised
+training features, stored in float16), mapped to [0, 1] by a logistic curve fitted on the training images'
+own leave-one-out distances (``fit_outlier``): 0.5 at their 95th percentile, 0.1 at their median. A head is stored as a small ``.npz`` (never
 pickled) and, for a self-contained model.onnx, appended to a base graph whose output is raw
 features (``append_to_graph``).
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +48,9 @@ class Head:
     temperature: float = 1.0
     kind: str = "zero-shot"
     meta: dict = field(default_factory=dict)  # JSON-able extras (prompt template, fit settings, ...)
+    outlier_keys: np.ndarray | None = None  # [M, D] normalised training features (open-set reference)
+    outlier_center: float = 0.0  # cosine distance that scores 0.5
+    outlier_width: float = 1.0   # logistic width of the distance -> score map
 
     def __post_init__(self):
         self.W = _f32(self.W)
@@ -63,6 +72,13 @@ class Head:
         self.temperature = float(self.temperature)
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.outlier_keys is not None:
+            self.outlier_keys = np.ascontiguousarray(np.asarray(self.outlier_keys, dtype=np.float16))
+            if self.outlier_keys.ndim != 2 or self.outlier_keys.shape[1] != dim or len(self.outlier_keys) == 0:
+                raise ValueError(f"outlier_keys have shape {self.outlier_keys.shape}; expected [M>0, {dim}]")
+        self.outlier_center, self.outlier_width = float(self.outlier_center), float(self.outlier_width)
+        if not self.outlier_width > 0:
+            raise ValueError(f"outlier_width={self.outlier_width} must be > 0")
 
     @classmethod
     def zero_shot(cls, text_features, logit_scale: float, **meta) -> "Head":
@@ -95,19 +111,49 @@ class Head:
             out = out + self.cache_alpha * (affinity @ self.cache_values)
         return (out / self.temperature).astype(np.float32)
 
+    @property
+    def has_outlier(self) -> bool:
+        return self.outlier_keys is not None
+
+    def outlier_distances(self, features: np.ndarray) -> np.ndarray:
+        """Cosine distance [N] of each raw feature row to the nearest training image (``outlier_keys``)."""
+        f = np.asarray(features, dtype=np.float32)
+        if f.ndim != 2 or f.shape[1] != self.dim:
+            raise ValueError(f"features have shape {f.shape}; expected [N, {self.dim}]")
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        return 1.0 - (f @ self.outlier_keys.astype(np.float32).T).max(axis=1)
+
+    def outlier_scores(self, features: np.ndarray) -> np.ndarray | None:
+        """Raw image features [N, D] -> [N] in [0, 1], higher = less like the images this head was built from;
+        None for a head without open-set data (built before it existed)."""
+        if self.outlier_keys is None:
+            return None
+        return distance_to_score(self.outlier_distances(features), self.outlier_center, self.outlier_width)
+
+    def with_outlier(self, features: np.ndarray) -> "Head":
+        """This head with open-set data fitted on ``features`` (raw features of the images it was built from)."""
+        keys, center, width = fit_outlier(features)
+        self.outlier_keys, self.outlier_center, self.outlier_width = keys.astype(np.float16), center, width
+        return self
+
     def summary(self) -> dict:
         """What a manifest or metadata_props says about the head (no arrays)."""
         return {"kind": self.kind, "classes": self.n_classes, "dim": self.dim, "scale": self.scale,
                 "temperature": self.temperature, "cache_size": 0 if self.cache_keys is None else int(self.cache_keys.shape[0]),
-                "cache_alpha": self.cache_alpha, "cache_beta": self.cache_beta, **({"meta": self.meta} if self.meta else {})}
+                "cache_alpha": self.cache_alpha, "cache_beta": self.cache_beta,
+                "outlier_keys": 0 if self.outlier_keys is None else int(self.outlier_keys.shape[0]),
+                **({"meta": self.meta} if self.meta else {})}
 
     # ---- storage -------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         arrays = {"W": self.W, "b": self.b}
         if self.cache_keys is not None:
             arrays |= {"cache_keys": self.cache_keys, "cache_values": self.cache_values}
+        if self.outlier_keys is not None:
+            arrays["outlier_keys"] = self.outlier_keys
         header = {"format": _FORMAT, "kind": self.kind, "scale": self.scale, "cache_alpha": self.cache_alpha,
-                  "cache_beta": self.cache_beta, "temperature": self.temperature, "meta": self.meta}
+                  "cache_beta": self.cache_beta, "temperature": self.temperature, "meta": self.meta,
+                  "outlier_center": self.outlier_center, "outlier_width": self.outlier_width}
         arrays["header"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -126,7 +172,8 @@ class Head:
         return cls(W=arrays["W"], b=arrays["b"], scale=header["scale"], cache_keys=arrays.get("cache_keys"),
                    cache_values=arrays.get("cache_values"), cache_alpha=header["cache_alpha"],
                    cache_beta=header["cache_beta"], temperature=header["temperature"], kind=header["kind"],
-                   meta=header.get("meta") or {})
+                   meta=header.get("meta") or {}, outlier_keys=arrays.get("outlier_keys"),
+                   outlier_center=header.get("outlier_center", 0.0), outlier_width=header.get("outlier_width", 1.0))
 
     def save(self, path: Path | str) -> int:
         """Write atomically; returns the file size in bytes."""
@@ -137,6 +184,41 @@ class Head:
     @classmethod
     def load(cls, path: Path | str) -> "Head":
         return cls.from_bytes(Path(path).read_bytes())
+
+
+def distance_to_score(distance: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Logistic map of nearest-neighbour distances to [0, 1] (0.5 at ``center``)."""
+    z = np.clip((np.asarray(distance, dtype=np.float64) - center) / width, -50, 50)
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+def leave_one_out_distances(features: np.ndarray) -> np.ndarray:
+    """Each training image's cosine distance to its nearest OTHER training image: what a new image of the
+    same classes looks like to the open-set score (slightly pessimistic: one neighbour fewer)."""
+    f = np.asarray(features, dtype=np.float64)
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    sim = f @ f.T
+    np.fill_diagonal(sim, -np.inf)
+    return 1.0 - sim.max(axis=1)
+
+
+MIN_OUTLIER_WIDTH = 1e-3
+
+
+def fit_outlier(features: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(normalised keys, center, width) of the open-set score from the raw features of the training images:
+    the logistic curve puts 0.5 at the 95th percentile of their leave-one-out distances and 0.1 at the median,
+    so a score reads "more outlying than all but 5% of the classifier's own images" above 0.5."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) == 0:
+        raise ValueError(f"features have shape {f.shape}; expected [N>0, D]")
+    keys = (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
+    if len(f) < 2:  # one image: no distance to learn from; a cosine distance of 0.5 is far for CLIP features
+        return keys, 0.5, 0.1
+    d = leave_one_out_distances(f)
+    center, median = float(np.quantile(d, 0.95)), float(np.median(d))
+    width = max((center - median) / math.log(9.0), MIN_OUTLIER_WIDTH)
+    return keys, center, width
 
 
 def append_to_graph(graph, head: Head, features: str, output: str = "logits", prefix: str = "head/") -> None:

@@ -5,7 +5,8 @@ Directory layout (one classifier version; the caller writes into a temp dir and 
     mask.rmt        the learned mask, when the published candidate uses one: the source of truth (artifact.py)
     head.npz        the published head (features -> logits; rmt_core/head.py)
     report.json     training history and validation details
-    curve.png       training curve;  confusion.png  holdout confusion matrix (when a holdout exists)
+    curve.png       training curve;  confusion.png  out-of-sample confusion matrix of the published candidate
+    reliability.png the published candidate's reliability diagram (confidence vs accuracy, ECE and n)
 The frozen encoder is not copied per classifier: it is the shared base ``bases_dir/<base_id>`` (base.py),
 exported once per backbone weights. A self-contained model.onnx is materialised on demand (materialize.py).
 """
@@ -151,6 +152,44 @@ def _plot_confusion(conf: np.ndarray, labels: list[str], path: Path, title: str 
     plt.close(fig)
 
 
+def _plot_reliability(calibration: dict, path: Path, title: str = "") -> None:
+    """Reliability diagram: per confidence bin, accuracy against mean confidence (the diagonal is perfect
+    calibration), bar widths = the bins, counts above the bars; ECE and n in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = calibration.get("reliability") or []
+    fig, ax = plt.subplots(figsize=(3.6, 3.4))
+    ax.plot([0, 1], [0, 1], color="tab:gray", linestyle="--", linewidth=1, label="perfect")
+    for b in bins:
+        ax.bar(b["lo"], b["accuracy"], width=b["hi"] - b["lo"], align="edge", color="tab:blue", alpha=0.7,
+               edgecolor="white")
+        ax.plot([b["lo"], b["hi"]], [b["confidence"]] * 2, color="tab:orange", linewidth=2)
+        ax.text((b["lo"] + b["hi"]) / 2, min(b["accuracy"] + 0.03, 0.97), str(b["n"]), ha="center", fontsize=6)
+    ax.plot([], [], color="tab:orange", linewidth=2, label="mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top score)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title or f"ECE {calibration.get('ece_after', 0):.3f} on n={calibration.get('n')}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def unknown_thresholds(config: TuneConfig, validation: dict | None) -> dict:
+    """The manifest's ``min_score`` / ``max_outlier``: the config's own values win; otherwise the defaults chosen
+    on the user's images when the config asks for "unknown" answers; otherwise None (always answer a label)."""
+    validation = validation or {}
+    out = {}
+    for name in ("min_score", "max_outlier"):
+        value = getattr(config, name)
+        out[name] = value if value is not None else (validation.get(name) if config.unknown else None)
+    return out
+
+
 def _head_for(backbone, text_features):
     from .export import ClassifierHead
 
@@ -198,8 +237,9 @@ def write_preview(out_dir: Path | str, shared: dict, name: str, head: Head, accu
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = write_version_files(out_dir, base_id=shared["base_id"], head=head)
+    config = TuneConfig.from_dict(shared["config"]) if shared.get("config") else TuneConfig()
     manifest = {**shared, "candidate": name, "preview": True, "preview_accuracy": accuracy, **files,
-                "sparsity": 0.0, "validation": None, "min_score": None,
+                "sparsity": 0.0, "validation": None, **unknown_thresholds(config, None),
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     write_json(out_dir / MANIFEST, manifest)
     return manifest
@@ -304,8 +344,8 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         "steps": result.steps if result is not None else 0,
         "epochs": result.epochs if result is not None else 0,
         "warnings": run.validation["warnings"],
-        # classify's default threshold for "unknown" (config.unknown); None = always answer a label
-        "min_score": run.validation.get("min_score") if config.unknown else None,
+        # classify's default thresholds for "unknown" (config.unknown, or the config's own values); None = none
+        **unknown_thresholds(config, run.validation),
         "validation": None,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
@@ -323,6 +363,11 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         _plot_confusion(np.asarray(validation["confusion_matrix"]), labels, out_dir / "confusion.png",
                         title=f"{published.name}: accuracy {validation['published_accuracy']:.1%} "
                               f"({validation['validated_by']['method']}, n={validation['validated_by']['n']})")
+    if validation.get("calibration"):
+        cal = validation["calibration"]
+        _plot_reliability(cal, out_dir / "reliability.png",
+                          title=f"{published.name}: ECE {cal['ece_after']:.3f} (before T: {cal['ece_before']:.3f}), "
+                                f"n={cal['n']}, T={cal['temperature']:.2f}")
     if history:
         _plot_curve(history, out_dir / "curve.png", reference={
             "zero-shot (held out)": validation.get("zero_shot_accuracy"),

@@ -177,6 +177,11 @@ class _Classifier:
         """Preprocessed batch [N,3,H,W] -> class probabilities [N,C]."""
         return softmax(self.logits(batch))
 
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(class probabilities [N,C], outlier scores [N] in [0, 1] or None when the classifier has no
+        open-set data: old baked directories and heads built before it existed)."""
+        return self.run(batch), None
+
     def top_k(self, probs: np.ndarray, top_k: int = 5) -> list[list[dict]]:
         k = max(1, min(int(top_k), len(self.labels)))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -656,11 +661,11 @@ class ServedClassifier(_Classifier):
         """What this classifier holds beyond the shared base: its own baked tensors (ORT keeps them, prepacked,
         in sessions of its own; measured within ~10% of the RSS a load adds: bench/RESULTS-multitenant.md)
         and its head's arrays."""
-        head = sum(a.nbytes for a in (self.head.W, self.head.b, self.head.cache_keys, self.head.cache_values)
-                   if a is not None)
+        head = sum(a.nbytes for a in (self.head.W, self.head.b, self.head.cache_keys, self.head.cache_values,
+                                      getattr(self.head, "outlier_keys", None)) if a is not None)
         return int(self.own_tensor_bytes + head)
 
-    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, object]:
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Preprocessed batch -> (probs [N,C], outlier scores or None): outlier where the head scores them."""
         if self._head_in_session:
             logits, features = self._chain[0][1].run([LOGITS, self._output], {self._input: self._checked_batch(batch)})

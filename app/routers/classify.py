@@ -15,7 +15,7 @@ from ..access import ERRORS as _ERRORS, served_version
 from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import Classification, ClassifyResponse, multipart_body
-from ..uploads import PixelBudget, decode_image, read_form
+from ..uploads import PixelBudget, decode_all, display_name, read_form
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classify"])
 log = logging.getLogger(__name__)
@@ -30,15 +30,23 @@ _CLASSIFY_BODY = multipart_body({
 def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, settings: Settings) -> np.ndarray:
     """Decode and preprocess off the event loop; any bad image (or too many pixels in all) rejects the request."""
     budget = PixelBudget(settings.max_classify_pixels, "RMT_MAX_CLASSIFY_PIXELS")
-    return np.stack([classifier.preprocess(decode_image(data, settings, what, budget)) for data, what in blobs])
+    return np.stack([classifier.preprocess(image) for image in decode_all(blobs, settings, budget)])
 
 
-def _own_min_score(version) -> float | None:
-    manifest = version.manifest or {}
-    min_score = manifest.get("min_score")
-    if min_score is None:
-        min_score = (manifest.get("validation") or {}).get("min_score")
-    return min_score
+def _threshold(name: str, query: float | None, config: dict, manifest: dict) -> float | None:
+    """The request's value, else the classifier config's own, else the default the build chose on the user's
+    images (stored in the manifest when the config asked for unknown answers; older manifests kept min_score
+    only in their validation), else None."""
+    if query is not None:
+        return query
+    if config.get(name) is not None:
+        return float(config[name])
+    if not config.get("unknown"):
+        return None
+    value = manifest.get(name)
+    if value is None:
+        value = (manifest.get("validation") or {}).get(name)
+    return None if value is None else float(value)
 
 
 @router.post("/{classifier_id}/classify", response_model=ClassifyResponse,
@@ -49,17 +57,23 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
                    min_score: float | None = Query(
                        None, ge=0.0, le=1.0,
                        description="Below this top score the answer is unknown (label null, top-k still listed). "
-                                   "Default: the classifier's own, chosen on validation data, when it was created "
-                                   "with config.unknown; otherwise none.")
+                                   "Default: the classifier config's min_score, else the default chosen on its own "
+                                   "images when it was created with config.unknown; otherwise none."),
+                   max_outlier: float | None = Query(
+                       None, ge=0.0, le=1.0,
+                       description="Above this outlier_score the answer is unknown. Default: the classifier "
+                                   "config's max_outlier, else the default chosen on its own images when it was "
+                                   "created with config.unknown; otherwise none."),
                    ) -> ClassifyResponse:
     """Classify one image (`file`) or a batch (`files`): with the published model, or while the job still
-    tunes, with the best preview ready so far (`final: false`, `model` names it)."""
+    tunes, with the best preview ready so far (`final: false`, `model` names it). Every result carries an
+    `outlier_score`; `unknown` is true when it exceeds `max_outlier` or the top score is below `min_score`."""
     # The records database is read in the threadpool: never a blocking query on the event loop.
     record, version = await run_in_threadpool(served_version, store, classifier_id, tenant)
     model_dir = store.version_dir(version)
-    min_score_asked = min_score
-    if min_score is None and record.config.get("unknown"):
-        min_score = _own_min_score(version)
+    min_score_asked, max_outlier_asked = min_score, max_outlier
+    min_score = _threshold("min_score", min_score_asked, record.config, version.manifest or {})
+    max_outlier = _threshold("max_outlier", max_outlier_asked, record.config, version.manifest or {})
     form = await read_form(request, settings, max_files=settings.max_classify_images + 1,
                            limit_name="RMT_MAX_CLASSIFY_IMAGES", limit=settings.max_classify_images)
     try:
@@ -74,7 +88,7 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
                                                   f"{settings.max_classify_images} (RMT_MAX_CLASSIFY_IMAGES)")
         blobs, names = [], []
         for i, part in enumerate(parts):
-            what = "file" if single else f"files[{i}]"
+            what = f"{'file' if single else f'files[{i}]'} ({display_name(getattr(part, 'filename', None))})"
             if not isinstance(part, UploadFile):
                 raise ApiError(400, "invalid_file", f"{what} is a text field; send it as a file part")
             data = await part.read(settings.max_image_bytes + 1)
@@ -82,6 +96,7 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
             names.append(part.filename)
     finally:
         await form.close()
+
     def serving_now():  # asked by the cache (in a thread) when it holds another version than this request's
         _, current = served_version(store, classifier_id, tenant)
         return store.version_dir(current), current
@@ -94,19 +109,22 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
                                                  "can find the details in the server log") from None
     if entry.version is not None and entry.version.version_id != version.version_id:  # the version serving now
         version = entry.version
-        if min_score_asked is None and record.config.get("unknown"):
-            min_score = _own_min_score(version)
+        min_score = _threshold("min_score", min_score_asked, record.config, version.manifest or {})
+        max_outlier = _threshold("max_outlier", max_outlier_asked, record.config, version.manifest or {})
     arrays = await run_in_threadpool(_prepare, blobs, entry.classifier, settings)
-    probs, _outlier = await entry.predict(arrays)  # through the micro-batcher of its base, mixed with others
+    probs, outlier = await entry.predict(arrays)  # through the micro-batcher of its base, mixed with others
     metrics.classified.inc(len(blobs))
     predictions = entry.classifier.top_k(probs, top_k)
     top = np.asarray(probs).max(axis=1)
     results = []
-    for name, preds, score in zip(names, predictions, top):
-        unknown = min_score is not None and float(score) < min_score
-        results.append(Classification(filename=name, predictions=preds, unknown=unknown,
+    for i, (name, preds, score) in enumerate(zip(names, predictions, top)):
+        far = None if outlier is None else round(float(outlier[i]), 4)
+        unknown = ((min_score is not None and float(score) < min_score)
+                   or (max_outlier is not None and far is not None and far > max_outlier))
+        results.append(Classification(filename=name, predictions=preds, unknown=unknown, outlier_score=far,
                                       label=None if unknown or not preds else preds[0]["label"]))
     first = results[0] if single else None
     return ClassifyResponse(model=version.candidate or None, final=version.final, min_score=min_score,
+                            max_outlier=max_outlier,
                             results=results, predictions=predictions[0] if single else None,
                             label=first.label if first else None, unknown=first.unknown if first else None)

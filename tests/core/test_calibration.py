@@ -87,3 +87,37 @@ def test_a_calibrated_model_keeps_t_1_and_an_overconfident_one_gets_fitted():
     kept = sum(calibrate(*draw(1.0))["temperature"] == 1.0 for _ in range(40))
     fitted = sum(calibrate(*draw(10.0))["temperature"] > 3 for _ in range(40))
     assert kept >= 30 and fitted >= 37
+
+
+def test_temperature_never_leaves_its_bounds_nor_collapses_scores_to_uniform():
+    """Out-of-fold logits that are mostly wrong (a 1-shot head that never saw the class) pull T upward
+    without limit; the fit stays within T_RANGE and never below the collapse floor."""
+    from rmt_core.calibration import COLLAPSE_FLOOR, T_RANGE, collapse_bound
+
+    rng = np.random.default_rng(3)
+    for classes in (2, 5, 20):
+        z = rng.normal(0, 8, (10, classes))
+        y = (z.argmax(1) + 1) % classes  # every answer wrong: unbounded NLL wants T -> infinity
+        report = calibrate(z, y)
+        t = report["fitted_temperature"]
+        assert T_RANGE[0] <= t <= report["bounds"][1] <= T_RANGE[1]
+        assert t == pytest.approx(collapse_bound(z), rel=1e-3) or t < collapse_bound(z)
+        chance = 1 / classes
+        assert softmax(z / t).max(1).mean() >= chance + COLLAPSE_FLOOR * (1 - chance) - 1e-6
+    certain = np.eye(4)[[0, 1, 2, 3]] * 1e-6  # no spread at all: T cannot sharpen it past its lower bound
+    assert T_RANGE[0] <= fit_temperature(certain, np.arange(4)) <= T_RANGE[1]
+
+
+def test_a_temperature_that_worsens_held_out_ece_is_dropped_even_when_nll_improves():
+    # 12 images where the cross-fitted T lowers NLL (2.61 -> 1.40) but raises ECE (0.405 -> 0.474)
+    rng = np.random.default_rng(21)
+    z = rng.normal(0, 3, (12, 3))
+    y = rng.integers(0, 3, 12)
+    report = calibrate(z, y)
+    assert report["fitted_temperature"] > 2  # the fit wanted a T ...
+    assert report["temperature"] == 1.0 and "ECE" in report["temperature_kept"]  # ... and was refused
+    assert report["ece_after"] == report["ece_before"] and report["n"] == 12
+    z, y = _overconfident(n=400)
+    kept = calibrate(z, y)  # an over-confident model: both get better, T is kept
+    assert kept["temperature"] > 1 and kept["ece_after"] < kept["ece_before"] and kept["nll_after"] < kept["nll_before"]
+    assert sum(b["n"] for b in kept["reliability"]) == 400 and kept["mean_top_score"] < softmax(z).max(1).mean()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from rmt_core.candidates import Candidate, Selection, fit_linear_probe, pick, stratified_folds
+from rmt_core.candidates import Candidate, Selection, fit_linear_probe, paired_better, pick, stratified_folds
 from rmt_core.config import TuneConfig
 from rmt_core.head import Head
 
@@ -24,20 +24,46 @@ def _draw(rng, means, n_per, noise=0.9):
     return means[y] + noise * rng.normal(size=(len(y), D)), y
 
 
-def _head(name, acc, n=20):
-    return Candidate(name, Head.zero_shot(np.eye(2), 1.0), "mask" in name, acc, n, "holdout")
+def _judged(name, correct):
+    correct = np.asarray(correct, dtype=float)
+    judged = ~np.isnan(correct)
+    return Candidate(name, Head.zero_shot(np.eye(2), 1.0), "mask" in name, float(correct[judged].mean()),
+                     int(judged.sum()), "k-fold", correct=correct)
 
 
-def test_pick_prefers_the_simpler_candidate_within_one_validation_image():
-    cands = [_head("zero-shot", 0.50), _head("head", 0.55), _head("mask", 0.60), _head("mask+head", 0.60)]
-    chosen, why = pick(cands)  # 1/n = 0.05: head is within one image of the best, zero-shot is not
-    assert chosen.name == "head" and "tie" in why
-    clear = [_head("zero-shot", 0.50), _head("head", 0.55), _head("mask", 0.90), _head("mask+head", 0.85)]
-    assert pick(clear)[0].name == "mask"
-    assert pick(clear, "mask+head")[0].name == "mask+head"
-    assert pick([_head("zero-shot", None), _head("head", None)])[0].name == "zero-shot"
+def test_paired_rule_takes_a_clear_margin_and_leaves_a_tie_to_the_simpler():
+    rng = np.random.default_rng(0)
+    base = (rng.random(40) < 0.6).astype(float)
+    better = base.copy()
+    better[np.flatnonzero(base == 0)[:8]] = 1  # right on 8 images the other got wrong, wrong on none of its own
+    assert paired_better(better, base) and not paired_better(base, better)
+    assert not paired_better(base, base)  # a tie: no image where they differ
+    # a tie in accuracy made of different images (4 wins, 4 losses) is no evidence either way
+    swapped = base.copy()
+    swapped[np.flatnonzero(base == 0)[:4]] = 1
+    swapped[np.flatnonzero(base == 1)[:4]] = 0
+    assert swapped.mean() == base.mean() and not paired_better(swapped, base)
+    # 1 win of 1 disagreement on 10 images is not a clear margin: the simpler candidate stays
+    small = np.array([1, 1, 1, 0, 0, 1, 1, 0, 1, 1], float)
+    one_more = small.copy()
+    one_more[3] = 1
+    assert not paired_better(one_more, small)
+    with pytest.raises(ValueError, match="same images"):
+        paired_better(small, base)
+
+    chosen, why, decisions = pick([_judged("zero-shot", base), _judged("head", better)])
+    assert chosen.name == "head" and "beat zero-shot" in why and decisions[0]["switched"]
+    chosen, why, _ = pick([_judged("zero-shot", base), _judged("head", swapped)])
+    assert chosen.name == "zero-shot" and "simpler one stays" in why
+    # masks are judged on fewer images (the holdout, NaN elsewhere): compared only where both were judged
+    held = np.full(40, np.nan)
+    held[-10:] = 1.0
+    mask = _judged("mask", held)
+    chosen, _, decisions = pick([_judged("zero-shot", base), _judged("head", better), mask])
+    assert decisions[-1]["n"] == 10 and decisions[-1]["challenger"] == "mask"
+    assert pick([_judged("zero-shot", base), _judged("head", better)], "zero-shot")[0].name == "zero-shot"
     with pytest.raises(ValueError, match="not built"):
-        pick([_head("zero-shot", 0.5)], "mask")
+        pick([_judged("zero-shot", base)], "mask")
 
 
 def test_linear_probe_fixes_an_uninformative_text_init_and_strong_decay_stays_zero_shot():
@@ -103,23 +129,28 @@ def test_report_has_every_field_with_consistent_values():
                 "validated_by", "warnings", "ece_before", "ece_after", "temperature", "min_score",
                 "per_class_accuracy", "misclassified", "confusion_matrix"):
         assert key in report, key
-    assert report["n_holdout"] == 16 and report["validated_by"] == {"method": "holdout", "n": 16}
+    # heads are judged on every image (train and holdout alike), the holdout is kept for the mask only
+    assert report["n_holdout"] == 16
+    assert report["validated_by"] == {"method": "repeated k-fold", "n": 48, "folds": 5, "repeats": 3}
     assert {r["name"] for r in report["candidates"]} == {"zero-shot", "head"}
-    assert report["published_accuracy"] == max(r["accuracy"] for r in report["candidates"]) or "tie" in report["why"]
+    rows = {r["name"]: r for r in report["candidates"]}
+    assert rows["head"]["n"] == rows["zero-shot"]["n"] == 48 and rows["head"]["refit"] == "all 48 images"
     assert report["temperature"] == chosen.head.temperature > 0 and 0 < report["min_score"] < 1
+    assert 0 < report["max_outlier"] < 1 and chosen.head.has_outlier and len(chosen.head.outlier_keys) == 48
+    assert report["unknown_defaults"]["rejected_in_distribution"]["either"] <= 0.1
     assert "NO MASK FLIPPED: ..." in report["warnings"]
     conf = np.array(report["confusion_matrix"])
-    assert conf.sum() == 16 and np.trace(conf) / 16 == pytest.approx(report["published_accuracy"])
-    assert len(report["misclassified"]) == 16 - np.trace(conf)
-    assert all(32 <= m["index"] < 48 and m["true"] != m["predicted"] for m in report["misclassified"])
+    assert conf.sum() == 48 and np.trace(conf) / 48 == pytest.approx(report["published_accuracy"])
+    assert len(report["misclassified"]) == 48 - np.trace(conf)
+    assert all(0 <= m["index"] < 48 and m["true"] != m["predicted"] for m in report["misclassified"])
 
 
 def test_without_a_holdout_heads_are_cross_validated_and_masks_are_not_tuned():
     sel, rng, means, (x, _) = _selection(n_train=3, n_held=0)
-    assert not sel.wants_masks and sel.validation.method == "k-fold"  # 12 images > LOO_MAX
+    assert not sel.wants_masks and sel.validation.method == "repeated k-fold"  # 12 images > LOO_MAX
     sel.add_zero_shot(x)
     head = sel.add_head(x)
-    assert head.method == "k-fold" and head.n == 12
+    assert head.method == "repeated k-fold" and head.n == 12
     chosen, report = sel.finish()
     assert chosen.name in ("zero-shot", "head") and report["tuned_accuracy"] is None
     assert any("too few images to validate" in w for w in report["warnings"])
@@ -160,14 +191,18 @@ def test_a_destructive_learning_rate_loses_to_zero_shot_and_previews_come_first(
     for key in ("n_holdout", "zero_shot_accuracy", "tuned_accuracy", "published_accuracy", "validated_by", "warnings",
                 "ece_before", "ece_after", "temperature", "min_score", "per_class_accuracy", "misclassified"):
         assert key in v, key
-    assert v["validated_by"] == {"method": "holdout", "n": 6}
+    assert v["validated_by"] == {"method": "repeated k-fold", "n": 18, "folds": 5, "repeats": 3}
+    assert rows["mask"]["n"] == rows["mask+head"]["n"] == 6 and rows["mask"]["method"] == "holdout"
     assert v["tuned_accuracy"] == pytest.approx(rows["mask"]["accuracy"], abs=1e-4)
     assert 0 < v["min_score"] < 1 and v["temperature"] == manifest["head"]["temperature"]
+    assert manifest["min_score"] == v["min_score"] and manifest["max_outlier"] == v["max_outlier"]
     for wrong in v["misclassified"]:
         assert samples[wrong["index"]][1] == wrong["true"] != wrong["predicted"]
     published = Head.load(tmp_path / "wrecked" / "head.npz")
     assert published.temperature == v["temperature"]
-    assert (tmp_path / "wrecked" / "confusion.png").is_file() and (tmp_path / "wrecked" / "curve.png").is_file()
+    assert published.has_outlier and len(published.outlier_keys) == len(samples)  # built from every image
+    for picture in ("confusion.png", "curve.png", "reliability.png"):
+        assert (tmp_path / "wrecked" / picture).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_when_tuning_clearly_helps_a_tuned_candidate_is_published(tmp_path):
@@ -236,3 +271,54 @@ def test_without_a_holdout_the_build_skips_tuning_and_says_so(tmp_path):
     assert {r["name"] for r in v["candidates"]} == {"zero-shot", "head"} and manifest["steps"] == 0
     assert any("too few images to validate" in w for w in manifest["warnings"])
     assert len(seen) == 1 and seen[0].total_steps == 0 and seen[0].eta_seconds == 0
+
+
+def test_a_one_shot_build_can_publish_a_head_and_says_what_decided():
+    """One image per class: leave-one-out would remove each class's only example, so views judge instead."""
+    rng, means, _ = _world(seed=4)
+    # CLIP-like text: class embeddings close to each other (logits a few units apart at scale 100), unrelated
+    # to the classes' images
+    zs = Head.zero_shot(np.ones((C, D)) + 0.05 * rng.normal(size=(C, D)), 100.0)
+    x, y = _draw(rng, means, 1, noise=0.3)
+    sel = Selection(zs, LABELS, TuneConfig(), y, [], train_indices=list(range(C)), held_indices=[])
+    assert sel.one_shot and not sel.wants_masks
+    views = np.repeat(x, 4, axis=0) + 0.3 * rng.normal(size=(4 * C, D))  # what augmented views look like
+    sel.add_views(views, np.repeat(np.arange(C), 4))
+    sel.add_zero_shot(x)
+    head = sel.add_head(x)
+    assert head.method == "augmented views" and head.n == 4 * C and head.head.kind == "tip-adapter"
+    chosen, report = sel.finish()
+    assert chosen.name == "head" and report["published"] == "head"
+    assert "prior" in report["decided_by"] and report["validated_by"]["method"] == "augmented views"
+    assert any("single image" in w for w in report["warnings"])
+    assert all(0 <= m["index"] < C for m in report["misclassified"])
+    xt, yt = _draw(rng, means, 50, noise=0.3)
+    assert (chosen.head.logits(xt).argmax(1) == yt).mean() > (zs.logits(xt).argmax(1) == yt).mean() + 0.3
+
+
+def test_outlier_score_is_higher_far_from_the_training_images_of_the_generated_world():
+    """The builtin world CLIP: shapes the classifier was built on vs shapes it never saw."""
+    from rmt_core import world
+    from rmt_core.backbones import load_backbone
+    from rmt_core.candidates import encode_images
+    from rmt_core.preprocess import PreprocessConfig, preprocess_batch
+
+    backbone = load_backbone("rmt-world-vit", "builtin", seed=0)
+    pre = PreprocessConfig.from_dict(backbone.preprocess)
+
+    def features(classes, n, seed):
+        images = [im for c in classes for im, _ in world.sample_class(c, n, seed, size=backbone.image_size[0])]
+        return encode_images(backbone.model, preprocess_batch(images, pre))
+
+    built_on = ["red circle", "blue square", "green triangle", "yellow star"]
+    never_seen = ["purple hexagon", "orange cross", "pink diamond", "brown crescent"]
+    train = features(built_on, 4, seed=1)
+    head = Head.zero_shot(np.ones((4, train.shape[1])) + np.eye(4, train.shape[1]), 1.0).with_outlier(train)
+    inside, outside = head.outlier_scores(features(built_on, 10, seed=2)), head.outlier_scores(features(never_seen, 10, 3))
+    assert inside.shape == outside.shape == (40,) and 0 <= inside.min() and outside.max() <= 1
+    auroc = (outside[:, None] > inside[None, :]).mean()
+    assert auroc > 0.85 and outside.mean() > inside.mean() + 0.3, (auroc, inside.mean(), outside.mean())
+    assert head.outlier_scores(train).max() < 0.05  # a training image is at distance 0 from itself
+    again = Head.from_bytes(head.to_bytes())  # stored in head.npz (float16 keys), same scores
+    np.testing.assert_allclose(again.outlier_scores(train[:3]), head.outlier_scores(train[:3]), atol=1e-3)
+    assert Head.zero_shot(np.eye(4, train.shape[1]), 1.0).outlier_scores(train) is None  # an old head: no score

@@ -374,3 +374,27 @@ def test_jit_and_baked_classifiers_mix_in_one_batch(world):
     np.testing.assert_allclose(got[0][0], a_baked.predict(x[:2])[0], rtol=0, atol=1e-4)
     np.testing.assert_allclose(got[1][0], b.predict(x[1:])[0], rtol=0, atol=1e-5)
     np.testing.assert_allclose(got[2][0], a_baked.predict(x[2:])[0], rtol=0, atol=1e-4)
+
+
+def test_predict_answers_outlier_scores_from_the_features_the_head_receives(world, tmp_path):
+    """predict = (probs, outlier): in the head-in-session path the session's features feed the open-set score,
+    in the numpy path the chain's; an old head without open-set data answers None."""
+    import shutil
+
+    registry = BaseRegistry(world["bases"], "cpu")
+    x = world["x"]
+    for name in ("a", "zero"):
+        plain = load_classifier(world[name], world["bases"], registry)
+        probs, outlier = plain.predict(x)
+        assert outlier is None and np.allclose(probs, plain.run(x))
+        version = tmp_path / name
+        shutil.copytree(world[name], version)
+        head = Head.load(version / "head.npz")
+        head.with_outlier(plain.features(x[:2]))  # "built from" the first two images
+        head.save(version / "head.npz")
+        served = load_classifier(version, world["bases"], registry)
+        assert served._head_in_session == (name == "a")
+        probs, outlier = served.predict(x)
+        np.testing.assert_allclose(probs, served.run(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(outlier, head.outlier_scores(served.features(x)), atol=1e-4)
+        assert outlier[:2].max() < 0.1  # the images it was built from are not outliers

@@ -102,7 +102,8 @@ def test_lru_keeps_at_most_capacity_sessions(tuned, tmp_path):
         for i, d in enumerate(dirs):
             entry = await cache.get(f"c{i}", d)
             x = entry.classifier.preprocess(Image.new("RGB", (40, 40)))
-            assert (await entry.predict(x[None]))[0].shape == (1, 2)
+            probs, outlier = await entry.predict(x[None])  # the classifier's predict, through its group's batcher
+            assert probs.shape == (1, 2) and outlier.shape == (1,) and 0 <= outlier[0] <= 1
         assert len(cache) == 2 and "c3" in cache and "c2" in cache and "c0" not in cache
         await cache.get("c2", dirs[2])  # hit: c2 becomes most recent, c3 is next out
         await cache.get("c0", dirs[0])

@@ -54,7 +54,7 @@ def test_responses_are_named_models_not_unions(spec):
                 if path.startswith("/v1/") and code.startswith("2") and schema:
                     assert set(schema) == {"$ref"}, (method, path, code, schema)
     result = spec["components"]["schemas"]["Classification"]
-    assert set(result["properties"]) == {"filename", "label", "unknown", "predictions"}
+    assert set(result["properties"]) == {"filename", "label", "unknown", "outlier_score", "predictions"}
 
 
 _URL_ATTR = re.compile(r'(?:src|href|spec-url|data-openapi-url)="([^"]*)"')

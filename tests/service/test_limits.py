@@ -379,6 +379,10 @@ def test_image_errors_show_no_decoder_text(make_client):
     assert response.status_code == 415
     message = response.json()["error"]["message"]
     assert message == "files[0] (broken.png) is truncated or corrupt", message  # not Pillow's own words
+    files[2] = ("files", ("second.png", broken, "image/png"))  # every bad file is named, by its file name
+    message = client.post("/v1/classifiers", files=files, data=data).json()["error"]["message"]
+    assert message == ("2 files cannot be used: files[0] (broken.png) is truncated or corrupt; "
+                       "files[2] (second.png) is truncated or corrupt"), message
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -133,6 +133,39 @@ def test_min_score_makes_the_answer_unknown(tuned_client, tuned):
     assert r.status_code == 422, pretty(r)
 
 
+def test_every_answer_has_an_outlier_score_and_max_outlier_overrides(tuned_client, tuned):
+    cid = tuned["classifier_id"]
+    body = _classify(tuned_client, cid).json()
+    far = body["results"][0]["outlier_score"]
+    assert 0 < far <= 1 and body["max_outlier"] is None and body["unknown"] is False  # no threshold by default
+    body = _classify(tuned_client, cid, max_outlier=far / 2).json()  # the image is farther than allowed
+    assert body["unknown"] is True and body["label"] is None and body["max_outlier"] == far / 2
+    assert body["results"][0]["outlier_score"] == far and len(body["predictions"]) == 2
+    body = _classify(tuned_client, cid, max_outlier=1.0, min_score=0.0).json()
+    assert body["unknown"] is False and body["label"] == body["predictions"][0]["label"]
+    assert _classify(tuned_client, cid, max_outlier=-0.1).status_code == 422
+    # a batch: one outlier score per image, and an undecodable image is named by its file name
+    files = [("files", ("a.png", image_bytes((30, 200, 40)), "image/png")),
+             ("files", ("broken.png", image_bytes()[:60], "image/png")),
+             ("files", ("also-broken.png", b"not an image", "image/png"))]
+    r = tuned_client.post(f"/v1/classifiers/{cid}/classify", files=files)
+    assert r.status_code == 415, pretty(r)
+    message = r.json()["error"]["message"]
+    assert "files[1] (broken.png)" in message and "files[2] (also-broken.png)" in message and "a.png" not in message
+
+
+def test_thresholds_come_from_the_request_then_the_config_then_the_built_default():
+    from app.routers.classify import _threshold
+
+    manifest = {"min_score": 0.3, "max_outlier": 0.6}
+    assert _threshold("max_outlier", None, {"unknown": True}, manifest) == 0.6  # the default chosen on the images
+    assert _threshold("max_outlier", None, {"unknown": False}, manifest) is None  # not asked for unknown answers
+    assert _threshold("max_outlier", None, {"unknown": True, "max_outlier": 0.9}, manifest) == 0.9  # config wins
+    assert _threshold("max_outlier", 0.1, {"unknown": True, "max_outlier": 0.9}, manifest) == 0.1  # request wins
+    assert _threshold("min_score", None, {"min_score": 0.5}, {}) == 0.5  # config alone, without unknown
+    assert _threshold("min_score", None, {"unknown": True}, {"validation": {"min_score": 0.2}}) == 0.2  # old manifest
+
+
 @pytest.mark.parametrize("end, keep_preview", [("cancelled", False), ("failed", True)])
 def test_after_a_failed_or_cancelled_job_the_preview_answers_only_if_kept(client, settings, monkeypatch,
                                                                          end, keep_preview):

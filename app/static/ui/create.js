@@ -63,17 +63,38 @@ export function createView(main, ctx) {
     cls.pick.focus();
   }
 
-  function addFiles(cls, files) {
-    const skipped = [];
+  async function addFiles(cls, files) {
+    const skipped = [], broken = [], candidates = [];
     for (const file of files) {
       if (isZip(file)) { addZip(file); continue; }
       if (!isImage(file)) { skipped.push(file.name); continue; }
+      candidates.push(file);
+    }
+    // Decode each image here before it is kept: a file the browser cannot decode would be a broken thumbnail
+    // and, uploaded, fail the whole create on the server.
+    const decoded = await Promise.all(candidates.map((file) => decodes(file)));
+    candidates.forEach((file, i) => {
+      if (!decoded[i]) { broken.push(file.name); return; }
       const url = URL.createObjectURL(file);
       urls.add(url);
       cls.images.push({ file, url });
-    }
+    });
     if (skipped.length) toast(`Skipped ${skipped.length} file(s) that are not images: ${skipped.slice(0, 3).join(", ")}`);
+    if (broken.length) {
+      showError(`${broken.length} image(s) could not be decoded and were not added: ${broken.join(", ")}`);
+    }
     refreshClass(cls);
+  }
+
+  async function decodes(file) {
+    if (/tiff?$/i.test(file.type) || /\.tiff?$/i.test(file.name)) return true;  // the server decodes TIFF, browsers do not
+    try {
+      const bitmap = await createImageBitmap(file);
+      bitmap.close();
+      return true;
+    } catch {  // the browser cannot decode it: reported by name in the caller
+      return false;
+    }
   }
 
   async function addZip(file) {

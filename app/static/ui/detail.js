@@ -11,6 +11,7 @@ const POLL_MS = 700;
 export function detailView(main, ctx, id) {
   let alive = true;
   let clf = null;
+  let shownWarnings = new Set();  // the job's warnings, already on the page: the report does not repeat them
   let info = null;
   const urls = new Set();
   const track = (url) => { urls.add(url); return url; };
@@ -65,7 +66,7 @@ export function detailView(main, ctx, id) {
       replace(headStatus, badge(job.status));
     }
     replace(jobStatus, "Job ", badge(job.status), job.cancel_requested && !FINISHED.has(job.status) ? " (cancelling…)" : "",
-      job.preview && job.preview.model ? ` · preview model: ${job.preview.model}` : "");
+      job.preview && job.preview.model && !FINISHED.has(job.status) ? ` · preview model: ${job.preview.model}` : "");
     if (p.total_steps) { bar.max = p.total_steps; bar.value = p.step || 0; }
     else if (job.status === "succeeded") { bar.max = 1; bar.value = 1; }
     else bar.removeAttribute("value");  // indeterminate while queued
@@ -79,8 +80,9 @@ export function detailView(main, ctx, id) {
     replace(stats, s.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
     cancelButton.hidden = FINISHED.has(job.status) || job.cancel_requested;
     if (job.error) append(jobStatus, h("span", { class: "error-text" }, ` ${job.error.message}`));
-    const warnings = [...(job.warnings || [])];
-    replace(jobWarnings, warnings.map((w) => h("li", {}, String(w))));
+    const warnings = [...(job.warnings || [])].map(String).filter((w, i, all) => all.indexOf(w) === i);
+    shownWarnings = new Set(warnings);
+    replace(jobWarnings, warnings.map((w) => h("li", {}, w)));
     if (typeof p.step === "number") chart.push(p, p.total_steps);
   }
 
@@ -145,8 +147,12 @@ export function detailView(main, ctx, id) {
       ["Validation", validatedBy(fv.validated_by)],
       ["Why this model", typeof fv.why === "string" ? fv.why : null],
       ["Calibration error (ECE)", isNum(fv.ece_after)
-        ? `${num(fv.ece_after)} after temperature scaling${isNum(fv.ece_before) ? ` (${num(fv.ece_before)} before)` : ""}` : null],
+        ? `${num(fv.ece_after)}${fv.temperature && fv.temperature !== 1 ? " after temperature scaling" : ""}`
+          + `${isNum(fv.ece_before) && fv.ece_before !== fv.ece_after ? ` (${num(fv.ece_before)} before)` : ""}`
+          + `${isNum(fv.ece_n) ? ` on ${fv.ece_n} images` : ""}${isNum(fv.mean_top_score) ? `, mean top score ${pct(fv.mean_top_score, 1)}` : ""}` : null],
       ["Default min score", isNum(fv.min_score) ? pct(fv.min_score, 1) : null],
+      ["Default max outlier score", isNum(fv.max_outlier) ? pct(fv.max_outlier, 1) : null],
+      ["Own images the defaults call unknown", unknownRate(fv.unknown_defaults)],
       ["Masked weights", isNum(clf.sparsity) ? pct(clf.sparsity, 3) : null],
       ["Mask size", clf.artifacts && clf.artifacts.mask_bytes ? bytes(clf.artifacts.mask_bytes) : null],
     ].filter(([, value]) => value !== null && value !== undefined);
@@ -155,8 +161,9 @@ export function detailView(main, ctx, id) {
       h("dl", { class: "meta", id: "report-summary" }, summary.map(([k, value]) => [h("dt", {}, k), h("dd", {}, String(value))]))];
     if (!clf.validation) children.push(h("p", { class: "muted" }, "No held-out images: give each class at least 5 images to get a validation report."));
 
-    const warnings = [...(clf.warnings || []), ...(fv.warnings || [])].filter((w, i, all) => all.indexOf(w) === i);
-    if (warnings.length) children.push(h("h3", {}, "Warnings"), h("ul", { class: "warnings", id: "report-warnings" }, warnings.map((w) => h("li", {}, typeof w === "string" ? w : JSON.stringify(w)))));
+    const warnings = [...(clf.warnings || []), ...(fv.warnings || [])].map((w) => (typeof w === "string" ? w : JSON.stringify(w)))
+      .filter((w, i, all) => all.indexOf(w) === i && !shownWarnings.has(w));  // each warning appears once on the page
+    if (warnings.length) children.push(h("h3", {}, "Warnings"), h("ul", { class: "warnings", id: "report-warnings" }, warnings.map((w) => h("li", {}, w))));
 
     const candidates = candidateRows(fv.candidates, published);
     if (candidates.length) {
@@ -185,7 +192,7 @@ export function detailView(main, ctx, id) {
     }
 
     const files = (clf.artifacts && clf.artifacts.files) || [];
-    const pictures = ["confusion.png", "curve.png"].filter((f) => files.includes(f));
+    const pictures = ["confusion.png", "reliability.png", "curve.png"].filter((f) => files.includes(f));
     if (pictures.length) {
       const box = h("div", { class: "pictures" });
       children.push(h("details", {}, h("summary", {}, "Charts drawn by the server"), box));
@@ -261,6 +268,30 @@ export function detailView(main, ctx, id) {
     const preview = h("img", { id: "try-preview", alt: "The image being classified", hidden: true });
     const results = h("ul", { class: "bars", id: "predictions", "aria-label": "Predictions" });
     const note = h("p", { id: "try-status", role: "status", "aria-live": "polite", class: "muted" });
+    const outlierText = h("p", { id: "try-outlier", class: "muted" });
+    const verdict = h("p", { id: "try-verdict", class: "verdict" });
+    let last = null;  // the last answer: { top, outlier, label }, re-judged when a slider moves
+    const slider = (name, label, help) => {
+      const input = h("input", { type: "range", id: `try-${name}`, min: "0", max: "1", step: "0.01", value: name === "min-score" ? "0" : "1",
+        "aria-describedby": `try-${name}-help`, oninput: () => { output.textContent = pct(Number(input.value), 0); judge(); } });
+      const output = h("output", { for: `try-${name}`, id: `try-${name}-value` }, pct(Number(input.value), 0));
+      return { input, output, row: h("div", { class: "slider" }, h("label", { for: `try-${name}` }, label), input, output,
+        h("span", { class: "muted small", id: `try-${name}-help` }, help)) };
+    };
+    const minScore = slider("min-score", "Min score", "below this top score: unknown");
+    const maxOutlier = slider("max-outlier", "Max outlier score", "above this outlier score: unknown");
+    let touched = false;  // once the user moves a slider, answers no longer reset it to the classifier's defaults
+    for (const s of [minScore, maxOutlier]) s.input.addEventListener("input", () => { touched = true; });
+
+    function judge() {
+      if (!last) { verdict.textContent = ""; return; }
+      const lo = Number(minScore.input.value), hi = Number(maxOutlier.input.value);
+      const reasons = [];
+      if (last.top < lo) reasons.push(`top score ${pct(last.top, 1)} is below ${pct(lo, 0)}`);
+      if (typeof last.outlier === "number" && last.outlier > hi) reasons.push(`outlier score ${pct(last.outlier, 1)} is above ${pct(hi, 0)}`);
+      verdict.textContent = reasons.length ? `Answer: unknown (${reasons.join("; ")}).` : `Answer: ${last.label}.`;
+      verdict.classList.toggle("unknown", reasons.length > 0);
+    }
     const picker = h("input", { id: "try-file", type: "file", accept: "image/*", class: "visually-hidden",
       onchange: (e) => { if (e.target.files[0]) classify(e.target.files[0]); e.target.value = ""; } });
     const pick = h("button", { type: "button", onclick: () => picker.click() }, "Choose an image…");
@@ -291,6 +322,9 @@ export function detailView(main, ctx, id) {
       preview.hidden = false;
       note.textContent = "Classifying…";
       replace(results);
+      outlierText.textContent = "";
+      last = null;
+      judge();
       try {
         const answer = await api.classify(id, file, 5);
         if (!alive) return;
@@ -298,8 +332,18 @@ export function detailView(main, ctx, id) {
         replace(results, preds.map((p) => scoreRow(p.label ?? "unknown", p.score)));
         const first = (answer.results && answer.results[0]) || {};
         const field = (name) => (answer[name] !== undefined ? answer[name] : first[name]);
+        const outlier = first.outlier_score;
+        outlierText.textContent = typeof outlier === "number"
+          ? `Outlier score ${pct(outlier, 1)}: how unlike the training images this image is (0% = like them).`
+          : "No outlier score: this classifier was built before they existed.";
+        if (!touched) {  // start from the thresholds the server applied (the classifier's defaults)
+          minScore.input.value = String(typeof answer.min_score === "number" ? answer.min_score : 0);
+          maxOutlier.input.value = String(typeof answer.max_outlier === "number" ? answer.max_outlier : 1);
+          for (const s of [minScore, maxOutlier]) s.output.textContent = pct(Number(s.input.value), 0);
+        }
+        last = preds.length ? { top: preds[0].score, outlier, label: preds[0].label } : null;
+        judge();
         const bits = [`Top ${preds.length} of ${clf ? clf.labels.length : "?"} classes.`];
-        if (field("unknown") || field("label") === null) bits.push("Below the confidence threshold: unknown.");
         if (field("model")) bits.push(`Answered by ${field("final") === false ? "the preview model (still training)" : "the model"}: ${field("model")}.`);
         note.textContent = bits.join(" ");
       } catch (exc) {
@@ -342,7 +386,9 @@ export function detailView(main, ctx, id) {
     }
 
     const section = h("section", { class: "card", id: "try", "aria-labelledby": "try-title" },
-      h("h2", { id: "try-title" }, "Try it"), zone, note, h("div", { class: "try-result" }, preview, results));
+      h("h2", { id: "try-title" }, "Try it"), zone, note,
+      h("div", { class: "try-result" }, preview, h("div", {}, results, outlierText, verdict)),
+      h("div", { class: "sliders", id: "try-sliders" }, minScore.row, maxOutlier.row));
     const ready = () => { if (/^Not ready/.test(note.textContent)) note.textContent = "The model is ready: try that image again."; };
     return { section, classify, ready, close: () => { stopCamera(); document.removeEventListener("paste", onPaste); } };
   }
@@ -418,6 +464,14 @@ export function detailView(main, ctx, id) {
     tryIt.close();
     for (const url of urls) URL.revokeObjectURL(url);
   };
+}
+
+function unknownRate(defaults) {
+  const r = defaults && defaults.rejected_in_distribution;
+  if (!r) return null;
+  const share = typeof r.either === "number" ? r.either : r.by_outlier;
+  if (typeof share !== "number") return null;
+  return `${pct(share, 1)}${typeof r.n === "number" ? ` of ${r.n}` : ""} (out of sample)`;
 }
 
 function scoreRow(label, score) {

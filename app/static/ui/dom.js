@@ -42,8 +42,9 @@ export function num(x, digits = 3) {
 
 export function duration(seconds) {
   if (typeof seconds !== "number" || !isFinite(seconds) || seconds < 0) return "–";
-  if (seconds < 60) return `${Math.round(seconds)} s`;
-  const m = Math.floor(seconds / 60), s = Math.round(seconds % 60);
+  const whole = Math.round(seconds);  // round once, then split: 359.6 s is "6 min 0 s", never "5 min 60 s"
+  if (whole < 60) return `${whole} s`;
+  const m = Math.floor(whole / 60), s = whole % 60;
   if (m < 60) return `${m} min ${s} s`;
   return `${Math.floor(m / 60)} h ${m % 60} min`;
 }
