@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .numeric import softmax  # noqa: F401  (re-exported: callers import it from here)
 from .heap import return_freed_memory
 from .preprocess import PreprocessConfig, preprocess_batch, preprocess_image
 
@@ -135,12 +136,6 @@ def make_session(model: Path | str | bytes, providers: str = "auto",
     if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("CUDA was asked for but ONNX Runtime runs on %s", session.get_providers())
     return session
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _read_manifest(model_dir: Path) -> dict:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .runtime import softmax
+from .numeric import softmax
 
 
 def batch_group(classifier: Any) -> Any:
