@@ -543,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             return _fail(settings_problem(exc))
     args = build_parser().parse_args(argv)
+    from .threads import apply_process_policy
+
+    apply_process_policy()  # before a library command imports torch: passive OpenMP waits, pools sized to our CPUs
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
