@@ -37,6 +37,9 @@ class Schedule(BaseModel):
     total_steps: int
     raised_by_min_steps: bool = False
     warning: str | None = Field(None, description="Says, with the numbers, when min_steps raised the epochs.")
+    recipe: str | None = Field(None, description="Named schedule (fast | paper) the unset values came from.")
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
 
 
 class PreviewState(BaseModel):
