@@ -79,7 +79,10 @@ class JobProgress(BaseModel):
     loss: float | None = None
     train_accuracy: float | None = None
     sparsity: float | None = None
-    eta_seconds: float | None = None
+    eta_seconds: float | None = Field(None, description="Seconds left to the planned end, from this build's measured "
+                                                        "step times (an early stop ends sooner).")
+    eta_basis: str | None = None
+    stop_reason: str | None = Field(None, description="Why tuning ended before total_steps (early stop), if it did.")
 
 
 class JobPublic(BaseModel):

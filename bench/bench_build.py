@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see rmt_core/threads.py)
 
 
 def _world_task(shots: int, seed: int, classes: list[str] | None = None):
@@ -92,6 +93,7 @@ def cmd_schedule(args) -> None:
     from rmt_core.tuning import tune
 
     logging.getLogger("rmt_core.tuning").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)  # one thread per run: the search compares schedules, not thread pools
     bench = Bench("rmt-world-vit", "builtin", 0, 0, args.n_test, SHIFTS["noise-cast"], SHIFT_SPEC)
     recipes = [json.loads(r) for r in args.recipes]
     out = open(args.log, "a")
@@ -141,7 +143,7 @@ from rmt_core.runtime import load_classifier
 import numpy as np
 try:
     clf = load_classifier(out + "/v", out + "/bases")
-    pred = [clf.predict(im)[0]["label"] for im in test]
+    pred = [r[0]["label"] for r in clf.classify(test, top_k=1)]
     acc = float(np.mean([p == classes[t] for p, t in zip(pred, test_labels)]))
 except Exception as exc:
     acc = None; print("eval failed", exc, file=sys.stderr)
@@ -228,6 +230,55 @@ def cmd_precision(args) -> None:
         print(f"| {args.backbone} | {precision} | {1000 * (time.perf_counter() - start) / args.repeats:.0f} ms/step |")
 
 
+# ------------------------------------------------------------------------------------------- gpu
+def cmd_gpu(args) -> None:
+    """create -> final on CUDA for a random-weights backbone, tuning images/s, served latency bs1/bs32."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from rmt_core import world
+    from rmt_core.config import TuneConfig
+    from rmt_core.pipeline import build_classifier
+    from rmt_core.runtime import load_classifier
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu: torch sees no CUDA device")
+    classes = [f"{c} {s}" for s in world.SHAPES for c in ("red", "blue")][:args.classes]
+    samples = []
+    for name in classes:
+        samples += [(img, name) for img, _ in world.sample_class(name, args.shots, 1, size=224)]
+    config = TuneConfig(backbone=args.backbone, pretrained=None, seed=0, early_stop=not args.no_early_stop)
+    out = Path(tempfile.mkdtemp(prefix="rmt-gpu-check-"))
+    torch.cuda.synchronize()
+    started = time.monotonic()
+    manifest = build_classifier(samples, config, out / "v", device="cuda")
+    create_to_final = time.monotonic() - started
+    tuning = manifest.get("tuning") or {}
+    n_train = manifest["n_train"]
+    steps = tuning.get("steps") or 0
+    seen = steps * min(config.batch_size, n_train)
+    img_s = seen / tuning["seconds"] if tuning.get("seconds") else float("nan")
+    print(f"| create -> final, {args.backbone} random weights, {args.classes} classes x {args.shots} shots, cuda "
+          f"| {create_to_final:.1f} s | {steps} of {tuning.get('planned_steps')} steps ({tuning.get('stop_reason')}), "
+          f"{tuning.get('precision')}, published {manifest['candidate']} |")
+    print(f"| tuning throughput | {img_s:.1f} img/s | paper: 14.3 img/s (ratio {img_s / 14.3:.1f}x) |")
+    clf = load_classifier(out / "v", out / "bases", providers="cuda")
+    x = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
+    for bs in (1, 32):
+        batch = x[:bs]
+        for _ in range(3):
+            clf.run(batch)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            clf.run(batch)
+            times.append(time.perf_counter() - t0)
+        print(f"| served latency, batch {bs} | p50 {1000 * float(np.median(times)):.1f} ms | "
+              f"{bs / float(np.median(times)):.0f} img/s |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -238,6 +289,7 @@ def main(argv=None) -> int:
     a.add_argument("--seeds", default="0,1,2")
     a.add_argument("--n-test", type=int, default=30)
     a.add_argument("--log", default="/tmp/i17/schedule.jsonl")
+    a.add_argument("--threads", type=int, default=1)
     a.add_argument("--recipes", nargs="+", default=[
         '{"lr": 8e-5, "steps": 300}', '{"lr": 5e-4, "steps": 60, "warmup": 5}', '{"lr": 5e-4, "steps": 30, "warmup": 3}',
         '{"lr": 1e-3, "steps": 30, "warmup": 3}', '{"lr": 1e-3, "steps": 60, "warmup": 5}',
@@ -251,8 +303,15 @@ def main(argv=None) -> int:
     a = sub.add_parser("precision")
     a.add_argument("--backbone", default="rmt-world-vit")
     a.add_argument("--repeats", type=int, default=5)
+    a = sub.add_parser("gpu")
+    a.add_argument("--backbone", default="ViT-B-16")
+    a.add_argument("--classes", type=int, default=10)
+    a.add_argument("--shots", type=int, default=16)
+    a.add_argument("--repeats", type=int, default=20)
+    a.add_argument("--no-early-stop", action="store_true")
     args = p.parse_args(argv)
-    {"profile": cmd_profile, "schedule": cmd_schedule, "build": cmd_build, "precision": cmd_precision}[args.cmd](args)
+    {"profile": cmd_profile, "schedule": cmd_schedule, "build": cmd_build, "precision": cmd_precision,
+     "gpu": cmd_gpu}[args.cmd](args)
     return 0
 
 

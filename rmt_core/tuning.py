@@ -40,6 +40,7 @@ class Progress:
     eta_seconds: float | None = None  # see StepTimer
     eta_basis: str = ""  # "post-flip" (measured) | "pre-flip estimate" | "" (no step measured yet)
     planned_steps: int | None = None  # the schedule's steps; a run that stops early ends before them
+    stop_reason: str | None = None  # set on the last record of a run the stop rule ended early
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -455,7 +456,7 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
                               planned_steps=total)
             if reason is not None:
                 stop_reason, stopped = reason, True
-                record.eta_seconds, record.eta_basis = 0.0, "stopped early"
+                record.eta_seconds, record.eta_basis, record.stop_reason = 0.0, "stopped early", reason
             history.append(record.to_dict())
             if progress is not None:
                 progress(record)

@@ -142,3 +142,23 @@ def test_progress_shows_planned_steps_and_an_eta_that_shrinks():
     quarters = [etas[i] for i in (0, 7, 15, 22, 29)]
     assert all(later <= earlier * 1.5 for earlier, later in zip(quarters, quarters[1:])), quarters
     assert quarters[-1] < quarters[0]
+
+
+def test_bf16_matches_fp32_within_noise():
+    """The guard for bf16 autocast: the same build in bf16 (emulated here when the CPU lacks it: the flags are
+    injected) flips nearly the same weights and scores the same on held-out images as fp32."""
+    images, targets = _task()
+    x, y = _validation()
+    results = {}
+    for flags in ({"avx2"}, {"avx512_bf16"}):
+        backbone = tiny(seed=3)
+        text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+        result = tune(backbone, images, targets, text, _config(min_steps=30, early_stop=False), cpu_flag_set=flags)
+        from rmt_core.tuning import holdout_accuracy
+        results[result.precision] = (mask_bits(backbone.model), holdout_accuracy(backbone.model, x, torch.tensor(y), text),
+                                     result.sparsity)
+    (bits32, acc32, sp32), (bits16, acc16, sp16) = results["fp32"], results["bf16"]
+    total = sum(b.size for b in bits32.values())
+    differ = sum(int((bits32[k] != bits16[k]).sum()) for k in bits32)
+    assert sp32 > 0 and differ / total < 0.01, (differ, total, sp32, sp16)
+    assert abs(acc32 - acc16) <= 1 / len(y) + 1e-9, (acc32, acc16)
