@@ -147,7 +147,19 @@ try:
     acc = float(np.mean([p == classes[t] for p, t in zip(pred, test_labels)]))
 except Exception as exc:
     acc = None; print("eval failed", exc, file=sys.stderr)
-print(json.dumps({{"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "candidate": manifest["candidate"],
+eta_error = None
+try:
+    hist = json.load(open(out + "/v/report.json"))["history"]
+    planned = hist[-1]["total_steps"]
+    at = next(h for h in hist if h["step"] >= 0.2 * planned)
+    if hist[-1]["step"] > at["step"] and at["eta_seconds"]:
+        # the ETA is to the planned end; an early stop ends sooner, so compare seconds per remaining step
+        predicted = at["eta_seconds"] / (planned - at["step"])
+        actual = (hist[-1]["elapsed_s"] - at["elapsed_s"]) / (hist[-1]["step"] - at["step"])
+        eta_error = round(predicted / actual - 1, 3)
+except (OSError, KeyError, StopIteration):
+    pass
+print(json.dumps({{"wall_s": round(wall, 2), "eta_error_at_20pct": eta_error, "cpu_s": round(cpu, 2), "candidate": manifest["candidate"],
     "steps": manifest["steps"], "tuning": manifest.get("tuning"), "test_acc": acc,
     "published_accuracy": (manifest.get("validation") or {{}}).get("published_accuracy")}}))
 """

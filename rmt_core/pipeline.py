@@ -269,8 +269,9 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     def tune_masks():
         # the holdout scores the mask while it tunes; the best candidate already built is what it must beat
         scored = [a for a in ready.values() if a is not None]
-        stop_rule = PlateauStop(len(held_targets), best_other=max(scored) if scored else None,
-                                patience=config.patience)
+        # a pinned mask is published whatever the others score: only its own plateau can end it early
+        best_other = max(scored) if scored and config.select == "auto" else None
+        stop_rule = PlateauStop(len(held_targets), best_other=best_other, patience=config.patience)
         return tune(backbone, train_images, train_targets, text_features, config, progress=progress,
                     should_stop=should_stop, device=device,
                     validation=(held_batch, held_targets) if held else None, stop_rule=stop_rule)

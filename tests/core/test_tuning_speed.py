@@ -162,3 +162,16 @@ def test_bf16_matches_fp32_within_noise():
     differ = sum(int((bits32[k] != bits16[k]).sum()) for k in bits32)
     assert sp32 > 0 and differ / total < 0.01, (differ, total, sp32, sp16)
     assert abs(acc32 - acc16) <= 1 / len(y) + 1e-9, (acc32, acc16)
+
+
+def test_an_early_stopped_build_records_why_and_when(tmp_path):
+    from rmt_core.pipeline import build_classifier
+
+    samples = colour_task(n_per_class=8)  # 8 per class: a holdout of 2 per class scores the mask as it tunes
+    config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=120, batch_size=8,
+                        learning_rate=1e-3, warmup_steps=0, eval_every=4, patience=2, seed=1)
+    manifest = build_classifier(samples, config, tmp_path / "v", device="cpu")
+    tuning = manifest["tuning"]
+    assert tuning["planned_steps"] == 120 and manifest["steps"] == tuning["steps"] < 120
+    assert tuning["stop_reason"].split(":")[0] in ("plateau", "cannot catch")
+    assert tuning["precision"] in ("fp32", "bf16") and tuning["checks"][-1]["step"] == tuning["steps"]
