@@ -269,8 +269,8 @@ class PlateauStop:
     sooner, after half as many checks, when it trails ``best_other`` (the best candidate already built,
     zero-shot or head) by more than the selection's tie tolerance (``cannot catch``): a mask within one
     validation image of a simpler candidate loses the tie anyway (candidates.pick). Never before
-    ``min_fraction`` of the planned steps, so masks have had time to flip. Deterministic: it sees only the
-    accuracies.
+    ``min_fraction`` of the planned steps; tune() only consults it once a mask has flipped (before that the
+    mask is the zero-shot model). Deterministic: it sees only the accuracies.
     """
 
     n_validation: int
@@ -402,7 +402,7 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
         val_images = torch.as_tensor(np.asarray(validation[0])).to(device)
         val_targets = torch.as_tensor(list(validation[1]), dtype=torch.long, device=device)
         stop_rule = stop_rule or PlateauStop(len(val_targets), patience=config.patience)
-    eval_every = config.eval_every or max(1, math.ceil(total / 10))
+    eval_every = config.eval_every or max(1, math.ceil(total / 20))  # a check costs a forward of the holdout
 
     def teacher(views: torch.Tensor) -> torch.Tensor:
         with autocast(precision, device):
@@ -443,7 +443,8 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
             step += 1
             current_sparsity = sparsity(masks)
             reason = None
-            if checking and (step % eval_every == 0 or step == total):
+            # before the first flip the mask *is* zero-shot: its score says nothing about where tuning goes
+            if checking and current_sparsity > 0 and (step % eval_every == 0 or step == total):
                 acc = holdout_accuracy(model, val_images, val_targets, text_features, precision)
                 checks.append({"step": step, "accuracy": acc})
                 reason = stop_rule.observe(step, acc, total) if step < total else None

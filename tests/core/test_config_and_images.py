@@ -9,18 +9,18 @@ from rmt_core.templates import COOP_TEMPLATES, class_prompt
 
 
 def test_the_paper_recipe_follows_the_official_recipe():
-    c = TuneConfig(recipe="paper")
+    c = TuneConfig()
     assert (c.mask_init, c.threshold, c.learning_rate, c.epochs, c.batch_size, c.leak, c.l2_weight) == \
         (1e-2, 5e-3, 8e-5, 30, 32, 1.0, 1e-4)
     assert (c.min_steps, c.warmup_steps) == (300, 0)
-    official = TuneConfig().paper_recipe()  # the fast default, back to the paper: lr, no floor, no warm-up
+    official = TuneConfig(recipe="fast").paper_recipe()  # back to the paper: lr, no floor, no warm-up
     assert (official.recipe, official.learning_rate, official.min_steps, official.warmup_steps) == ("paper", 8e-5, 0, 0)
     assert TuneConfig(learning_rate=3e-5).paper_recipe().learning_rate == 3e-5  # a set lr is kept
 
 
 def test_recipes_fill_only_unset_values_and_round_trip():
-    fast = TuneConfig()
-    assert fast.recipe == "fast" and fast.learning_rate > 8e-5 and fast.min_steps < 300
+    fast = TuneConfig(recipe="fast")
+    assert fast.learning_rate > 8e-5 and fast.min_steps < 300 and fast.warmup_steps > 0
     mine = TuneConfig.from_dict({"recipe": "fast", "learning_rate": 1e-4, "min_steps": None})
     assert mine.learning_rate == 1e-4 and mine.min_steps == fast.min_steps
     assert TuneConfig.from_dict(mine.to_dict()) == mine
