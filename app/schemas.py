@@ -37,6 +37,9 @@ class Schedule(BaseModel):
     total_steps: int
     raised_by_min_steps: bool = False
     warning: str | None = Field(None, description="Says, with the numbers, when min_steps raised the epochs.")
+    recipe: str | None = Field(None, description="Named schedule (fast | paper) the unset values came from.")
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
 
 
 class PreviewState(BaseModel):
@@ -76,7 +79,10 @@ class JobProgress(BaseModel):
     loss: float | None = None
     train_accuracy: float | None = None
     sparsity: float | None = None
-    eta_seconds: float | None = None
+    eta_seconds: float | None = Field(None, description="Seconds left to the planned end, from this build's measured "
+                                                        "step times (an early stop ends sooner).")
+    eta_basis: str | None = None
+    stop_reason: str | None = Field(None, description="Why tuning ended before total_steps (early stop), if it did.")
 
 
 class JobPublic(BaseModel):

@@ -32,6 +32,8 @@ def _progress_line(job: dict) -> None:
     for key, fmt in (("loss", "loss {:.3f}"), ("train_accuracy", "acc {:.2f}"), ("eta_seconds", "eta {:.0f}s")):
         if p.get(key) is not None:
             parts.append(fmt.format(p[key]))
+    if p.get("stop_reason"):
+        parts.append(f"stopped early: {p['stop_reason']}")
     print("  " + "  ".join(parts), file=sys.stderr, flush=True)
 
 

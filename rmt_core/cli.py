@@ -59,8 +59,11 @@ def cmd_tune(args) -> int:
 
     def report(p):
         bar.total = p.total_steps
-        bar.set_postfix(epoch=f"{p.epoch}/{p.epochs}", loss=f"{p.loss:.3f}", acc=f"{p.train_accuracy:.2f}",
-                        sparsity=f"{p.sparsity:.2f}%")
+        # the bar counts steps against the planned total; epochs (raised to reach min_steps) would mislead
+        bar.set_postfix(loss=f"{p.loss:.3f}", acc=f"{p.train_accuracy:.2f}", sparsity=f"{p.sparsity:.2f}%",
+                        **({"eta": f"{p.eta_seconds:.0f}s"} if p.eta_seconds is not None else {}))
+        if p.stop_reason:
+            bar.write(f"stopped early at step {p.step}/{p.total_steps}: {p.stop_reason}")
         bar.update(p.step - bar.n)
 
     try:
@@ -158,7 +161,10 @@ def _print_info(manifest: dict, path: Path) -> None:
     print(f"classifier   {path}")
     print(f"labels       {', '.join(manifest['labels'])}")
     print(f"backbone     {manifest['backbone']} ({manifest['pretrained']}), method {manifest['method']}")
-    print(f"steps        {manifest['steps']} in {manifest['epochs']} epochs, {manifest.get('elapsed_s', '?')} s")
+    tuning = manifest.get("tuning") or {}
+    planned = f" of {tuning['planned_steps']} planned ({tuning['stop_reason']})" if tuning.get("planned_steps") else ""
+    print(f"steps        {manifest['steps']}{planned}, {manifest.get('elapsed_s', '?')} s"
+          + (f", {tuning['precision']}" if tuning.get("precision") else ""))
     print(f"sparsity     {manifest['sparsity']:.3f}% of {manifest['mask_entries']} mask entries masked out")
     print(f"mask file    {manifest['mask_bytes']} B (entropy bound {manifest['mask_entropy_bound_bytes']} B), "
           + (f"model.onnx {manifest['onnx_bytes'] / 1e6:.1f} MB" if "onnx_bytes" in manifest
@@ -335,6 +341,9 @@ def build_parser(prog: str = "rmt") -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Runs a parsed library subcommand; bad input is one line on stderr and exit status 2."""
+    from .threads import apply_process_policy
+
+    apply_process_policy()  # before a library command imports torch: passive OpenMP waits, pools sized to our CPUs
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

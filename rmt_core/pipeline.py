@@ -269,7 +269,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     from .base import ensure_base
     from .export import check_served_parity
     from .masking import bake_masks, mask_bits
-    from .tuning import tune
+    from .tuning import PlateauStop, tune
 
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -301,12 +301,25 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     held_batch = preprocess_batch([_load(x) for x, _ in held], preprocess) if held else None
     held_targets = [index[label] for _, label in held]
 
+    ready: dict[str, float | None] = {}  # validation accuracy of each candidate built so far
+
+    def announce(name, head, uses_mask, accuracy):
+        ready[name] = accuracy
+        if on_candidate is not None:
+            on_candidate(name, head, uses_mask, accuracy)
+
     def tune_masks():
+        # the holdout scores the mask while it tunes; the best candidate already built is what it must beat
+        scored = [a for a in ready.values() if a is not None]
+        # a pinned mask is published whatever the others score: only its own plateau can end it early
+        best_other = max(scored) if scored and config.select == "auto" else None
+        stop_rule = PlateauStop(len(held_targets), best_other=best_other, patience=config.patience)
         return tune(backbone, train_images, train_targets, text_features, config, progress=progress,
-                    should_stop=should_stop, device=device)
+                    should_stop=should_stop, device=device,
+                    validation=(held_batch, held_targets) if held else None, stop_rule=stop_rule)
 
     run = run_candidates(backbone.model, zero_shot, labels, config, preprocess_batch(train_images, preprocess),
-                         train_targets, held_batch, held_targets, tune_masks, on_candidate=on_candidate,
+                         train_targets, held_batch, held_targets, tune_masks, on_candidate=announce,
                          train_indices=[position[id(s)] for s in train], held_indices=[position[id(s)] for s in held],
                          extra_warnings=[], started=started)
     result, published = run.tuning, run.published
@@ -342,6 +355,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         "n_train": len(train),
         "schedule": config.schedule(len(train)),
         "steps": result.steps if result is not None else 0,
+        "tuning": result.summary() if result is not None else None,  # steps run vs planned, why it stopped
         "epochs": result.epochs if result is not None else 0,
         "warnings": run.validation["warnings"],
         # classify's default thresholds for "unknown" (config.unknown, or the config's own values); None = none

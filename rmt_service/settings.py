@@ -68,6 +68,9 @@ class Settings(BaseSettings):
                                     "random init; default_pretrained is always allowed). Checkpoint paths belong "
                                     "here only if the operator trusts them: the worker loads them.")
     device: str = Field("auto", description="Worker torch device: auto | cpu | cuda | cuda:N.")
+    worker_threads: int = Field(
+        0, ge=0, description="Threads one tuning job may use; 0 = the CPUs the worker process gets (affinity and "
+                             "cgroup quota). Set it below the core count to leave cores to a co-located API.")
 
     # Jobs
     job_lease_seconds: int = Field(

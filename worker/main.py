@@ -10,6 +10,7 @@ import warnings
 from celery import signals
 from celery.exceptions import SecurityWarning
 
+from rmt_core.threads import apply_process_policy, available_cpus
 from rmt_service.celery_app import QUEUE, TUNE_TASK, create_celery, queue_depth
 from rmt_service.migrate import wait_until_ready
 from rmt_service.settings import Settings
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = Settings(**overrides)
+    # before anything imports torch (the pool processes' preload does): libgomp reads OMP_* once, at load
+    thread_plan = apply_process_policy(cpus=available_cpus(limit=settings.worker_threads))
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = Store(settings)  # the main process's (the sweep's); each pool process opens its own
     wait_until_ready(store.db)  # the API or `rmt migrate` brings the schema to head; workers never migrate
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     def _stop_sweep(**_: object) -> None:
         sweeper.stop()
 
+    log.info("tuning threads: %s", thread_plan.to_dict())
     log.info("worker on %s, records in %s, blobs in %s", _redacted(settings.effective_broker_url),
              _redacted(settings.effective_database_url), settings.data_dir)
     if args.quiet:  # Celery warns on every start as root; a local `rmt serve` on a dev machine often is root

@@ -145,7 +145,7 @@ class _JobReport:
             values["eta_seconds"] = round(elapsed / step * (total - step), 1) if step and total >= step else None
         self.values = values
         now = time.monotonic()
-        if now - self._last < PROGRESS_WRITE_INTERVAL_S and step != total:
+        if now - self._last < PROGRESS_WRITE_INTERVAL_S and step != total and not values.get("stop_reason"):
             return
         self._last = now
         self.write()

@@ -8,11 +8,31 @@ from rmt_core.images import InvalidImage, open_image
 from rmt_core.templates import COOP_TEMPLATES, class_prompt
 
 
-def test_defaults_follow_the_official_recipe():
+def test_the_paper_recipe_follows_the_official_recipe():
     c = TuneConfig()
     assert (c.mask_init, c.threshold, c.learning_rate, c.epochs, c.batch_size, c.leak, c.l2_weight) == \
         (1e-2, 5e-3, 8e-5, 30, 32, 1.0, 1e-4)
-    assert c.method == "r-amt" and c.uses_gdr and c.target == "amt" and c.mask_conv1
+    assert (c.min_steps, c.warmup_steps) == (300, 0)
+    official = TuneConfig(recipe="fast").paper_recipe()  # back to the paper: lr, no floor, no warm-up
+    assert (official.recipe, official.learning_rate, official.min_steps, official.warmup_steps) == ("paper", 8e-5, 0, 0)
+    assert TuneConfig(learning_rate=3e-5).paper_recipe().learning_rate == 3e-5  # a set lr is kept
+
+
+def test_recipes_fill_only_unset_values_and_round_trip():
+    fast = TuneConfig(recipe="fast")
+    assert fast.learning_rate > 8e-5 and fast.min_steps < 300 and fast.warmup_steps > 0
+    mine = TuneConfig.from_dict({"recipe": "fast", "learning_rate": 1e-4, "min_steps": None})
+    assert mine.learning_rate == 1e-4 and mine.min_steps == fast.min_steps
+    assert TuneConfig.from_dict(mine.to_dict()) == mine
+    with pytest.raises(ValueError, match="recipe"):
+        TuneConfig(recipe="fastest")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TuneConfig.from_dict({"warmup_steps": "5"})
+    with pytest.raises(ValueError, match="precision"):
+        TuneConfig(precision="fp16")
+    plan = fast.schedule(30)
+    assert (plan["recipe"], plan["learning_rate"], plan["warmup_steps"]) == ("fast", fast.learning_rate, fast.warmup_steps)
+    assert fast.method == "r-amt" and fast.uses_gdr and fast.target == "amt" and fast.mask_conv1
     assert not TuneConfig(method="amt").uses_gdr
 
 

@@ -71,9 +71,12 @@ export function detailView(main, ctx, id) {
     else if (job.status === "succeeded") { bar.max = 1; bar.value = 1; }
     else bar.removeAttribute("value");  // indeterminate while queued
     const parts = [];
+    // steps are what the form and the schedule speak of; epochs were raised to reach them, so they say nothing
     if (p.total_steps) parts.push(`Step ${p.step ?? 0} of ${p.total_steps}`);
-    if (p.epochs) parts.push(`epoch ${p.epoch ?? 0} of ${p.epochs}`);
-    if (!FINISHED.has(job.status) && typeof p.eta_seconds === "number") parts.push(`about ${duration(p.eta_seconds)} left`);
+    if (p.stop_reason) parts.push(`stopped early: ${p.stop_reason}`);
+    else if (!FINISHED.has(job.status) && typeof p.eta_seconds === "number") {
+      parts.push(`about ${duration(p.eta_seconds)} left${p.eta_basis === "pre-flip estimate" ? " (estimate)" : ""}`);
+    }
     if (job.status === "queued") parts.push("waiting for a worker");
     barText.textContent = parts.join(" · ");
     const s = [["Loss", num(p.loss)], ["Train accuracy", pct(p.train_accuracy)], ["Masked weights", pct(p.sparsity, 2)]];

@@ -1,0 +1,331 @@
+"""Time to the final classifier (issue 17): where a build's time goes, which schedule to run, and what a
+whole build costs in CPU-seconds against another checkout of the project.
+
+    python bench/bench_build.py profile                 # per-step parts: student fwd, teacher fwd, VJP, views
+    python bench/bench_build.py schedule --shots 4,8 --seeds 0,1,2     # schedule search on the generated world
+    python bench/bench_build.py build --code /tmp/main  # CPU-s of create->final, this tree vs /tmp/main
+    python bench/bench_build.py precision               # step time fp32 vs bf16 (bf16 emulated without AVX512-BF16)
+
+Results go to bench/RESULTS-build.md by hand (the numbers printed are what to copy); jsonl logs to /tmp.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see rmt_core/threads.py)
+
+
+def _world_task(shots: int, seed: int, classes: list[str] | None = None):
+    from bench.bench_claims import ALL_SHAPES, SHIFTS, TRAIN_SEED_OFFSET, images_of
+    classes = classes or ALL_SHAPES
+    return images_of(classes, shots, TRAIN_SEED_OFFSET + seed, SHIFTS["noise-cast"], 64)
+
+
+# ------------------------------------------------------------------------------------------- profile
+def cmd_profile(args) -> None:
+    import torch
+
+    from rmt_core.backbones import encode_class_texts, load_backbone
+    from rmt_core.config import TuneConfig
+    from rmt_core.masking import attach_masks, sparsity
+    from rmt_core.tuning import ViewPool, class_logits, mask_gradients, train_transform, zero_shot_logits
+    from bench.bench_claims import ALL_SHAPES
+
+    bb = load_backbone("rmt-world-vit", "builtin", seed=0)
+    images, labels = _world_task(4, 0)
+    cfg = TuneConfig(recipe="paper")
+    text = encode_class_texts(bb, ALL_SHAPES, cfg.prompt_template)
+    tf = train_transform(bb.preprocess)
+    masks = attach_masks(bb.model, cfg.method, cfg.mask_init, cfg.threshold, cfg.mask_conv1)
+    scores = [m.scores for m in masks.values()]
+    opt = torch.optim.Adam(scores, lr=8e-5)
+    y = torch.tensor(labels[:32])
+    batch = torch.stack([tf(im) for im in images[:32]])
+    bb.model.train()
+
+    def t(f, n=args.repeats):
+        f()
+        start = time.perf_counter()
+        for _ in range(n):
+            f()
+        return 1000 * (time.perf_counter() - start) / n
+
+    def vjp(teacher):
+        logits = class_logits(bb.model, batch, text)
+        mask_gradients(logits, y, teacher, scores, cfg)
+
+    pool = ViewPool(images[:32], tf, 0, 16)
+    rows = {
+        "augment 32 images from PIL (today: every step)": t(lambda: torch.stack([tf(im) for im in images[:32]])),
+        "32 views from the pool (made once)": (pool.batch(range(32), [0] * 32), t(lambda: pool.batch(range(32), [0] * 32)))[1],
+        "student forward": t(lambda: class_logits(bb.model, batch, text)),
+        "teacher forward (today: every step after the first flip)": t(lambda: zero_shot_logits(bb.model, batch, text)),
+        "student fwd + VJP, CE only (before any flip)": t(lambda: vjp(None)),
+        "student fwd + batched VJP, CE + KL": t(lambda: vjp(zero_shot_logits(bb.model, batch, text).detach() * 0 + 1)),
+        "optimizer step (Adam)": t(lambda: opt.step()),
+        "sparsity reading": t(lambda: sparsity(masks)),
+    }
+    print(f"# per step, batch 32, rmt-world-vit, {torch.get_num_threads()} threads, ms (mean of {args.repeats})")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.1f} |")
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def cmd_schedule(args) -> None:
+    import numpy as np
+    import torch
+
+    from bench.bench_claims import ALL_SHAPES, SHIFT_SPEC, SHIFTS, Bench
+    from rmt_core.config import TuneConfig
+    from rmt_core.masking import bake_masks
+    from rmt_core.tuning import tune
+
+    logging.getLogger("rmt_core.tuning").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)  # one thread per run: the search compares schedules, not thread pools
+    bench = Bench("rmt-world-vit", "builtin", 0, 0, args.n_test, SHIFTS["noise-cast"], SHIFT_SPEC)
+    recipes = [json.loads(r) for r in args.recipes]
+    out = open(args.log, "a")
+    results: dict[str, dict] = {}
+    for shots in [int(s) for s in args.shots.split(",")]:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            imgs, labels = bench.train_set(ALL_SHAPES, shots, seed)
+            for r in recipes:
+                cfg = TuneConfig(backbone="rmt-world-vit", epochs=1, min_steps=r["steps"], learning_rate=r["lr"],
+                                 warmup_steps=r.get("warmup", 0), threshold=r.get("threshold", 5e-3), seed=seed,
+                                 holdout=0.0, prompt_template="a photo of a {}.", recipe="paper")
+                backbone = dataclasses.replace(bench.base, model=copy.deepcopy(bench.base.model))
+                torch.manual_seed(seed)
+                result = tune(backbone, imgs, labels, bench.text["all"], cfg)
+                bake_masks(backbone.model)
+                acc = bench.accuracy(backbone.model, "all")
+                row = {"recipe": r, "shots": shots, "seed": seed, "acc": acc, "steps": result.steps,
+                       "sparsity": result.sparsity, "tune_s": round(result.elapsed_s, 2)}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                results.setdefault(json.dumps(r), {}).setdefault(shots, []).append(acc)
+                print(row, flush=True)
+    print("zero-shot", bench.accuracy(bench.base.model, "all"))
+    for r, per_shot in results.items():
+        print(r, {s: f"{np.mean(v):.1f} ({', '.join(f'{a:.0f}' for a in v)})" for s, v in per_shot.items()})
+
+
+# ------------------------------------------------------------------------------------------- build
+BUILD_SNIPPET = r"""
+import json, resource, sys, time, tempfile, os
+sys.path.insert(0, {code!r})
+started = time.monotonic()
+from rmt_core.pipeline import build_classifier
+from rmt_core.config import TuneConfig
+from bench.bench_claims import ALL_SHAPES, SHIFTS, TRAIN_SEED_OFFSET, images_of
+classes = ALL_SHAPES[:{n_classes}]
+imgs, labels = images_of(classes, {shots}, TRAIN_SEED_OFFSET + {seed}, SHIFTS["noise-cast"], 64)
+test, test_labels = images_of(classes, 30, 90210, SHIFTS["noise-cast"], 64)
+samples = list(zip(imgs, [classes[i] for i in labels]))
+out = tempfile.mkdtemp(prefix="rmt-bench-build-")
+t0 = time.monotonic(); c0 = resource.getrusage(resource.RUSAGE_SELF)
+manifest = build_classifier(samples, TuneConfig(seed={seed}), out + "/v", device="cpu")
+c1 = resource.getrusage(resource.RUSAGE_SELF)
+wall = time.monotonic() - t0
+cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
+from rmt_core.runtime import load_classifier
+import numpy as np
+try:
+    clf = load_classifier(out + "/v", out + "/bases")
+    pred = [r[0]["label"] for r in clf.classify(test, top_k=1)]
+    acc = float(np.mean([p == classes[t] for p, t in zip(pred, test_labels)]))
+except Exception as exc:
+    acc = None; print("eval failed", exc, file=sys.stderr)
+eta_error = None
+try:
+    hist = json.load(open(out + "/v/report.json"))["history"]
+    planned = hist[-1]["total_steps"]
+    at = next(h for h in hist if h["step"] >= 0.2 * planned)
+    if hist[-1]["step"] > at["step"] and at["eta_seconds"]:
+        # the ETA is to the planned end; an early stop ends sooner, so compare seconds per remaining step
+        predicted = at["eta_seconds"] / (planned - at["step"])
+        actual = (hist[-1]["elapsed_s"] - at["elapsed_s"]) / (hist[-1]["step"] - at["step"])
+        eta_error = round(predicted / actual - 1, 3)
+except (OSError, KeyError, StopIteration):
+    pass
+print(json.dumps({{"wall_s": round(wall, 2), "eta_error_at_20pct": eta_error, "cpu_s": round(cpu, 2), "candidate": manifest["candidate"],
+    "steps": manifest["steps"], "tuning": manifest.get("tuning"), "test_acc": acc,
+    "published_accuracy": (manifest.get("validation") or {{}}).get("published_accuracy")}}))
+"""
+
+
+def _busy(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def cmd_build(args) -> None:
+    codes = {"this": str(ROOT), **({"main": args.code} if args.code else {})}
+    log = open(args.log, "a")
+    for n_classes, shots in [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for neighbour in ([False, True] if args.busy else [False]):
+                for name, code in codes.items():
+                    busy = _busy(os.cpu_count() or 1) if neighbour else []
+                    try:
+                        env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+                        env["PYTHONPATH"] = code
+                        if name == "this":  # what `rmt tune` / the worker do at process start
+                            env["PYTHONSTARTUP"] = ""
+                            snippet = ("from rmt_core.threads import apply_process_policy; apply_process_policy()\n"
+                                       + BUILD_SNIPPET.format(code=code, n_classes=n_classes, shots=shots, seed=seed))
+                        else:
+                            snippet = BUILD_SNIPPET.format(code=code, n_classes=n_classes, shots=shots, seed=seed)
+                        c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        t0 = time.monotonic()
+                        proc = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True,
+                                              text=True, cwd=code)
+                        wall = time.monotonic() - t0
+                        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    finally:
+                        for p in busy:
+                            p.kill()
+                            p.wait()
+                    if proc.returncode:
+                        print(proc.stderr[-2000:])
+                        continue
+                    inner = json.loads(proc.stdout.strip().splitlines()[-1])
+                    row = {"code": name, "size": f"{n_classes}x{shots}", "seed": seed, "busy": neighbour,
+                           "process_wall_s": round(wall, 2),
+                           "process_cpu_s": round((c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime), 2),
+                           **inner}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    print(json.dumps(row), flush=True)
+
+
+# ------------------------------------------------------------------------------------------- precision
+def cmd_precision(args) -> None:
+    import torch
+
+    from rmt_core.backbones import encode_class_texts, load_backbone
+    from rmt_core.config import TuneConfig
+    from rmt_core.masking import attach_masks
+    from rmt_core.tuning import autocast, bf16_supported, class_logits, mask_gradients, train_transform
+    from bench.bench_claims import ALL_SHAPES
+
+    bb = load_backbone(args.backbone, None if args.backbone != "rmt-world-vit" else "builtin", seed=0)
+    images, labels = _world_task(4, 0)
+    cfg = TuneConfig(recipe="paper")
+    text = encode_class_texts(bb, ALL_SHAPES, cfg.prompt_template)
+    tf = train_transform(bb.preprocess)
+    masks = attach_masks(bb.model, cfg.method, cfg.mask_init, cfg.threshold, cfg.mask_conv1)
+    scores = [m.scores for m in masks.values()]
+    batch = torch.stack([tf(im.resize(bb.image_size)) for im in images[:32]])
+    y = torch.tensor(labels[:32])
+    bb.model.train()
+    print(f"native bf16 here: {bf16_supported('cpu')}")
+    for precision in ("fp32", "bf16"):
+        def step():
+            with autocast(precision, "cpu"):
+                logits = class_logits(bb.model, batch, text)
+            mask_gradients(logits.float(), y, None, scores, cfg)
+        step()
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            step()
+        print(f"| {args.backbone} | {precision} | {1000 * (time.perf_counter() - start) / args.repeats:.0f} ms/step |")
+
+
+# ------------------------------------------------------------------------------------------- gpu
+def cmd_gpu(args) -> None:
+    """create -> final on CUDA for a random-weights backbone, tuning images/s, served latency bs1/bs32."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from rmt_core import world
+    from rmt_core.config import TuneConfig
+    from rmt_core.pipeline import build_classifier
+    from rmt_core.runtime import load_classifier
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu: torch sees no CUDA device")
+    classes = [f"{c} {s}" for s in world.SHAPES for c in ("red", "blue")][:args.classes]
+    samples = []
+    for name in classes:
+        samples += [(img, name) for img, _ in world.sample_class(name, args.shots, 1, size=224)]
+    config = TuneConfig(backbone=args.backbone, pretrained=None, seed=0, early_stop=not args.no_early_stop)
+    out = Path(tempfile.mkdtemp(prefix="rmt-gpu-check-"))
+    torch.cuda.synchronize()
+    started = time.monotonic()
+    manifest = build_classifier(samples, config, out / "v", device="cuda")
+    create_to_final = time.monotonic() - started
+    tuning = manifest.get("tuning") or {}
+    n_train = manifest["n_train"]
+    steps = tuning.get("steps") or 0
+    seen = steps * min(config.batch_size, n_train)
+    img_s = seen / tuning["seconds"] if tuning.get("seconds") else float("nan")
+    print(f"| create -> final, {args.backbone} random weights, {args.classes} classes x {args.shots} shots, cuda "
+          f"| {create_to_final:.1f} s | {steps} of {tuning.get('planned_steps')} steps ({tuning.get('stop_reason')}), "
+          f"{tuning.get('precision')}, published {manifest['candidate']} |")
+    print(f"| tuning throughput | {img_s:.1f} img/s | paper: 14.3 img/s (ratio {img_s / 14.3:.1f}x) |")
+    clf = load_classifier(out / "v", out / "bases", providers="cuda")
+    x = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
+    for bs in (1, 32):
+        batch = x[:bs]
+        for _ in range(3):
+            clf.run(batch)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            clf.run(batch)
+            times.append(time.perf_counter() - t0)
+        print(f"| served latency, batch {bs} | p50 {1000 * float(np.median(times)):.1f} ms | "
+              f"{bs / float(np.median(times)):.0f} img/s |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("profile")
+    a.add_argument("--repeats", type=int, default=10)
+    a = sub.add_parser("schedule")
+    a.add_argument("--shots", default="4,8")
+    a.add_argument("--seeds", default="0,1,2")
+    a.add_argument("--n-test", type=int, default=30)
+    a.add_argument("--log", default="/tmp/i17/schedule.jsonl")
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--recipes", nargs="+", default=[
+        '{"lr": 8e-5, "steps": 300}', '{"lr": 5e-4, "steps": 60, "warmup": 5}', '{"lr": 5e-4, "steps": 30, "warmup": 3}',
+        '{"lr": 1e-3, "steps": 30, "warmup": 3}', '{"lr": 1e-3, "steps": 60, "warmup": 5}',
+        '{"lr": 2.5e-4, "steps": 60, "warmup": 5}'])
+    a = sub.add_parser("build")
+    a.add_argument("--code", default=None, help="another checkout (e.g. main) to run beside this tree")
+    a.add_argument("--sizes", default="5x8,10x16", help="classes x shots")
+    a.add_argument("--seeds", default="0")
+    a.add_argument("--busy", action="store_true", help="also beside one busy-loop process per core")
+    a.add_argument("--log", default="/tmp/i17/build.jsonl")
+    a = sub.add_parser("precision")
+    a.add_argument("--backbone", default="rmt-world-vit")
+    a.add_argument("--repeats", type=int, default=5)
+    a = sub.add_parser("gpu")
+    a.add_argument("--backbone", default="ViT-B-16")
+    a.add_argument("--classes", type=int, default=10)
+    a.add_argument("--shots", type=int, default=16)
+    a.add_argument("--repeats", type=int, default=20)
+    a.add_argument("--no-early-stop", action="store_true")
+    args = p.parse_args(argv)
+    {"profile": cmd_profile, "schedule": cmd_schedule, "build": cmd_build, "precision": cmd_precision,
+     "gpu": cmd_gpu}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Thread pools follow the CPU the process is given (issue 17): affinity, cgroup quota, a configured limit."""
+import subprocess
+import sys
+from pathlib import Path
+
+from rmt_core.threads import apply_process_policy, available_cpus, cgroup_cpu_quota, plan_threads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cgroup_v2_quota_is_read(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+
+
+def test_cgroup_v1_quota_is_read(tmp_path):
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 0.5
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    assert cgroup_cpu_quota(tmp_path / "missing") is None
+
+
+def test_threads_follow_quota_affinity_and_limit():
+    assert available_cpus(affinity=16, quota=None, read_quota=False) == 16
+    assert available_cpus(affinity=16, quota=2.0) == 2
+    assert available_cpus(affinity=16, quota=2.5) == 3  # a part of a CPU still runs a thread
+    assert available_cpus(affinity=2, quota=8.0) == 2
+    assert available_cpus(affinity=16, quota=0.2) == 1
+    assert available_cpus(affinity=16, quota=None, read_quota=False, limit=4) == 4
+    plan = plan_threads(available_cpus(affinity=64, quota=3.0))
+    assert (plan.cpus, plan.torch_threads, plan.ort_intra_threads, plan.torch_interop_threads) == (3, 3, 3, 1)
+
+
+def test_process_policy_sets_passive_waits_and_keeps_user_values():
+    env: dict[str, str] = {}
+    plan = apply_process_policy(env, cpus=3)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"} and plan.torch_threads == 3
+    env = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "7"}
+    apply_process_policy(env, cpus=3)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "7"}
+
+
+def test_torch_in_a_policed_process_uses_the_planned_threads():
+    # the policy must act before torch is imported: check it in a fresh interpreter
+    code = ("from rmt_core.threads import apply_process_policy; import os; apply_process_policy(cpus=1); "
+            "import torch; print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OMP_")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "PASSIVE"]

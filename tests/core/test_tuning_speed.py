@@ -1,0 +1,177 @@
+"""Issue 17: work done once (view pool, cached teacher), early stop, precision, honest progress."""
+import numpy as np
+import pytest
+import torch
+
+from rmt_core.backbones import encode_class_texts
+from rmt_core.config import TuneConfig
+from rmt_core.masking import mask_bits
+from rmt_core.preprocess import PreprocessConfig, preprocess_batch
+from rmt_core.tuning import (PlateauStop, ViewPool, bf16_supported, lr_factor, resolve_precision, train_transform,
+                             tune, zero_shot_logits)
+from tests.core.toys import colour_task, tiny
+
+LABELS = ["blue", "green", "red"]
+
+
+def _task(n_per_class=8, seed=0):
+    samples = colour_task(n_per_class=n_per_class, seed=seed)
+    return [i for i, _ in samples], [LABELS.index(lab) for _, lab in samples]
+
+
+def _config(**kw):
+    values = dict(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=40, batch_size=8,
+                  learning_rate=1e-3, warmup_steps=0)
+    return TuneConfig(**{**values, **kw})
+
+
+def test_cached_teacher_logits_equal_recomputed_ones():
+    backbone = tiny(seed=3)
+    images, targets = _task()
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+    result = tune(backbone, images, targets, text, _config(method="r-amt"))
+    assert result.sparsity > 0  # the teacher was needed (a mask flipped) ...
+    pool = ViewPool(images, train_transform(backbone.preprocess), seed=0, views=4)
+    idx, views = [0, 5, 9, 0], [1, 3, 0, 1]
+
+    def teacher(x):
+        return zero_shot_logits(backbone.model, x, text)
+
+    cached = pool.teacher_logits(idx, views, teacher)
+    assert pool.teacher_computed == 3  # (0, 1) twice in one batch: one forward
+    again = pool.teacher_logits(idx, views, teacher)
+    assert pool.teacher_computed == 3  # ... and looked up, not recomputed
+    recomputed = zero_shot_logits(backbone.model, pool.batch(idx, views), text)
+    torch.testing.assert_close(cached, recomputed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, cached)
+    # a view's pixels depend only on (seed, image, view), not on the order views were first drawn in
+    other = ViewPool(images, train_transform(backbone.preprocess), seed=0, views=4)
+    assert torch.equal(other.view(9, 0), pool.view(9, 0)) and not torch.equal(pool.view(9, 0), pool.view(9, 1))
+
+
+def test_gdr_runs_the_teacher_once_per_view_not_once_per_step():
+    backbone = tiny(seed=3)
+    images, targets = _task()
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+    result = tune(backbone, images, targets, text, _config(method="r-amt", min_steps=60))
+    assert 0 < result.teacher_forwards <= result.views_made <= len(images) * 16
+    flipped_steps = sum(1 for h in result.history if h["sparsity"] > 0)
+    assert result.teacher_forwards < flipped_steps * 8  # what a forward per step would have cost
+
+
+def _validation(n_per_class=5, seed=7):
+    samples = colour_task(n_per_class=n_per_class, seed=seed)
+    backbone = tiny(seed=3)
+    x = preprocess_batch([i for i, _ in samples], PreprocessConfig.from_dict(backbone.preprocess))
+    return torch.from_numpy(x), [LABELS.index(lab) for _, lab in samples]
+
+
+def test_early_stop_is_deterministic_and_says_why():
+    images, targets = _task()
+    runs = []
+    for _ in range(2):
+        backbone = tiny(seed=3)
+        text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+        rule = PlateauStop(n_validation=15, best_other=None, patience=2, min_fraction=0.1)
+        result = tune(backbone, images, targets, text, _config(min_steps=201, eval_every=5), validation=_validation(),
+                      stop_rule=rule)
+        runs.append((result, mask_bits(backbone.model)))
+    (a, bits_a), (b, bits_b) = runs
+    assert a.stop_reason.startswith("plateau") and a.steps < a.planned_steps == 201
+    assert (a.steps, a.stop_reason, a.checks) == (b.steps, b.stop_reason, b.checks)
+    assert all(np.array_equal(bits_a[k], bits_b[k]) for k in bits_a)
+    assert a.summary()["stop_reason"] == a.stop_reason and a.summary()["planned_steps"] == 201
+    assert a.history[-1]["eta_basis"] == "stopped early" and a.history[-1]["step"] == a.steps
+
+
+def test_a_mask_that_cannot_catch_the_best_candidate_stops():
+    images, targets = _task()
+    backbone = tiny(seed=3)
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+    x, y = _validation()
+    wrong = [(t + 1) % 3 for t in y]  # a holdout the mask can only get wrong, and a head that got 0.9 on it
+    rule = PlateauStop(n_validation=15, best_other=0.9, patience=4, min_fraction=0.1)
+    result = tune(backbone, images, targets, text, _config(min_steps=201, eval_every=5), validation=(x, wrong),
+                  stop_rule=rule)
+    assert result.stop_reason.startswith("cannot catch") and result.steps < 201
+
+
+def test_plateau_rule_waits_for_min_fraction_and_patience():
+    rule = PlateauStop(n_validation=10, best_other=None, patience=2, min_fraction=0.5)
+    assert [rule.observe(s, a, 100) for s, a in [(10, 0.5), (20, 0.5), (30, 0.5)]] == [None, None, None]
+    assert rule.observe(50, 0.5, 100).startswith("plateau")
+    rule = PlateauStop(n_validation=10, best_other=0.9, patience=4, min_fraction=0.0)
+    assert rule.observe(10, 0.85, 100) is None  # within one validation image: it may still tie
+    rule = PlateauStop(n_validation=10, best_other=0.9, patience=4, min_fraction=0.0)
+    assert rule.observe(10, 0.5, 100) is None and rule.observe(20, 0.5, 100) is None
+    assert rule.observe(30, 0.5, 100).startswith("cannot catch")
+
+
+def test_bf16_only_where_the_hardware_has_it_and_the_run_records_precision():
+    assert bf16_supported("cpu", {"avx2", "avx512f"}) is False
+    assert bf16_supported("cpu", {"avx512f", "avx512_bf16"}) is True
+    assert bf16_supported("cpu", {"amx_bf16", "amx_tile"}) is True
+    assert resolve_precision("auto", "cpu", {"avx2"}) == "fp32"
+    assert resolve_precision("auto", "cpu", {"avx512_bf16"}) == "bf16"
+    assert resolve_precision("fp32", "cpu", {"avx512_bf16"}) == "fp32"
+    with pytest.raises(ValueError, match="bf16"):
+        resolve_precision("bf16", "cpu", {"avx2"})
+    images, targets = _task(n_per_class=2)
+    for flags, expected in (({"avx2"}, "fp32"), ({"avx512_bf16"}, "bf16")):
+        backbone = tiny(seed=3)
+        text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+        result = tune(backbone, images, targets, text, _config(min_steps=3), cpu_flag_set=flags)
+        assert result.precision == expected == result.summary()["precision"]
+
+
+def test_warmup_then_cosine():
+    assert [round(lr_factor(s, 10, 2), 3) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_factor(9, 10, 2) < 0.1 and lr_factor(5, 10, 0) == pytest.approx(0.5)
+
+
+def test_progress_shows_planned_steps_and_an_eta_that_shrinks():
+    backbone = tiny(seed=3)
+    images, targets = _task()
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+    seen = []
+    tune(backbone, images, targets, text, _config(min_steps=30, early_stop=False), progress=seen.append)
+    assert all(p.planned_steps == p.total_steps == 30 and p.eta_seconds is not None for p in seen)
+    etas = [p.eta_seconds for p in seen]
+    assert etas[-1] == 0.0
+    # "monotone-ish": measured step times wobble, but the ETA at each quarter is below the one before
+    quarters = [etas[i] for i in (0, 7, 15, 22, 29)]
+    assert all(later <= earlier * 1.5 for earlier, later in zip(quarters, quarters[1:])), quarters
+    assert quarters[-1] < quarters[0]
+
+
+def test_bf16_matches_fp32_within_noise():
+    """The guard for bf16 autocast: the same build in bf16 (emulated here when the CPU lacks it: the flags are
+    injected) flips nearly the same weights and scores the same on held-out images as fp32."""
+    images, targets = _task()
+    x, y = _validation()
+    results = {}
+    for flags in ({"avx2"}, {"avx512_bf16"}):
+        backbone = tiny(seed=3)
+        text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+        result = tune(backbone, images, targets, text, _config(min_steps=30, early_stop=False), cpu_flag_set=flags)
+        from rmt_core.tuning import holdout_accuracy
+        results[result.precision] = (mask_bits(backbone.model), holdout_accuracy(backbone.model, x, torch.tensor(y), text),
+                                     result.sparsity)
+    (bits32, acc32, sp32), (bits16, acc16, sp16) = results["fp32"], results["bf16"]
+    total = sum(b.size for b in bits32.values())
+    differ = sum(int((bits32[k] != bits16[k]).sum()) for k in bits32)
+    assert sp32 > 0 and differ / total < 0.01, (differ, total, sp32, sp16)
+    assert abs(acc32 - acc16) <= 1 / len(y) + 1e-9, (acc32, acc16)
+
+
+def test_an_early_stopped_build_records_why_and_when(tmp_path):
+    from rmt_core.pipeline import build_classifier
+
+    samples = colour_task(n_per_class=8)  # 8 per class: a holdout of 2 per class scores the mask as it tunes
+    config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=120, batch_size=8,
+                        learning_rate=1e-3, warmup_steps=0, eval_every=4, patience=2, seed=1)
+    manifest = build_classifier(samples, config, tmp_path / "v", device="cpu")
+    tuning = manifest["tuning"]
+    assert tuning["planned_steps"] == 120 and manifest["steps"] == tuning["steps"] < 120
+    assert tuning["stop_reason"].split(":")[0] in ("plateau", "cannot catch")
+    assert tuning["precision"] in ("fp32", "bf16") and tuning["checks"][-1]["step"] == tuning["steps"]
