@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from rmt_core.config import (CANDIDATES, FLOAT_RANGES, INT_RANGES, MAX_NAME_LENGTH, MAX_TEMPLATE_LENGTH, METHODS,
-                             QUICK_GELU, TuneConfig)
+                             PRECISIONS, QUICK_GELU, RECIPES, TuneConfig)
 
 TUNE_CONFIG_REF = "#/components/schemas/TuneConfig"
 
@@ -39,6 +39,8 @@ _CHOICES: dict[str, Any] = {
     "method": Literal[METHODS],  # type: ignore[valid-type]
     "select": Literal[("auto", *CANDIDATES)],  # type: ignore[valid-type]
     "quick_gelu": Literal[tuple(QUICK_GELU)] | bool,  # type: ignore[valid-type]
+    "recipe": Literal[tuple(RECIPES)],  # type: ignore[valid-type]
+    "precision": Literal[PRECISIONS],  # type: ignore[valid-type]
 }
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from rmt_core.config import METHODS, TuneConfig
+from rmt_core.config import METHODS, RECIPES, TuneConfig
 from tests.service.helpers import image_bytes
 
 
@@ -37,7 +37,10 @@ def test_config_is_a_typed_schema_generated_from_tune_config(spec):
     assert schema["additionalProperties"] is False
     assert schema["properties"]["method"]["enum"] == list(METHODS)
     assert schema["properties"]["epochs"]["type"] == "integer"
-    assert schema["properties"]["learning_rate"]["type"] == "number"
+    # unset (null) = the recipe's value
+    assert {"type": "number", "exclusiveMinimum": 0.0, "maximum": 1.0}.items() <= next(
+        t for t in schema["properties"]["learning_rate"]["anyOf"] if t["type"] != "null").items()
+    assert schema["properties"]["recipe"]["enum"] == list(RECIPES)
     assert schema["properties"]["augment"]["type"] == "boolean"
     for name, f in fields.items():
         assert schema["properties"][name]["description"] == f.metadata["help"], name
