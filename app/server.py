@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 
+import uvicorn
+
 from rmt_service.settings import Settings
 
 from rmt_core.heap import limit_malloc_arenas
@@ -103,6 +105,59 @@ class WorkerProcess:
             self.process.wait()
 
 
+KEEP_ALIVE_S = 5  # uvicorn's default idle keep-alive
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, stopped by SIGTERM without resetting a keep-alive connection.
+
+    uvicorn alone closes every idle keep-alive connection the moment SIGTERM arrives; a client that sent its
+    next request on one just then gets a reset (or a closed connection) instead of an answer. Here SIGTERM
+    first drains: every answer says ``Connection: close`` (the client opens a fresh connection for its next
+    request, elsewhere once the balancer has seen /readyz answer 503), idle connections run out on the
+    keep-alive timeout, and the server stops once none is left (at most a keep-alive period and a second
+    later), then lets in-flight requests finish as before. A second SIGTERM, or SIGINT, stops at once.
+    """
+
+    draining = False
+    drain_deadline = 0.0
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and not self.draining and not self.should_exit:
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.config.timeout_keep_alive + 1
+            log.info("SIGTERM: draining connections before shutting down")
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.draining and not self.should_exit and (
+                not self.server_state.connections or time.monotonic() >= self.drain_deadline):
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    def drain_wrapper(self, app):
+        """The ASGI app, answering with ``Connection: close`` (and /readyz with 503) while draining."""
+        async def draining_app(scope, receive, send):
+            if scope["type"] != "http" or not self.draining:
+                return await app(scope, receive, send)
+            if scope.get("path") == "/readyz":
+                body = b'{"status":"draining"}'
+                await send({"type": "http.response.start", "status": 503, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+
+            async def closing_send(message):
+                if message["type"] == "http.response.start":
+                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+                await send(message)
+            return await app(scope, receive, closing_send)
+        return draining_app
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     limit_malloc_arenas()  # before any thread starts (see rmt_core/heap.py)
@@ -121,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("embedded broker and --worker no: jobs will wait until a `rmt worker --data-dir %s` runs",
                     settings.data_dir)
 
-    import uvicorn
-
     from .main import create_app
 
     log.info("serving on http://%s:%d (data in %s, broker %s)", args.host, args.port, settings.data_dir,
@@ -131,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     # default SIGTERM action that would kill the process before the finally below stops the worker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=10)
+        server = DrainingServer(uvicorn.Config(create_app(settings), host=args.host, port=args.port,
+                                               log_level=args.log_level, timeout_graceful_shutdown=10,
+                                               timeout_keep_alive=KEEP_ALIVE_S))
+        server.config.app = server.drain_wrapper(server.config.app)
+        server.run()
     finally:
         if worker is not None:
             started = time.monotonic()

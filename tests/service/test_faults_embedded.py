@@ -228,3 +228,22 @@ def test_a_burst_of_creates_sends_one_message_each_while_the_queue_holds_them(st
     assert queue_depth(app) == 0
     app.send_task("rmt.tune", args=["job_x"], queue="rmt")
     assert queue_depth(app) == 1
+
+
+def test_a_swept_lease_is_taken_back_only_if_nobody_claimed_the_job(store):
+    _, job = _create(store)
+    assert store.claim(job.job_id, "a")[0] == "run"
+    attempt = store.get_job(job.job_id).attempts
+    with store.db.write() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == job.job_id).values(lease_expires_at=0.0))
+    assert jobsm.sweep(store.db, 3, 3600)[0]["requeued"] == 1
+    assert store.heartbeat(job.job_id, "a") == "lease_lost"  # without its attempt: as before
+    assert store.heartbeat(job.job_id, "a", attempt) == "ok"  # nobody took it: ours again
+    again = store.get_job(job.job_id)
+    assert again.status == "running" and again.lease_owner == "a" and store.job_counts()["running"] == 1
+    with store.db.write() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == job.job_id).values(lease_expires_at=0.0))
+    jobsm.sweep(store.db, 3, 3600)
+    assert store.claim(job.job_id, "b")[0] == "run"  # another worker took it
+    assert store.heartbeat(job.job_id, "a", attempt) == "lease_lost"
+    assert store.get_job(job.job_id).lease_owner == "b"

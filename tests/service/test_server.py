@@ -43,3 +43,43 @@ def test_the_api_process_never_imports_torch(tmp_path):
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=service_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sigterm_drains_keep_alive_connections(tmp_path):
+    """After SIGTERM, a request on a kept-alive connection gets its whole answer, marked `Connection: close`
+    (never a reset), /readyz says 503 so a balancer stops sending, and the server then exits by itself."""
+    import signal
+
+    import httpx
+
+    from tests.service.helpers import free_port, service_env, wait_for
+    from tests.service.procs import Child, rmt
+
+    port = free_port()
+    child = Child(rmt("serve", "--port", str(port), "--data-dir", str(tmp_path / "d"), "--worker", "no"),
+                  service_env(), tmp_path / "serve.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 60, what="rmt serve to answer")
+        answers = []
+        with httpx.Client(base_url=base, timeout=10) as client:
+            assert client.get("/healthz").headers.get("connection") != "close"  # the connection stays open, idle
+            child.signal(signal.SIGTERM)
+            for _ in range(100):  # the signal lands at some point between these requests
+                response = client.get("/healthz")  # raises on a reset or a connection closed under it
+                answers.append(response)
+                if response.headers.get("connection") == "close":
+                    break
+            assert answers[-1].status_code == 200 and answers[-1].headers.get("connection") == "close", \
+                child.log()
+            assert client.get("/readyz").status_code == 503
+        assert child.proc.wait(30) == 0
+    finally:
+        child.stop()
