@@ -209,7 +209,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                      progress: Callable[[Progress], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, device: str = "auto",
                      on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None,
-                     on_base: Callable[[dict], None] | None = None) -> dict:
+                     on_base: Callable[[dict], None] | None = None, initial_bits: dict | None = None) -> dict:
     """Tune a classifier from ``samples`` = [(image path or PIL image, label), ...] into ``out_dir``.
 
     Candidates (zero-shot, a head fitted on frozen features, the mask-tuned encoder, a head on it) are
@@ -220,6 +220,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     every version of this build shares (labels, preprocess, base_id, ...), which ``write_preview`` needs to
     turn an ``on_candidate`` head into a servable version directory. Returns the manifest. Raises
     TuningCancelled, ValueError (bad input), ExportParityError (the served path disagrees with torch).
+    ``initial_bits`` warm-starts mask tuning from an earlier version's mask (tuning.tune).
     """
     import torch
 
@@ -261,7 +262,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
 
     def tune_masks():
         return tune(backbone, train_images, train_targets, text_features, config, progress=progress,
-                    should_stop=should_stop, device=device)
+                    should_stop=should_stop, device=device, **({"initial_bits": initial_bits} if initial_bits else {}))
 
     run = run_candidates(backbone.model, zero_shot, labels, config, preprocess_batch(train_images, preprocess),
                          train_targets, held_batch, held_targets, tune_masks, on_candidate=on_candidate,

@@ -5,13 +5,14 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from rmt_service.store import ClassifierRecord, ClassifierView, QuotaExceeded, Store, VersionRecord
+from rmt_service.store import ClassifierView, QuotaExceeded
 
 from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..openapi import TUNE_CONFIG_REF
 from ..queue import BrokerUnavailable
-from ..schemas import ClassifierCreated, ClassifierList, ClassifierPublic, ErrorBody, multipart_body
+from ..schemas import ClassifierCreated, ClassifierList, ClassifierPublic, multipart_body
+from ..serving import ERRORS, served_version
 from ..uploads import parse_create
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
@@ -26,23 +27,13 @@ _CREATE_BODY = multipart_body({
     "name": {"type": "string", "description": "A name for people; optional."},
     "config": {"$ref": TUNE_CONFIG_REF},
 }, encoding={"config": {"contentType": "application/json"}})
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
+_ERRORS = ERRORS
 _MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "application/octet-stream",
           ".rmtm": "application/octet-stream"}
 
 
 def public(view: ClassifierView) -> ClassifierPublic:
-    version = view.version
-    manifest = version.manifest if version is not None else None
-    return ClassifierPublic.from_record(view.classifier, view.job, manifest, list(version.files) if version else [],
-                                        final=version.final if version is not None else True)
-
-
-def owned_classifier(store: Store, classifier_id: str, tenant: str) -> ClassifierRecord:
-    record = store.get_classifier(classifier_id, tenant)
-    if record is None:
-        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
-    return record
+    return ClassifierPublic.from_view(view.classifier, view.job, view.version)
 
 
 def _too_many(active: int, limit: int) -> ApiError:
@@ -107,30 +98,6 @@ async def delete_classifier(classifier_id: str, store: StoreDep, tenant: TenantD
         raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
     cache.evict(classifier_id)  # on the event loop, which owns the cache
     return Response(status_code=204)
-
-
-def served_version(store: Store, classifier_id: str, tenant: str) -> tuple[ClassifierRecord, VersionRecord]:
-    """The caller's classifier and the version classify answers with, in one query: the published one; while
-    the job is queued or running, the preview (zero-shot, then the fitted head); after a failed or cancelled
-    job, the preview only with config.keep_preview. 404 for another tenant's id; 409 not_ready otherwise
-    (retryable while the job is active)."""
-    view = store.view(classifier_id, tenant)
-    if view is None:
-        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
-    record, version, job = view.classifier, view.version, view.job
-    status = job.status if job is not None else "failed"
-    if version is not None and (version.final or status in ("queued", "running")):
-        return record, version
-    if status in ("queued", "running"):
-        raise ApiError(409, "not_ready", f"classifier {classifier_id} is {status} and its zero-shot preview "
-                                         "is not ready yet; retry in a few seconds, or follow "
-                                         f"GET /v1/jobs/{record.job_id}", headers={"Retry-After": "2"})
-    if version is not None and (record.config or {}).get("keep_preview"):
-        return record, version
-    hint = " (its preview is not served after the job ended; create with config.keep_preview=true for that)" \
-        if version is not None else ""
-    raise ApiError(409, "not_ready", f"classifier {classifier_id} is {status}, not ready{hint}; "
-                                     f"follow GET /v1/jobs/{record.job_id}")
 
 
 @router.get("/{classifier_id}/model.onnx", response_class=FileResponse, responses=_ERRORS)

@@ -15,7 +15,7 @@ from ..deps import CacheDep, MetricsDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import Classification, ClassifyResponse, multipart_body
 from ..uploads import PixelBudget, decode_image, read_form
-from .classifiers import _ERRORS, served_version
+from ..serving import ERRORS as _ERRORS, served_version
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classify"])
 log = logging.getLogger(__name__)
@@ -93,6 +93,6 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
         results.append(Classification(filename=name, predictions=preds, unknown=unknown,
                                       label=None if unknown or not preds else preds[0]["label"]))
     first = results[0] if single else None
-    return ClassifyResponse(model=version.candidate or None, final=version.final, min_score=min_score,
+    return ClassifyResponse(version_id=version.version_id, model=version.candidate or None, final=version.final, min_score=min_score,
                             results=results, predictions=predictions[0] if single else None,
                             label=first.label if first else None, unknown=first.unknown if first else None)

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from rmt_service.store import Store
 
 from ..deps import StoreDep, TenantDep
-from .classifiers import _ERRORS, served_version
+from ..serving import ERRORS as _ERRORS, served_version
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 

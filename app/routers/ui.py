@@ -25,7 +25,7 @@ from rmt_service.store import StoreError
 from ..deps import SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import ErrorBody
-from .classifiers import owned_classifier
+from ..serving import owned_classifier
 
 UI_DIR = Path(__file__).resolve().parent.parent / "static" / "ui"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "

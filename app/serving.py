@@ -1,0 +1,29 @@
+"""The version a request is answered with, for the routes (the decision itself: rmt_service.versions)."""
+from __future__ import annotations
+
+from rmt_service.store import ClassifierRecord, Store, VersionRecord
+from rmt_service.versions import decide
+
+from .errors import ApiError
+from .schemas import ErrorBody
+
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
+
+
+def owned_classifier(store: Store, classifier_id: str, tenant: str) -> ClassifierRecord:
+    record = store.get_classifier(classifier_id, tenant)
+    if record is None:
+        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
+    return record
+
+
+def served_version(store: Store, classifier_id: str, tenant: str) -> tuple[ClassifierRecord, VersionRecord]:
+    """The caller's classifier and the version classify answers with, in one query (rmt_service.versions.decide).
+    404 for another tenant's id; 409 not_ready otherwise (retryable while the build job is active)."""
+    view = store.view(classifier_id, tenant)
+    if view is None:
+        raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
+    serving = decide(view.classifier, view.job, view.version)
+    if serving.version is None:
+        raise ApiError(409, "not_ready", serving.reason, headers={"Retry-After": "2"} if serving.retry else None)
+    return view.classifier, serving.version

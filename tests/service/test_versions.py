@@ -1,0 +1,166 @@
+"""A classifier's versions: which serves (one decision), listing, serving/rollback, updates, feedback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from rmt_service.store import Store
+from rmt_service.versions import decide
+from tests.service.helpers import COLORS, FakeQueue, count_rows, image_bytes, make_settings, upload_parts
+from worker.tasks import run_tune_job
+
+
+def _error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code, response.text
+    return response.json()["error"]["message"]
+
+
+def _run(settings, job_id: str) -> str:
+    store = Store(settings)
+    try:
+        return run_tune_job(store, settings, job_id)
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def built(settings, queue):
+    """A freshly tuned two-class classifier of this test's own (it gets new versions)."""
+    with TestClient(create_app(settings, queue=queue)) as c:
+        files, data = upload_parts(per_class=5)
+        created = c.post("/v1/classifiers", files=files, data=data).json()
+        assert _run(settings, created["job_id"]) == "succeeded"
+        yield c, created["classifier_id"]
+
+
+def _png(color: str, seed: int) -> tuple[str, tuple[str, bytes, str]]:
+    return ("files", (f"{color}-{seed}.png", image_bytes(COLORS[color], seed=seed), "image/png"))
+
+
+def _classify(client, cid: str, color: str = "red") -> dict:
+    response = client.post(f"/v1/classifiers/{cid}/classify",
+                           files={"file": ("x.png", image_bytes(COLORS[color], seed=99), "image/png")})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _update(client, settings, cid: str, files=(), labels=(), **data) -> dict:
+    response = client.post(f"/v1/classifiers/{cid}/versions", files=list(files) or None,
+                           data={"labels": list(labels), **data})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    assert _run(settings, job_id) == "succeeded"
+    return client.get(f"/v1/jobs/{job_id}").json()
+
+
+# ------------------------------------------------------------------ the one decision
+def test_decide_serves_final_then_preview_only_while_the_build_runs(store):
+    from rmt_service.jobs import JobRecord
+    from rmt_service.store import ClassifierRecord, VersionRecord
+
+    record = ClassifierRecord("clf_" + "0" * 24, "t", "job_" + "0" * 24, "", ["a", "b"], {}, 4, 0.0)
+    preview = VersionRecord("ver_p", record.classifier_id, "zero-shot", False, "versions/p", None, {}, [], 0.0)
+    final = VersionRecord("ver_f", record.classifier_id, "mask", True, "versions/f", None, {}, [], 0.0)
+
+    def job(status):
+        return JobRecord(job_id=record.job_id, classifier_id=record.classifier_id, tenant="t", status=status,
+                         progress=None, warnings=None, error=None, attempts=1, cancel_requested=False,
+                         created_at=0.0, started_at=None, finished_at=None)
+
+    assert decide(record, job("failed"), final) .version is final and decide(record, None, final).status == "ready"
+    assert decide(record, job("running"), preview).version is preview
+    assert decide(record, job("running"), None).retry and decide(record, job("queued"), None).version is None
+    ended = decide(record, job("failed"), preview)
+    assert ended.version is None and ended.status == "failed" and "keep_preview" in ended.reason
+    record.config = {"keep_preview": True}
+    assert decide(record, job("cancelled"), preview).version is preview
+
+
+# ------------------------------------------------------------------ list, classify names its version, serve
+def test_versions_list_and_classify_names_the_serving_version(built):
+    client, cid = built
+    versions = client.get(f"/v1/classifiers/{cid}/versions").json()["versions"]
+    serving = [v for v in versions if v["serving"]]
+    assert len(serving) == 1 and serving[0]["final"] and serving[0]["source"] == "build"
+    assert serving[0]["images"] == {"green": 5, "red": 5} and serving[0]["labels"] == ["green", "red"]
+    assert [v["created_at"] for v in versions] == sorted((v["created_at"] for v in versions), reverse=True)
+    answer = _classify(client, cid)
+    assert answer["version_id"] == serving[0]["version_id"]
+    assert client.get(f"/v1/classifiers/{cid}").json()["version_id"] == serving[0]["version_id"]
+
+
+def test_unknown_and_foreign_versions_are_404_and_change_nothing(built, settings):
+    client, cid = built
+    serving = _classify(client, cid)["version_id"]
+    _error(client.post(f"/v1/classifiers/{cid}/versions/ver_{'0' * 24}/serve"), 404, "not_found")
+    _error(client.get(f"/v1/classifiers/clf_{'0' * 24}/versions"), 404, "not_found")
+    # another classifier's version cannot be served through this one
+    files, data = upload_parts(per_class=5)
+    other = client.post("/v1/classifiers", files=files, data=data).json()
+    assert _run(settings, other["job_id"]) == "succeeded"
+    foreign = _classify(client, other["classifier_id"])["version_id"]
+    _error(client.post(f"/v1/classifiers/{cid}/versions/{foreign}/serve"), 404, "not_found")
+    assert _classify(client, cid)["version_id"] == serving
+
+
+def test_another_tenants_classifier_is_invisible(tmp_path, database_url):
+    settings = make_settings(tmp_path / "data", database_url=database_url, api_keys="alice:ka,bob:kb")
+    with TestClient(create_app(settings, queue=FakeQueue())) as c:
+        files, data = upload_parts(per_class=5)
+        created = c.post("/v1/classifiers", files=files, data=data, headers={"Authorization": "Bearer ka"}).json()
+        assert _run(settings, created["job_id"]) == "succeeded"
+        cid, bob = created["classifier_id"], {"Authorization": "Bearer kb"}
+        alice = {"Authorization": "Bearer ka"}
+        version = c.get(f"/v1/classifiers/{cid}/versions", headers=alice).json()["versions"][0]["version_id"]
+        _error(c.get(f"/v1/classifiers/{cid}/versions", headers=bob), 404, "not_found")
+        _error(c.post(f"/v1/classifiers/{cid}/versions/{version}/serve", headers=bob), 404, "not_found")
+        _error(c.get(f"/v1/classifiers/{cid}/feedback", headers=bob), 404, "not_found")
+        _error(c.post(f"/v1/classifiers/{cid}/feedback", headers=bob, data={"label": "red"},
+                      files={"file": ("a.png", image_bytes(COLORS["red"]), "image/png")}), 404, "not_found")
+        _error(c.post(f"/v1/classifiers/{cid}/versions", headers=bob, data={"remove_labels": ["red"]}),
+               404, "not_found")
+        assert count_rows(settings, "feedback") == 0 and count_rows(settings, "jobs") == 1
+
+
+def test_a_preview_cannot_be_served(built, settings):
+    client, cid = built
+    preview = [v for v in client.get(f"/v1/classifiers/{cid}/versions").json()["versions"] if not v["final"]]
+    assert preview, "the build published a zero-shot preview first"
+    _error(client.post(f"/v1/classifiers/{cid}/versions/{preview[0]['version_id']}/serve"), 409, "not_servable")
+
+
+# ------------------------------------------------------------------ feedback
+def test_feedback_is_recorded_listed_and_its_image_kept(built, settings):
+    client, cid = built
+    serving = _classify(client, cid)["version_id"]
+    image = image_bytes(COLORS["green"], seed=7)
+    response = client.post(f"/v1/classifiers/{cid}/feedback", data={"label": "green", "prediction": "red"},
+                           files={"file": ("wrong.png", image, "image/png")})
+    assert response.status_code == 201, response.text
+    feedback_id = response.json()["feedback_id"]
+    listed = client.get(f"/v1/classifiers/{cid}/feedback").json()["feedback"]
+    assert [(f["feedback_id"], f["label"], f["prediction"], f["version_id"]) for f in listed] == \
+        [(feedback_id, "green", "red", serving)]
+    assert client.get(listed[0]["image"]).content == image
+    _error(client.post(f"/v1/classifiers/{cid}/feedback", data={"label": ""},
+                       files={"file": ("a.png", image, "image/png")}), 400, "invalid_label")
+    _error(client.post(f"/v1/classifiers/{cid}/feedback", data={"label": "green"},
+                       files={"file": ("a.png", b"not an image", "image/png")}), 415, "not_an_image")
+    assert count_rows(settings, "feedback") == 1
+
+
+def test_feedback_on_a_deleted_classifier_is_404_and_delete_cascades(built, settings):
+    client, cid = built
+    client.post(f"/v1/classifiers/{cid}/feedback", data={"label": "green"},
+                files={"file": ("a.png", image_bytes(COLORS["green"], seed=3), "image/png")})
+    assert client.delete(f"/v1/classifiers/{cid}").status_code == 204
+    _error(client.post(f"/v1/classifiers/{cid}/feedback", data={"label": "green"},
+                       files={"file": ("a.png", image_bytes(COLORS["green"]), "image/png")}), 404, "not_found")
+    _error(client.get(f"/v1/classifiers/{cid}/feedback"), 404, "not_found")
+    for table in ("feedback", "classifier_versions", "uploads", "jobs", "classifiers"):
+        assert count_rows(settings, table) == 0, table
+    assert not (settings.data_dir / "blobs" / "uploads" / cid).exists()
