@@ -28,7 +28,7 @@ from .blobs import BlobError, BlobStore
 from .db import Database, bases, classifiers, db_now, tenants, uploads, versions
 from .jobs import ACTIVE_STATUSES, JOB_STATUSES, TERMINAL_STATUSES, JobRecord  # noqa: F401 (re-exported)
 from .settings import Settings
-from .versions import VersionsMixin
+from .versions import VersionsMixin, content_address
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class Store(VersionsMixin):
                     n_images=len(samples), created_at=now, job_id=job_id, current_version_id=None))
                 conn.execute(uploads.insert(), [
                     {"classifier_id": classifier_id, "idx": i, "blob_key": key, "label": s.label,
-                     "original_name": s.original_name[:255]} for i, (key, s) in enumerate(zip(keys, samples))])
+                     "original_name": s.original_name[:255], "sha256": content_address(s.data)} for i, (key, s) in enumerate(zip(keys, samples))])
                 jobsm.insert(conn, job_id, classifier_id, tenant, self.settings.job_resend_seconds, progress)
                 conn.execute(update(tenants).where(tenants.c.tenant == tenant)
                              .values(n_classifiers=tenants.c.n_classifiers + 1))

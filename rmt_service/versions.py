@@ -194,11 +194,32 @@ class VersionsMixin:
 
     # ------------------------------------------------------------ images by content address
     def put_image(self, classifier_id: str, data: bytes, ext: str) -> tuple[str, str]:
-        """Store an image once per classifier, named by its content: (blob key, sha256)."""
+        """Store an image once per classifier: the blob of an upload or feedback with the same content, else a
+        new one named by its content. Returns (blob key, sha256)."""
         digest = content_address(data)
+        with self.db.write() as conn:
+            self._address_uploads(conn, classifier_id)
+            key = conn.execute(select(uploads.c.blob_key).where(uploads.c.classifier_id == classifier_id,
+                                                                uploads.c.sha256 == digest).limit(1)).scalar()
+            if key is None:
+                key = conn.execute(select(feedback.c.blob_key).where(feedback.c.classifier_id == classifier_id,
+                                                                     feedback.c.sha256 == digest).limit(1)).scalar()
+        if key is not None and self.blobs.path(key).is_file():
+            return key, digest
         key = self.blobs.content_key(classifier_id, digest, ext)
         self.blobs.put_file(key, data)
         return key, digest
+
+    def _address_uploads(self, conn, classifier_id: str) -> None:
+        """Give uploads stored before content addresses (schema 0001) theirs, once, from their blobs."""
+        missing = conn.execute(select(uploads.c.idx, uploads.c.blob_key).where(
+            uploads.c.classifier_id == classifier_id, uploads.c.sha256.is_(None))).all()
+        for row in missing:
+            path = self.blobs.path(row.blob_key)
+            if path.is_file():
+                conn.execute(update(uploads).where(uploads.c.classifier_id == classifier_id,
+                                                   uploads.c.idx == row.idx)
+                             .values(sha256=content_address(path.read_bytes())))
 
     def _add_upload(self, conn, classifier_id: str, blob_key: str, digest: str, label: str, name: str,
                     existing: dict[tuple[str, str], int], next_idx: list[int]) -> int:
@@ -243,6 +264,7 @@ class VersionsMixin:
             active = jobsm.count_active(conn, tenant)
             if active >= limit:
                 raise QuotaExceeded(active, limit)
+            self._address_uploads(conn, classifier_id)
             rows = self._upload_rows(conn, classifier_id)
             existing = {(r.sha256, r.label): i for i, r in rows.items() if r.sha256}
             next_idx = [max(rows, default=-1) + 1]

@@ -48,9 +48,18 @@ def _classify(client, cid: str, color: str = "red") -> dict:
     return response.json()
 
 
+def _multipart(data: dict) -> list:
+    """Form fields as multipart parts (a request without files would otherwise go urlencoded)."""
+    parts = []
+    for key, value in data.items():
+        for item in value if isinstance(value, list) else [value]:
+            parts.append((key, (None, item)))
+    return parts
+
+
 def _update(client, settings, cid: str, files=(), labels=(), **data) -> dict:
-    response = client.post(f"/v1/classifiers/{cid}/versions", files=list(files) or None,
-                           data={"labels": list(labels), **data})
+    response = client.post(f"/v1/classifiers/{cid}/versions",
+                           files=list(files) + _multipart({"labels": list(labels), **data}))
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
     assert _run(settings, job_id) == "succeeded"
@@ -164,3 +173,124 @@ def test_feedback_on_a_deleted_classifier_is_404_and_delete_cascades(built, sett
     for table in ("feedback", "classifier_versions", "uploads", "jobs", "classifiers"):
         assert count_rows(settings, table) == 0, table
     assert not (settings.data_dir / "blobs" / "uploads" / cid).exists()
+
+
+# ------------------------------------------------------------------ updates
+def test_update_adds_a_class_warm_starts_and_serves(built, settings):
+    client, cid = built
+    parent = _classify(client, cid)["version_id"]
+    files = [_png("blue", i) for i in range(5)]
+    job = _update(client, settings, cid, files, ["blue"] * 5)
+    report = job["update"]
+    assert job["status"] == "succeeded" and report["added_classes"] == ["blue"] and report["added_images"] == 5
+    assert report["compared_on"] > 0 and report["new_accuracy"] is not None and report["parent_accuracy"] is not None
+    assert report["warm_start"] == {"from_version": parent, "masks": report["warm_start"]["masks"]}
+    assert report["warm_start"]["masks"] > 0
+    versions = client.get(f"/v1/classifiers/{cid}/versions").json()["versions"]
+    new = next(v for v in versions if v["version_id"] == report["version_id"])
+    assert new["source"] == "update" and new["parent_version_id"] == parent and new["final"]
+    assert new["images"] == {"blue": 5, "green": 5, "red": 5} and new["labels"] == ["blue", "green", "red"]
+    assert new["warm_start"]["from_version"] == parent and new["change"]["served"] == report["served"]
+    if report["served"]:  # the parent cannot name blue: the new version wins the blue held-out images
+        assert new["serving"] and _classify(client, cid)["version_id"] == new["version_id"]
+        assert client.get(f"/v1/classifiers/{cid}").json()["labels"] == ["blue", "green", "red"]
+
+
+def test_a_worse_update_is_kept_but_not_served(built, settings, monkeypatch):
+    import worker.updates as updates
+
+    client, cid = built
+    parent = _classify(client, cid)["version_id"]
+    parent_dir = str(Store(settings).version_dir(Store(settings).current_version(cid)))
+    # the new version scores 0.5 and its parent 1.0 on the same held-out images
+    monkeypatch.setattr(updates, "accuracy_on",
+                        lambda version_dir, bases_dir, samples: 1.0 if str(version_dir) == parent_dir else 0.5)
+    job = _update(client, settings, cid, [_png("red", 50 + i) for i in range(3)], ["green"] * 3)
+    report = job["update"]
+    assert report["served"] is False and report["parent_accuracy"] == 1.0 and report["new_accuracy"] == 0.5
+    assert "50.0% vs 100.0%" in report["reason"] and "stays" in report["reason"]
+    assert _classify(client, cid)["version_id"] == parent
+    versions = {v["version_id"]: v for v in client.get(f"/v1/classifiers/{cid}/versions").json()["versions"]}
+    assert versions[report["version_id"]]["serving"] is False and versions[parent]["serving"]
+    # the user can still roll forward to it on purpose
+    assert client.post(f"/v1/classifiers/{cid}/versions/{report['version_id']}/serve").status_code == 200
+    assert _classify(client, cid)["version_id"] == report["version_id"]
+    # and config.force serves a worse one at once
+    forced = _update(client, settings, cid, [_png("red", 60)], ["green"], config=json.dumps({"force": True}))
+    assert forced["update"]["served"] and forced["update"]["forced"]
+    assert _classify(client, cid)["version_id"] == forced["update"]["version_id"]
+
+
+def test_bad_updates_are_refused_and_store_nothing(built, settings):
+    client, cid = built
+    jobs_before, uploads_before = count_rows(settings, "jobs"), count_rows(settings, "uploads")
+    url = f"/v1/classifiers/{cid}/versions"
+    message = _error(client.post(url, files=_multipart({"remove_labels": ["red"]})), 422, "too_few_classes")
+    assert "at least two" in message
+    _error(client.post(url, files=_multipart({"remove_labels": ["purple"]})), 422, "unknown_label")
+    _error(client.post(url, files=_multipart({"include_feedback": "false"})), 422, "nothing_to_change")
+    _error(client.post(url, files=_multipart({"remove_labels": ["red"], "config": "{"})), 422, "invalid_config")
+    _error(client.post(url, files=[_png("blue", 1)]), 400, "labels_mismatch")
+    _error(client.post(f"/v1/classifiers/clf_{'0' * 24}/versions", files=_multipart({"remove_labels": ["red"]})),
+           404, "not_found")
+    assert count_rows(settings, "jobs") == jobs_before and count_rows(settings, "uploads") == uploads_before
+
+
+def test_retrain_with_feedback_stores_each_image_once(built, settings):
+    client, cid = built
+    image = image_bytes(COLORS["green"], seed=0)  # the same bytes as the first green training image
+    uploads_dir = settings.data_dir / "blobs" / "uploads" / cid
+    blobs_before = sorted(p.name for p in uploads_dir.iterdir())
+    for _ in range(2):
+        client.post(f"/v1/classifiers/{cid}/feedback", data={"label": "red", "prediction": "green"},
+                    files={"file": ("again.png", image, "image/png")})
+    job = _update(client, settings, cid, include_feedback="true", config=json.dumps({"force": True}))
+    assert job["update"]["feedback_images"] == 2
+    versions = client.get(f"/v1/classifiers/{cid}/versions").json()["versions"]
+    new = next(v for v in versions if v["version_id"] == job["update"]["version_id"])
+    # the corrected image moved from green to red: one image, one label, one blob
+    assert new["images"] == {"green": 4, "red": 6}
+    assert sorted(p.name for p in uploads_dir.iterdir()) == blobs_before
+
+
+def test_serving_choice_survives_restart_and_is_seen_by_a_second_api(built, settings, tmp_path):
+    import httpx
+
+    from tests.service.helpers import free_port, service_env, wait_for
+    from tests.service.procs import Child, rmt
+
+    client, cid = built
+    first = _classify(client, cid)["version_id"]
+    second = _update(client, settings, cid, [_png("red", 70)], ["red"],
+                     config=json.dumps({"force": True}))["update"]["version_id"]
+    assert _classify(client, cid)["version_id"] == second
+    port = free_port()
+    env = service_env(RMT_DATABASE_URL=settings.database_url or "", RMT_DEVICE="cpu")
+    api = Child(rmt("serve", "--port", str(port), "--data-dir", str(settings.data_dir), "--worker", "no"), env,
+                tmp_path / "api2.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 90, what="second API ready")
+
+        def classify_there() -> str:
+            r = httpx.post(f"{base}/v1/classifiers/{cid}/classify", timeout=30,
+                           files={"file": ("x.png", image_bytes(COLORS["red"], seed=99), "image/png")})
+            assert r.status_code == 200, r.text
+            return r.json()["version_id"]
+
+        assert classify_there() == second  # (its cache now holds the second version)
+        assert client.post(f"/v1/classifiers/{cid}/versions/{first}/serve").status_code == 200  # rollback on A
+        assert classify_there() == first  # B follows the row, not its cache
+        r = httpx.post(f"{base}/v1/classifiers/{cid}/versions/{second}/serve", timeout=30)  # roll forward on B
+        assert r.status_code == 200 and r.json()["serving"] and r.json()["version_id"] == second
+        assert _classify(client, cid)["version_id"] == second
+    finally:
+        api.stop()
+    with TestClient(create_app(settings, queue=FakeQueue())) as restarted:
+        assert _classify(restarted, cid)["version_id"] == second
