@@ -253,6 +253,12 @@ class VersionList(BaseModel):
     versions: list[VersionPublic] = Field(description="Newest first.")
 
 
+class ClassByName(BaseModel):
+    name: str = Field(description="The new class's label.", max_length=1000)
+    prompt: str | None = Field(None, description="The text to embed; default: the classifier's prompt template "
+                                                 "around the name (\"a photo of a zebra.\").", max_length=1000)
+
+
 class UpdateQueued(BaseModel):
     classifier_id: str
     job_id: str

@@ -11,6 +11,7 @@ API replica reads the same one (their classifier caches reload when the version 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -258,6 +259,15 @@ class VersionsMixin:
             if unknown:
                 raise VersionError("unknown_label", f"remove_labels names classes the serving version does not "
                                                     f"have: {unknown}; it has {sorted(labels_now)}")
+            added_labels = {label for _, _, label, _ in added}
+            rows_now = self._upload_rows(conn, classifier_id)
+            with_images = {rows_now[i].label for i in self.version_sample_idx(conn, classifier_id, serving)
+                           if i in rows_now}
+            name_only = sorted(labels_now - with_images - set(remove_labels) - added_labels)
+            if name_only:
+                raise VersionError("needs_images", f"class(es) {name_only} were added by name and have no images; "
+                                                   "a trained version needs images of every class: add some, or "
+                                                   "remove_labels them")
             limit = self._lock_tenant(conn, tenant)
             if max_active_jobs is not None:
                 limit = max_active_jobs
@@ -341,6 +351,59 @@ class VersionsMixin:
             from .store import StoreError
             raise StoreError(f"classifier {classifier_id} lost uploads {missing[:5]} (deleted?)")
         return [(self.blobs.path(rows[i].blob_key), rows[i].label) for i in idx]
+
+    # ------------------------------------------------------------ a class added by name
+    def add_class_by_name(self, classifier_id: str, tenant: str, name: str, prompt: str | None
+                          ) -> "VersionRecord":
+        """A new serving version: the serving one plus a class whose head row is the text tower's embedding of
+        ``prompt`` (default: the classifier's prompt template around ``name``). No training; the rest is kept.
+        VersionError: not_found, not_ready (nothing published), class_exists, no_text_tower."""
+        import shutil
+
+        from rmt_core.head import Head
+        from rmt_core.templates import DEFAULT_TEMPLATE, class_prompt
+        from rmt_core.text import text_encoder
+
+        from .store import MANIFEST, StoreError
+
+        view = self.view(classifier_id, tenant)
+        if view is None:
+            raise VersionError("not_found", f"no classifier {classifier_id!r}")
+        with self.db.read() as conn:
+            serving = self._serving_final(conn, classifier_id, view.classifier.current_version_id)
+            samples = self.version_sample_idx(conn, classifier_id, serving)
+        manifest = dict(serving.manifest or {})
+        labels = list(manifest.get("labels") or [])
+        if name in labels:
+            raise VersionError("class_exists", f"the serving version already has a class {name!r}")
+        head_file, base_id = manifest.get("head_file"), manifest.get("base_id")
+        if not head_file or not base_id:
+            raise VersionError("no_text_tower", "this classifier's version predates base+mask+head versions; add "
+                                                "the class with images (POST .../versions)")
+        try:
+            encoder = text_encoder(str(self.bases_dir / base_id))
+        except FileNotFoundError:
+            raise VersionError("no_text_tower", f"the base {base_id} was exported before bases carried a text "
+                                                "tower; add the class with images (POST .../versions)") from None
+        template = (manifest.get("config") or {}).get("prompt_template") or DEFAULT_TEMPLATE
+        prompt = prompt or class_prompt(name, template)
+        source_dir = self.version_dir(serving)
+        head = Head.load(source_dir / head_file).with_class(encoder.encode([prompt])[0])
+        build_dir = self.new_build_dir(classifier_id)
+        try:
+            for file_name in serving.files:
+                if file_name not in (MANIFEST, head_file):
+                    shutil.copyfile(source_dir / file_name, build_dir / file_name)
+            manifest.update(labels=[*labels, name], head=head.summary(), head_bytes=head.save(build_dir / head_file),
+                            change={"added_class_by_name": name, "prompt": prompt}, warm_start=None)
+            (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            try:
+                return self.publish_version(classifier_id, build_dir, final=True, serve=True, source="class_by_name",
+                                            parent_version_id=serving.version_id, samples=samples)
+            except StoreError:
+                raise VersionError("not_found", f"no classifier {classifier_id!r}") from None
+        finally:
+            self.discard(build_dir)
 
     # ------------------------------------------------------------ feedback
     def add_feedback(self, classifier_id: str, tenant: str, data: bytes, ext: str, label: str,

@@ -16,7 +16,7 @@ from rmt_service.versions import VersionError, VersionInfo, published_accuracy
 from ..deps import MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..queue import BrokerUnavailable
-from ..schemas import (FeedbackCreated, FeedbackList, FeedbackPublic, UpdateQueued, VersionList, VersionPublic,
+from ..schemas import (ClassByName, FeedbackCreated, FeedbackList, FeedbackPublic, UpdateQueued, VersionList, VersionPublic,
                        _ts, multipart_body)
 from ..serving import ERRORS
 from ..uploads import (MAX_CONFIG_CHARS, _check_allowed, _display_name, _read_upload, _validate_images,
@@ -26,7 +26,7 @@ from rmt_service.store import Sample
 router = APIRouter(prefix="/v1/classifiers", tags=["versions"])
 
 _STATUS = {"not_found": 404, "not_servable": 409, "not_ready": 409, "unknown_label": 422, "too_few_classes": 422,
-           "nothing_to_change": 422, "class_exists": 409}
+           "nothing_to_change": 422, "class_exists": 409, "no_text_tower": 409, "needs_images": 422}
 
 _UPDATE_BODY = multipart_body({
     "files": {"type": "array", "items": {"type": "string", "format": "binary"},
@@ -167,6 +167,23 @@ async def create_version(classifier_id: str, request: Request, response: Respons
     metrics.jobs_created.inc()
     response.headers["Location"] = f"/v1/jobs/{job.job_id}"
     return UpdateQueued(classifier_id=classifier_id, job_id=job.job_id)
+
+
+@router.post("/{classifier_id}/classes", status_code=201, response_model=VersionPublic, responses=ERRORS)
+async def add_class_by_name(classifier_id: str, body: ClassByName, settings: SettingsDep, store: StoreDep,
+                            tenant: TenantDep) -> VersionPublic:
+    """Add a class known only by its name: a new version serving at once, its head row from the text tower
+    (zero-shot for that class; no images, no training), everything else kept."""
+    name = clean_label(body.name, settings, "name")
+    prompt = None
+    if body.prompt is not None and body.prompt.strip():
+        prompt = clean_label(body.prompt, settings, "prompt")
+    try:
+        version = await run_in_threadpool(store.add_class_by_name, classifier_id, tenant, name, prompt)
+    except VersionError as exc:
+        raise _error(exc) from None
+    infos = await run_in_threadpool(store.list_versions, classifier_id, tenant)
+    return version_public(next(i for i in infos or [] if i.version.version_id == version.version_id))
 
 
 @router.post("/{classifier_id}/feedback", status_code=201, response_model=FeedbackCreated,

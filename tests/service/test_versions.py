@@ -294,3 +294,29 @@ def test_serving_choice_survives_restart_and_is_seen_by_a_second_api(built, sett
         api.stop()
     with TestClient(create_app(settings, queue=FakeQueue())) as restarted:
         assert _classify(restarted, cid)["version_id"] == second
+
+
+# ------------------------------------------------------------------ a class added by name
+def test_a_class_added_by_name_serves_at_once(built, settings):
+    client, cid = built
+    parent = _classify(client, cid)["version_id"]
+    response = client.post(f"/v1/classifiers/{cid}/classes", json={"name": "blue"})
+    assert response.status_code == 201, response.text
+    version = response.json()
+    assert version["serving"] and version["source"] == "class_by_name" and version["parent_version_id"] == parent
+    assert version["labels"] == ["green", "red", "blue"] and version["images"] == {"green": 5, "red": 5, "blue": 0}
+    assert version["change"]["prompt"] == "a photo of a blue."
+    answer = client.post(f"/v1/classifiers/{cid}/classify", params={"top_k": 3},
+                         files={"file": ("x.png", image_bytes(COLORS["blue"]), "image/png")}).json()
+    assert answer["version_id"] == version["version_id"]
+    assert sorted(p["label"] for p in answer["predictions"]) == ["blue", "green", "red"]
+
+    _error(client.post(f"/v1/classifiers/{cid}/classes", json={"name": "blue"}), 409, "class_exists")
+    _error(client.post(f"/v1/classifiers/{cid}/classes", json={"name": " "}), 400, "invalid_label")
+    _error(client.post(f"/v1/classifiers/clf_{'0' * 24}/classes", json={"name": "zebra"}), 404, "not_found")
+    # a trained update needs images of the name-only class (or its removal)
+    _error(client.post(f"/v1/classifiers/{cid}/versions", files=[_png("red", 80)] + _multipart({"labels": ["red"]})),
+           422, "needs_images")
+    # rolling back drops the class again
+    assert client.post(f"/v1/classifiers/{cid}/versions/{parent}/serve").status_code == 200
+    assert client.get(f"/v1/classifiers/{cid}").json()["labels"] == ["green", "red"]
