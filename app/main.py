@@ -22,7 +22,7 @@ from .limits import BodySizeLimit, ShutdownAnswer
 from .metrics import Metrics, MetricsMiddleware
 from .openapi import install_openapi
 from .queue import JobQueue
-from .routers import classifiers, classify, docs, export, health, jobs, ui
+from .routers import classifiers, classify, docs, export, health, jobs, ui, versions
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
                                                            mode=settings.serving_mode))
     install_error_handlers(app)
     install_database_errors(app)
-    for router in (health.router, classifiers.router, classify.router, jobs.router, ui.router):
+    for router in (health.router, classifiers.router, classify.router, jobs.router, ui.router, versions.router):
         app.include_router(router)
     app.include_router(export.router)
     app.include_router(docs.router)

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from rmt_service.store import ClassifierRecord, JobRecord
+from rmt_service.store import ClassifierRecord, JobRecord, VersionRecord
+from rmt_service.versions import decide
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ClassifierStatus = Literal["queued", "running", "ready", "failed", "cancelled"]
@@ -98,6 +99,10 @@ class JobPublic(BaseModel):
                                                            "runs (null until zero-shot is ready).")
     warnings: list[str] = Field(default_factory=list, description="No mask flipped, epochs raised by min_steps, "
                                                                   "tuned below zero-shot, too few images to validate.")
+    update: dict[str, Any] | None = Field(
+        None, description="For a job that makes a new version (POST /v1/classifiers/{id}/versions): version_id, "
+                          "served, reason, the serving and the new version's accuracy on the same held-out images, "
+                          "warm_start.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -112,6 +117,7 @@ class JobPublic(BaseModel):
                    error=ErrorDetail(**job.error) if job.error else None, attempts=job.attempts,
                    cancel_requested=job.cancel_requested, schedule=_schedule(values.get("schedule")),
                    preview=_preview(values.get("preview")), warnings=_job_warnings(job),
+                   update=values.get("update") if isinstance(values.get("update"), dict) else None,
                    created_at=_ts(job.created_at), started_at=_ts(job.started_at), finished_at=_ts(job.finished_at))
 
 
@@ -143,34 +149,41 @@ class ClassifierPublic(BaseModel):
                                                  "(see preview); null: nothing answers yet.")
     preview: PreviewState | None = Field(None, description="The preview answering while the job runs.")
     schedule: Schedule | None = Field(None, description="The job's schedule (epochs, min_steps, total steps).")
+    version_id: str | None = Field(None, description="The version classify answers with (null: none yet); "
+                                                     "GET /v1/classifiers/{id}/versions lists them all.")
     created_at: datetime
     ready_at: datetime | None = None
 
     @classmethod
+    def from_view(cls, record: ClassifierRecord, job: JobRecord | None,
+                  current: VersionRecord | None) -> "ClassifierPublic":
+        """What GET shows: status and the serving version as rmt_service.versions.decide says."""
+        serving = decide(record, job, current)
+        version = serving.version
+        out = cls.from_record(record, job, version.manifest if version else None, list(version.files) if version
+                              else [], final=version.final if version else True, status=serving.status)
+        if version is not None:
+            out.version_id = version.version_id
+        return out
+
+    @classmethod
     def from_record(cls, record: ClassifierRecord, job: JobRecord | None, manifest: dict[str, Any] | None,
-                    files: list[str], final: bool = True) -> "ClassifierPublic":
-        if manifest is not None and final:
-            status = "ready"  # (a preview version leaves the status to the job)
-        elif job is None:
-            status = "failed"
-        elif job.status == "succeeded":  # succeeded but the model is gone: should not happen
-            status = "failed"
-        else:
-            status = job.status
+                    files: list[str], final: bool = True, status: str | None = None) -> "ClassifierPublic":
+        if status is None:  # (from_view passes decide's; this keeps old callers working)
+            status = "ready" if manifest is not None and final else \
+                "failed" if job is None or job.status == "succeeded" else job.status
         config = (manifest or {}).get("config") or record.config
         error = ErrorDetail(**job.error) if job is not None and job.error else None
         if job is None and manifest is None:
             error = ErrorDetail(code="job_missing", message="this classifier has no job record; delete and recreate it")
         out = cls(classifier_id=record.classifier_id, name=record.name, status=status, job_id=record.job_id,
-                  labels=record.labels, n_images=record.n_images, backbone=config.get("backbone"),
+                  labels=list((manifest or {}).get("labels") or record.labels), n_images=record.n_images, backbone=config.get("backbone"),
                   pretrained=config.get("pretrained"), method=config.get("method"), config=config,
                   error=error, created_at=_ts(record.created_at))
         job_values = (job.progress or {}) if job is not None else {}
         out.schedule = _schedule(job_values.get("schedule") or (manifest or {}).get("schedule"))
         out.warnings = _job_warnings(job) if job is not None else []
         if manifest is not None and not final:
-            if status not in ("queued", "running") and not (record.config or {}).get("keep_preview"):
-                return out  # a preview classify does not serve after a failed/cancelled job (no keep_preview)
             out.final = False
             out.preview = _preview(job_values.get("preview")) or PreviewState(
                 model=str(manifest.get("candidate") or "zero-shot"), accuracy=manifest.get("preview_accuracy"))
@@ -216,6 +229,7 @@ class Classification(BaseModel):
 
 class ClassifyResponse(BaseModel):
     """One shape for both uploads: ``results`` has one entry per image, in upload order."""
+    version_id: str | None = Field(None, description="The classifier version that answered.")
     model: str | None = Field(None, description="The candidate that answered: zero-shot, head, mask, mask+head.")
     final: bool = Field(True, description="false while a preview answers (the job is still tuning); true once "
                                           "the published model answers.")
@@ -230,6 +244,58 @@ class ClassifyResponse(BaseModel):
         None, description="Only for a single `file` upload: the same as results[0].predictions.")
     label: str | None = Field(None, description="Only for a single `file` upload: results[0].label.")
     unknown: bool | None = Field(None, description="Only for a single `file` upload: results[0].unknown.")
+
+
+VersionSource = Literal["build", "update", "class_by_name", "rollback"]
+
+
+class VersionPublic(BaseModel):
+    version_id: str
+    created_at: datetime
+    final: bool = Field(description="false for a preview published while the build job ran.")
+    serving: bool = Field(description="true for the one version classify answers with.")
+    labels: list[str]
+    published: str | None = Field(None, description="The candidate it publishes: zero-shot, head, mask, mask+head.")
+    published_accuracy: float | None = Field(None, description="Its accuracy on the validation images.")
+    parent_version_id: str | None = Field(None, description="The version it was made from.")
+    source: VersionSource
+    images: dict[str, int] = Field(description="Images per class it was built from.")
+    warm_start: dict[str, Any] | None = Field(None, description="Mask tuning started from the parent's mask.")
+    change: dict[str, Any] | None = Field(None, description="What changed against the parent (added images, "
+                                                            "classes, feedback, the comparison that decided).")
+
+
+class VersionList(BaseModel):
+    versions: list[VersionPublic] = Field(description="Newest first.")
+
+
+class ClassByName(BaseModel):
+    name: str = Field(description="The new class's label.", max_length=1000)
+    prompt: str | None = Field(None, description="The text to embed; default: the classifier's prompt template "
+                                                 "around the name (\"a photo of a zebra.\").", max_length=1000)
+
+
+class UpdateQueued(BaseModel):
+    classifier_id: str
+    job_id: str
+    status: Literal["queued"] = "queued"
+
+
+class FeedbackCreated(BaseModel):
+    feedback_id: str
+
+
+class FeedbackPublic(BaseModel):
+    feedback_id: str
+    label: str = Field(description="The right label.")
+    prediction: str | None = Field(None, description="The label the classifier gave.")
+    version_id: str | None = Field(None, description="The version serving when it was recorded.")
+    created_at: datetime
+    image: str = Field(description="Where its image is (GET).")
+
+
+class FeedbackList(BaseModel):
+    feedback: list[FeedbackPublic] = Field(description="Newest first.")
 
 
 def multipart_body(properties: dict, encoding: dict | None = None, one_of_required: list | None = None) -> dict:

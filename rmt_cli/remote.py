@@ -140,6 +140,119 @@ def remote_export(args, rmt) -> int:
     return 0
 
 
+# -- rmt remote versions | update | add-class | serve | feedback: a classifier that evolves ------------------------
+def _print_versions(versions: list[dict]) -> None:
+    for v in versions:
+        acc = v.get("published_accuracy")
+        counts = ", ".join(f"{label} {n}" for label, n in (v.get("images") or {}).items())
+        print(f"{'*' if v['serving'] else ' '} {v['version_id']}  {v['source']:13s}  "
+              f"{'final  ' if v['final'] else 'preview'}  {'' if acc is None else f'{acc:.0%}  '}{counts}")
+
+
+def remote_versions(args, rmt) -> int:
+    versions = rmt.versions(args.classifier)
+    if args.json:
+        _print_json(versions)
+    else:
+        _print_versions(versions)  # * marks the serving version
+    return 0
+
+
+def remote_update(args, rmt) -> int:
+    config = json.loads(Path(args.config).read_text() if args.config and Path(args.config).is_file()
+                        else args.config or "{}")
+    created = rmt.update(args.classifier, args.add, remove_labels=args.remove or (),
+                         include_feedback=args.feedback, config=config, force=args.force)
+    if not args.wait:
+        if args.json:
+            _print_json({"classifier_id": created.classifier_id, "job_id": created.job_id, "status": "queued"})
+        else:
+            print(f"update queued as job {created.job_id}; follow it with `rmt remote status {created.job_id}`")
+        return 0
+    job = rmt.wait(created, progress=None if args.json else _progress_line, raise_on_failure=False)
+    report = job.get("update") or {}
+    if args.json:
+        _print_json(job)
+    elif job["status"] == "succeeded":
+        print(f"version {report.get('version_id')} {'serves' if report.get('served') else 'kept, not served'}: "
+              f"{report.get('reason')}")
+    else:
+        print(f"update {job['status']}: {(job.get('error') or {}).get('message', '')}")
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def remote_add_class(args, rmt) -> int:
+    version = rmt.add_class(args.classifier, args.name, prompt=args.prompt)
+    if args.json:
+        _print_json(version)
+    else:
+        print(f"class {args.name!r} added by name: version {version['version_id']} serves now")
+    return 0
+
+
+def remote_serve(args, rmt) -> int:
+    version = rmt.serve(args.classifier, args.version)
+    if args.json:
+        _print_json(version)
+    else:
+        print(f"version {version['version_id']} serves {args.classifier} now")
+    return 0
+
+
+def remote_feedback(args, rmt) -> int:
+    if args.image is None:
+        items = rmt.list_feedback(args.classifier)
+        if args.json:
+            _print_json(items)
+        for f in [] if args.json else items:
+            print(f"{f['feedback_id']}  {f['label']:20s}  (was {f.get('prediction') or '?'})")
+        return 0
+    if not args.label:
+        return fail("give --label, the right label of the image")
+    feedback_id = rmt.feedback(args.classifier, args.image, args.label, prediction=args.prediction)
+    if args.json:
+        _print_json({"feedback_id": feedback_id})
+    else:
+        print(f"recorded {feedback_id}; retrain with `rmt remote update {args.classifier} --feedback`")
+    return 0
+
+
+def _add_version_parsers(rsub, common) -> None:
+    p = rsub.add_parser("versions", parents=[common], help="A classifier's versions (* = serving).")
+    p.add_argument("classifier", metavar="CLASSIFIER_ID")
+    p.set_defaults(remote_func=remote_versions)
+
+    p = rsub.add_parser("update", parents=[common],
+                        help="A new version: add images/classes, remove classes, retrain with feedback.")
+    p.add_argument("classifier", metavar="CLASSIFIER_ID")
+    p.add_argument("--add", metavar="DIR|ZIP", help="Images to add, one sub-folder per class (new names add classes).")
+    p.add_argument("--remove", action="append", metavar="LABEL", help="A class to drop (repeatable).")
+    p.add_argument("--feedback", action="store_true", help="Add the recorded feedback images.")
+    p.add_argument("--config", help="Settings over the serving version's, as JSON or a JSON file.")
+    p.add_argument("--force", action="store_true", help="Serve the new version even if it is worse.")
+    p.add_argument("--wait", action="store_true", help="Follow the job and say whether the new version serves.")
+    p.set_defaults(remote_func=remote_update)
+
+    p = rsub.add_parser("add-class", parents=[common], help="Add a class by its name alone (serves at once).")
+    p.add_argument("classifier", metavar="CLASSIFIER_ID")
+    p.add_argument("name")
+    p.add_argument("--prompt", help="The text to embed (default: the classifier's template around NAME).")
+    p.set_defaults(remote_func=remote_add_class)
+
+    p = rsub.add_parser("serve", parents=[common], help="Serve a version (rollback or roll forward).")
+    p.add_argument("classifier", metavar="CLASSIFIER_ID")
+    p.add_argument("version", metavar="VERSION_ID")
+    p.set_defaults(remote_func=remote_serve)
+
+    p = rsub.add_parser("feedback", parents=[common],
+                        help="Record a wrongly classified image with its right label, or list the feedback.")
+    p.add_argument("classifier", metavar="CLASSIFIER_ID")
+    p.add_argument("image", nargs="?", help="The image (omit to list the feedback).")
+    p.add_argument("--label", help="Its right label.")
+    p.add_argument("--prediction", help="The label the classifier gave it.")
+    p.set_defaults(remote_func=remote_feedback)
+
+
 def cmd_remote(args) -> int:
     import httpx
 
@@ -197,6 +310,7 @@ def add_parser(sub) -> None:
     p.add_argument("classifier", metavar="CLASSIFIER_ID")
     p.add_argument("out", metavar="OUT")
     p.set_defaults(remote_func=remote_export)
+    _add_version_parsers(rsub, common)
     remote.set_defaults(func=cmd_remote)
 
 

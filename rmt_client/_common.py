@@ -160,6 +160,28 @@ def create_parts(source: Samples, name: str | None, config: Mapping[str, Any] | 
     return files, data
 
 
+def update_parts(add: Samples | None, remove_labels: Sequence[str] | None, include_feedback: bool,
+                 config: Mapping[str, Any] | None, force: bool) -> list[tuple[str, tuple[str | None, Any, ...]]]:
+    """multipart parts for POST /v1/classifiers/{id}/versions (always multipart, even without images)."""
+    parts: list = []
+    if add is not None:
+        files, data = create_parts(add, None, None)
+        parts += files + [("labels", (None, label)) for label in data["labels"]]
+    parts += [("remove_labels", (None, str(label))) for label in remove_labels or ()]
+    parts.append(("include_feedback", (None, "true" if include_feedback else "false")))
+    values = {**dict(config or {}), **({"force": True} if force else {})}
+    if values:
+        parts.append(("config", (None, json.dumps(values))))
+    return parts
+
+
+def feedback_parts(image: Any, label: str, prediction: str | None) -> list:
+    parts: list = [("file", _image_part(image, 0)), ("label", (None, label))]
+    if prediction:
+        parts.append(("prediction", (None, prediction)))
+    return parts
+
+
 def expand_images(images: Any) -> list[Any]:
     """One image, a folder (its images, sorted) or a list of either, as a flat list."""
     single = (str, os.PathLike, bytes, bytearray, memoryview)  # one image, though some of these are sequences

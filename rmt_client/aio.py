@@ -4,12 +4,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import httpx
 
 from ._common import (DEFAULT_URL, Created, PathLike, Samples, auth_headers, check, classify_parts,
-                      classify_results, create_parts, created_from, deadline_after, download_file, expand_images,
+                      classify_results, create_parts, created_from, deadline_after, download_file, expand_images, feedback_parts, update_parts,
                       job_id_of, next_page_params, wait_is_over)
 
 
@@ -82,6 +82,31 @@ class AsyncClient:
             if wait_is_over(state, raise_on_failure, deadline, timeout):
                 return state
             await asyncio.sleep(poll)
+
+    # versions and feedback (see Client for what each does)
+    async def versions(self, classifier_id: str) -> list[dict]:
+        return check(await self._http.get(f"/v1/classifiers/{classifier_id}/versions")).json()["versions"]
+
+    async def update(self, classifier_id: str, add: Samples | None = None, *, remove_labels: Sequence[str] = (),
+                     include_feedback: bool = False, config: Mapping[str, Any] | None = None,
+                     force: bool = False) -> Created:
+        parts = await asyncio.to_thread(update_parts, add, remove_labels, include_feedback, config, force)
+        return created_from(await self._http.post(f"/v1/classifiers/{classifier_id}/versions", files=parts))
+
+    async def add_class(self, classifier_id: str, name: str, prompt: str | None = None) -> dict:
+        body = {"name": name, **({"prompt": prompt} if prompt else {})}
+        return check(await self._http.post(f"/v1/classifiers/{classifier_id}/classes", json=body)).json()
+
+    async def serve(self, classifier_id: str, version_id: str) -> dict:
+        return check(await self._http.post(f"/v1/classifiers/{classifier_id}/versions/{version_id}/serve")).json()
+
+    async def feedback(self, classifier_id: str, image: Any, label: str, prediction: str | None = None) -> str:
+        parts = await asyncio.to_thread(feedback_parts, image, label, prediction)
+        response = await self._http.post(f"/v1/classifiers/{classifier_id}/feedback", files=parts)
+        return check(response).json()["feedback_id"]
+
+    async def list_feedback(self, classifier_id: str) -> list[dict]:
+        return check(await self._http.get(f"/v1/classifiers/{classifier_id}/feedback")).json()["feedback"]
 
     async def classify(self, classifier_id: str, images: Any, top_k: int = 5, batch_size: int = 32) -> list[dict]:
         """Classify one image, a folder, or a list of paths / bytes / PIL images (see ``Client.classify``)."""

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import httpx
 
 from ._common import (DEFAULT_URL, Created, PathLike, Samples, auth_headers, check, classify_parts,
-                      classify_results, create_parts, created_from, deadline_after, download_file, expand_images,
+                      classify_results, create_parts, created_from, deadline_after, download_file, expand_images, feedback_parts, update_parts,
                       job_id_of, next_page_params, wait_is_over)
 
 
@@ -89,6 +89,37 @@ class Client:
             if wait_is_over(state, raise_on_failure, deadline, timeout):
                 return state
             time.sleep(poll)
+
+    # -- versions and feedback -----------------------------------------------------------------------------
+    def versions(self, classifier_id: str) -> list[dict]:
+        """The classifier's versions, newest first; ``serving`` marks the one classify answers with."""
+        return check(self._http.get(f"/v1/classifiers/{classifier_id}/versions")).json()["versions"]
+
+    def update(self, classifier_id: str, add: Samples | None = None, *, remove_labels: Sequence[str] = (),
+               include_feedback: bool = False, config: Mapping[str, Any] | None = None,
+               force: bool = False) -> Created:
+        """Queue a new version: the serving one's images plus ``add`` (like create's source; a new label adds a
+        class), minus ``remove_labels``, plus the feedback with ``include_feedback``. It serves only if it is
+        not worse on the same held-out images, or with ``force``; ``wait`` it and read the job's ``update``."""
+        parts = update_parts(add, remove_labels, include_feedback, config, force)
+        return created_from(self._http.post(f"/v1/classifiers/{classifier_id}/versions", files=parts))
+
+    def add_class(self, classifier_id: str, name: str, prompt: str | None = None) -> dict:
+        """Add a class by its name alone (zero-shot row from the text encoder); the new version serves at once."""
+        body = {"name": name, **({"prompt": prompt} if prompt else {})}
+        return check(self._http.post(f"/v1/classifiers/{classifier_id}/classes", json=body)).json()
+
+    def serve(self, classifier_id: str, version_id: str) -> dict:
+        """Serve this version from now on (rollback or roll forward)."""
+        return check(self._http.post(f"/v1/classifiers/{classifier_id}/versions/{version_id}/serve")).json()
+
+    def feedback(self, classifier_id: str, image: Any, label: str, prediction: str | None = None) -> str:
+        """Record an image the classifier got wrong with its right label; returns the feedback id."""
+        parts = feedback_parts(image, label, prediction)
+        return check(self._http.post(f"/v1/classifiers/{classifier_id}/feedback", files=parts)).json()["feedback_id"]
+
+    def list_feedback(self, classifier_id: str) -> list[dict]:
+        return check(self._http.get(f"/v1/classifiers/{classifier_id}/feedback")).json()["feedback"]
 
     # -- classify and download -----------------------------------------------------------------------------
     def classify(self, classifier_id: str, images: Any, top_k: int = 5, batch_size: int = 32) -> list[dict]:

@@ -8,6 +8,7 @@ backbone and weights points at the same directory:
         base.onnx.data   the large initializers, raw little-endian, each 64-byte aligned (mmap-able)
         base.json        backbone, pretrained, preprocess, feature dim, and for every maskable parameter
                          the ONNX initializer that holds it (``maskable``: name -> {initializer, transpose})
+        text.onnx, text.json, the BPE vocabulary: the text tower (rmt_core.text), when the tokenizer is CLIP's
 
 The exporter renames and transposes weights (a Linear's weight becomes ``onnx::MatMul_123`` = W.T), so
 the map from torch parameter to initializer is found by value and checked to be one-to-one; a mask
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 BASE_ONNX = "base.onnx"
 BASE_DATA = "base.onnx.data"
 BASE_JSON = "base.json"
-BASE_FORMAT = 1          # part of the fingerprint: a new export format gives new base ids
+BASE_FORMAT = 2          # part of the fingerprint: a new export format gives new base ids (2: + text tower)
 EXTERNAL_MIN_BYTES = 1024
 ALIGN = 64
 INPUT_NAME = "image"
@@ -185,7 +186,10 @@ def _export(backbone, base_id: str, out: Path, opset: int) -> None:
                               others={f"visual.{n}": a for n, a in params.items() if n not in candidates})
     feature_dim = int(_feature_dim(visual, example))
     write_external(model, out / BASE_ONNX, BASE_DATA)
-    meta = {"base_id": base_id, "format": BASE_FORMAT, "backbone": backbone.name, "pretrained": backbone.pretrained,
+    from .text import export_text_tower
+
+    has_text = export_text_tower(backbone, out, opset)  # classes added by name, embedded without torch
+    meta = {"text": has_text, "base_id": base_id, "format": BASE_FORMAT, "backbone": backbone.name, "pretrained": backbone.pretrained,
             "preprocess": backbone.preprocess, "feature_dim": feature_dim, "input": INPUT_NAME, "output": OUTPUT_NAME,
             "opset": opset, "maskable": maskable,
             "bytes": (out / BASE_ONNX).stat().st_size + (out / BASE_DATA).stat().st_size}

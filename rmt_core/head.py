@@ -144,6 +144,23 @@ class Head:
                 "outlier_keys": 0 if self.outlier_keys is None else int(self.outlier_keys.shape[0]),
                 **({"meta": self.meta} if self.meta else {})}
 
+    def with_class(self, text_feature: np.ndarray) -> "Head":
+        """This head plus one class known only by its text embedding (zero-shot for that class).
+
+        The new row is the normalised embedding scaled to the mean norm of the existing rows, with their mean
+        bias, so a fitted head's scores and the new class's are on the same footing; a cache (Tip-Adapter)
+        gets a zero column (no image votes for the new class).
+        """
+        row = _f32(text_feature).reshape(-1)
+        if row.shape != (self.dim,):
+            raise ValueError(f"text feature has shape {row.shape}; expected ({self.dim},)")
+        row = row / np.linalg.norm(row) * float(np.linalg.norm(self.W, axis=1).mean())
+        values = None if self.cache_values is None else \
+            np.concatenate([self.cache_values, np.zeros((self.cache_values.shape[0], 1), np.float32)], axis=1)
+        return Head(W=np.concatenate([self.W, row[None]]), b=np.append(self.b, self.b.mean()), scale=self.scale,
+                    cache_keys=self.cache_keys, cache_values=values, cache_alpha=self.cache_alpha,
+                    cache_beta=self.cache_beta, temperature=self.temperature, kind=self.kind, meta=dict(self.meta))
+
     # ---- storage -------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         arrays = {"W": self.W, "b": self.b}

@@ -86,6 +86,23 @@ def attach_masks(model: nn.Module, method: str, init: float = 1e-2, threshold: f
     return masks
 
 
+def warm_start_masks(masks: dict[str, BinaryMask], bits: dict[str, np.ndarray], init: float,
+                     threshold: float) -> list[str]:
+    """Start tuning from an earlier mask: its kept entries at ``init``, its dropped ones as far below
+    ``threshold`` as ``init`` is above it (they start dropped and can come back). Masks whose name or shape
+    the earlier mask lacks keep their fresh start. Returns the names warm-started."""
+    seeded = []
+    for name, mask in masks.items():
+        kept = bits.get(name)
+        if kept is None or tuple(kept.shape) != tuple(mask.scores.shape):
+            continue
+        with torch.no_grad():
+            kept_t = torch.from_numpy(np.ascontiguousarray(kept, dtype=bool)).to(mask.scores.device)
+            mask.scores.copy_(torch.where(kept_t, torch.tensor(float(init)), torch.tensor(2 * threshold - init)))
+        seeded.append(name)
+    return seeded
+
+
 def find_masks(model: nn.Module) -> dict[str, BinaryMask]:
     found = {}
     for mod_name, module in model.named_modules():

@@ -250,7 +250,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                      should_stop: Callable[[], bool] | None = None, device: str = "auto",
                      on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None,
                      on_base: Callable[[dict], None] | None = None,
-                     base_staging: Callable[[], Path] | None = None) -> dict:
+                     base_staging: Callable[[], Path] | None = None, initial_bits: dict | None = None) -> dict:
     """Tune a classifier from ``samples`` = [(image path or PIL image, label), ...] into ``out_dir``.
 
     Candidates (zero-shot, a head fitted on frozen features, the mask-tuned encoder, a head on it) are
@@ -262,6 +262,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     turn an ``on_candidate`` head into a servable version directory. ``base_staging`` gives the directory a
     new base is exported into (see base.ensure_base). Returns the manifest. Raises
     TuningCancelled, ValueError (bad input), ExportParityError (the served path disagrees with torch).
+    ``initial_bits`` warm-starts mask tuning from an earlier version's mask (tuning.tune).
     """
     import torch
 
@@ -316,7 +317,8 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         stop_rule = PlateauStop(len(held_targets), best_other=best_other, patience=config.patience)
         return tune(backbone, train_images, train_targets, text_features, config, progress=progress,
                     should_stop=should_stop, device=device,
-                    validation=(held_batch, held_targets) if held else None, stop_rule=stop_rule)
+                    validation=(held_batch, held_targets) if held else None, stop_rule=stop_rule,
+                    initial_bits=initial_bits or None)
 
     run = run_candidates(backbone.model, zero_shot, labels, config, preprocess_batch(train_images, preprocess),
                          train_targets, held_batch, held_targets, tune_masks, on_candidate=announce,

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 from .backbones import Backbone
 from .config import TuneConfig
 from .gdr import gradient_dropout
-from .masking import BinaryMask, attach_masks, masks_disabled, sparsity
+from .masking import BinaryMask, attach_masks, masks_disabled, sparsity, warm_start_masks
 
 log = logging.getLogger(__name__)
 
@@ -369,8 +369,11 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
          config: TuneConfig, progress: Callable[[Progress], None] | None = None,
          should_stop: Callable[[], bool] | None = None, device: str | torch.device = "cpu",
          validation: tuple[torch.Tensor, Sequence[int]] | None = None, stop_rule: StopRule | None = None,
-         cpu_flag_set: set[str] | None = None) -> TuneResult:
+         cpu_flag_set: set[str] | None = None, initial_bits: dict | None = None) -> TuneResult:
     """Attach masks for ``config.method`` to ``backbone.model`` and train their scores in place.
+
+    ``initial_bits`` (name -> kept bits of an earlier version's mask) warm-starts the scores
+    (masking.warm_start_masks); without it every score starts at ``config.mask_init``.
 
     ``images`` are decoded RGB images with class indices ``targets``; ``text_features`` are the normalised
     class embeddings. ``validation`` = (preprocessed holdout images, their targets): with it and
@@ -384,6 +387,8 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
     model = backbone.model.to(device)
     text_features = text_features.to(device)
     masks = attach_masks(model, config.method, config.mask_init, config.threshold, config.mask_conv1)
+    if initial_bits:
+        warm_start_masks(masks, initial_bits, config.mask_init, config.threshold)
     scores = [m.scores for m in masks.values()]
     optimizer = torch.optim.Adam(scores, lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=0.0)
     plan = config.schedule(len(images))

@@ -133,6 +133,12 @@ class BlobStore:
         return BlobStore.check_key(f"uploads/{classifier_id}/{idx:05d}{ext}")
 
     @staticmethod
+    def content_key(classifier_id: str, sha256: str, ext: str) -> str:
+        """An image named by its content, beside the classifier's first uploads (deleted with them)."""
+        ext = ext.lower() if _EXT.match((ext or "").lower()) else ".img"
+        return BlobStore.check_key(f"uploads/{classifier_id}/{sha256}{ext}")
+
+    @staticmethod
     def uploads_dir_key(classifier_id: str) -> str:
         return BlobStore.check_key(f"uploads/{classifier_id}")
 
@@ -170,6 +176,21 @@ class BlobStore:
             return self.put_dir(staging, dir_key)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def put_file(self, key: str, data: bytes) -> Path:
+        """Write one content-addressed file blob by rename; one that exists already has these bytes: kept."""
+        target = self.path(key)
+        if target.is_file():
+            return target
+        staging = self.staging_dir("file")
+        try:
+            _write_file(staging / "blob", data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / "blob", target)  # same name = same content: replacing a twin changes nothing
+            fsync_dir(target.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
 
     def put_dir(self, staging: Path, key: str) -> Path:
         """Move a complete staging directory into place as ``key``; BlobError if ``key`` exists."""

@@ -66,6 +66,11 @@ class ClassifierVersion(Base):
     manifest: Mapped[dict] = mapped_column(JSON, nullable=False)
     files: Mapped[list] = mapped_column(JSON, nullable=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    # what made it (rmt_service.versions.SOURCES), from which version, and from which uploads (their idx;
+    # None: the classifier's first n_images uploads, i.e. what the build job had)
+    source: Mapped[str] = mapped_column(String(20), nullable=False, default="build", server_default="build")
+    parent_version_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    samples: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     __table_args__ = (Index("ix_versions_classifier", "classifier_id", "created_at"),
                       Index("ix_versions_base", "base_id"))
 
@@ -90,6 +95,9 @@ class Job(Base):
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float, nullable=False)
+    # build: the classifier's first build; update: a new version from the serving one (spec says how)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False, default="build", server_default="build")
+    spec: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     __table_args__ = (
         Index("ix_jobs_tenant_status", "tenant", "status"),           # quota: a tenant's active jobs
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),  # sweep: expired leases
@@ -115,6 +123,24 @@ class Upload(Base):
     blob_key: Mapped[str] = mapped_column(String(300), nullable=False)
     label: Mapped[str] = mapped_column(Text, nullable=False)
     original_name: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # content address of the image: an image added again (an update, a feedback) reuses its row and blob
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    __table_args__ = (Index("ix_uploads_classifier_sha256", "classifier_id", "sha256"),)
+
+
+class Feedback(Base):
+    """An image classify got wrong, with the right label: used only by an update that asks for it."""
+    __tablename__ = "feedback"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    classifier_id: Mapped[str] = mapped_column(String(40), ForeignKey("classifiers.id", ondelete="CASCADE"),
+                                               nullable=False)
+    blob_key: Mapped[str] = mapped_column(String(300), nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    label: Mapped[str] = mapped_column(Text, nullable=False)
+    prediction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    version_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # the version that answered
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    __table_args__ = (Index("ix_feedback_classifier_created", "classifier_id", "created_at"),)
 
 
 class BaseModel(Base):
@@ -134,6 +160,7 @@ job_counts = JobCount.__table__
 uploads = Upload.__table__
 tenants = Tenant.__table__
 bases = BaseModel.__table__
+feedback = Feedback.__table__
 
 
 # ---------------------------------------------------------------- the database clock

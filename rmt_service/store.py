@@ -26,6 +26,7 @@ from .blobs import BlobError, BlobStore
 from .db import Database, bases, classifiers, db_now, job_counts, jobs, tenants, uploads, versions
 from .jobs import ACTIVE_STATUSES, JOB_STATUSES, TERMINAL_STATUSES, JobRecord  # noqa: F401 (re-exported)
 from .settings import Settings
+from .versions import VersionsMixin, content_address
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class VersionRecord:
     manifest: dict[str, Any]
     files: list[str]
     created_at: float
+    source: str = "build"
+    parent_version_id: str | None = None
+    samples: list[int] | None = None
 
 
 @dataclass
@@ -119,7 +123,8 @@ _CLF_COLS = [classifiers.c.id, classifiers.c.tenant, classifiers.c.job_id, class
              classifiers.c.labels, classifiers.c.config, classifiers.c.n_images, classifiers.c.created_at,
              classifiers.c.current_version_id]
 _VER_COLS = [versions.c.version_id, versions.c.classifier_id, versions.c.candidate, versions.c.final,
-             versions.c.blob_key, versions.c.base_id, versions.c.manifest, versions.c.files, versions.c.created_at]
+             versions.c.blob_key, versions.c.base_id, versions.c.manifest, versions.c.files, versions.c.created_at,
+             versions.c.source, versions.c.parent_version_id, versions.c.samples]
 
 
 def _classifier(m) -> ClassifierRecord:
@@ -155,7 +160,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     return float(created_at), classifier_id
 
 
-class Store:
+class Store(VersionsMixin):
     """Records (database) + blobs (data dir volume) + the job state machine, for one process."""
 
     def __init__(self, settings: Settings, db: Database | None = None):
@@ -196,7 +201,7 @@ class Store:
                     n_images=len(samples), created_at=now, job_id=job_id, current_version_id=None))
                 conn.execute(uploads.insert(), [
                     {"classifier_id": classifier_id, "idx": i, "blob_key": key, "label": s.label,
-                     "original_name": s.original_name[:255]} for i, (key, s) in enumerate(zip(keys, samples))])
+                     "original_name": s.original_name[:255], "sha256": content_address(s.data)} for i, (key, s) in enumerate(zip(keys, samples))])
                 jobsm.insert(conn, job_id, classifier_id, tenant, self.settings.job_resend_seconds, progress)
                 conn.execute(update(tenants).where(tenants.c.tenant == tenant)
                              .values(n_classifiers=tenants.c.n_classifiers + 1))
@@ -325,6 +330,7 @@ class Store:
             version_keys = conn.execute(select(versions.c.blob_key)
                                         .where(versions.c.classifier_id == classifier_id)).scalars().all()
             jobsm.delete_for_classifier(conn, row.job_id)
+            self.delete_versions_records(conn, classifier_id)  # update jobs and feedback too
             conn.execute(delete(uploads).where(uploads.c.classifier_id == classifier_id))
             conn.execute(delete(versions).where(versions.c.classifier_id == classifier_id))
             conn.execute(delete(classifiers).where(classifiers.c.id == classifier_id))
@@ -373,15 +379,17 @@ class Store:
         self.blobs.discard(Path(build_dir))
 
     def publish_version(self, classifier_id: str, build_dir: Path, *, job_id: str | None = None,
-                        owner: str | None = None, final: bool = True, candidate: str | None = None
-                        ) -> VersionRecord:
+                        owner: str | None = None, final: bool = True, candidate: str | None = None,
+                        serve: bool | None = None, source: str = "build", parent_version_id: str | None = None,
+                        samples: list[int] | None = None, version_id: str | None = None) -> VersionRecord:
         """Make a complete build directory a version of the classifier: blob first, then one transaction.
 
         With ``job_id``/``owner`` and ``final``, the same transaction ends the job as succeeded, and only if
         the caller still holds its lease: a worker that lost its lease (frozen, then resumed) cannot publish,
         so one job publishes once. A preview (``final=False``) becomes current only while no final version
         exists (with ``job_id``/``owner``, only while the caller holds the job's lease). Raises StoreError (and
-        removes the blob) when the classifier is gone or the lease was lost.
+        removes the blob) when the classifier is gone or the lease was lost. ``serve`` (an update's verdict)
+        overrides that: True makes it current, False leaves the serving version as it is.
         """
         build_dir = Path(build_dir)
         manifest_path = build_dir / MANIFEST
@@ -389,7 +397,7 @@ class Store:
             raise StoreError(f"the build has no {MANIFEST}; refusing to publish an incomplete build")
         manifest = json.loads(manifest_path.read_text())
         files = sorted(p.name for p in build_dir.iterdir() if p.is_file() and _FILE_NAME.match(p.name))
-        version_id = new_version_id()
+        version_id = version_id or new_version_id()
         key = self.blobs.version_key(version_id)
         try:
             self.blobs.put_dir(build_dir, key)
@@ -414,14 +422,18 @@ class Store:
                     self._register_base(conn, str(base_id), manifest, now)
                 conn.execute(versions.insert().values(
                     version_id=version_id, classifier_id=classifier_id, candidate=candidate[:40], final=final,
-                    blob_key=key, base_id=base_id, manifest=manifest, files=files, created_at=now))
-                if final or current.current_version_id is None or not current.final:
+                    blob_key=key, base_id=base_id, manifest=manifest, files=files, created_at=now, source=source,
+                    parent_version_id=parent_version_id, samples=samples))
+                if serve is None:
+                    serve = final or current.current_version_id is None or not current.final
+                if serve:
                     conn.execute(update(classifiers).where(classifiers.c.id == classifier_id)
                                  .values(current_version_id=version_id))
         except BaseException:
             self.blobs.unput(key, build_dir)  # back in staging: the caller may retry (a stalled database)
             raise
-        return VersionRecord(version_id, classifier_id, candidate[:40], final, key, base_id, manifest, files, now)
+        return VersionRecord(version_id, classifier_id, candidate[:40], final, key, base_id, manifest, files, now,
+                             source, parent_version_id, samples)
 
     def _register_base(self, conn: Connection, base_id: str, manifest: dict[str, Any], now: float) -> None:
         """Record the base a version uses, and check its blob is there, inside the publishing transaction.

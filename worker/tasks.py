@@ -193,13 +193,13 @@ def _schedule(config: TuneConfig, samples: list) -> dict[str, Any]:
     return config.schedule(list(counts.values()))
 
 
-def _build_kwargs(build_classifier: Callable, store: Store, previews: _Previews) -> dict[str, Any]:
+def _build_kwargs(build_classifier: Callable, store: Store, previews: _Previews | None) -> dict[str, Any]:
     """Optional arguments the installed pipeline takes (the shared bases live on the blob volume)."""
     params = inspect.signature(build_classifier).parameters
     kwargs: dict[str, Any] = {"bases_dir": store.bases_dir} if "bases_dir" in params else {}
     if "base_staging" in params:  # a new base is staged with the other blobs, so a crash leaves nothing unowned
         kwargs["base_staging"] = store.blobs.base_staging
-    if "on_base" in params and "on_candidate" in params:
+    if previews is not None and "on_base" in params and "on_candidate" in params:
         kwargs.update(on_base=previews.on_base, on_candidate=previews)
     return kwargs
 
@@ -219,8 +219,9 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
         _end(store, job_id, owner, "failed", {"code": "classifier_deleted",
                                               "message": "the classifier was deleted before tuning finished"})
         return "failed"
+    kind, spec = store.job_spec(job_id)
     current = store.current_version(job.classifier_id)
-    if current is not None and current.final:  # published, then the record of it was lost: nothing to redo
+    if kind == "build" and current is not None and current.final:  # published, then the record was lost
         _end(store, job_id, owner, "succeeded")
         return "succeeded"
 
@@ -229,6 +230,13 @@ def run_tune_job(store: Store, settings: Settings, job_id: str) -> str:
     heartbeat.start()
     build_dir = None
     try:
+        if kind == "update":  # a new version from the serving one (worker/updates.py)
+            from .updates import run_update
+
+            report = _JobReport(store, job_id, owner, None)
+            report.write()
+            return run_update(store, settings, job_id, owner, job.classifier_id, spec or {}, heartbeat, report,
+                              _build_kwargs(build_classifier, store, None))
         build_dir = store.new_build_dir(job.classifier_id)  # inside: a full disk here fails the job too
         config = TuneConfig.from_dict(classifier.config)
         samples = store.samples(job.classifier_id)

@@ -12,7 +12,7 @@ from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, Tenant
 from ..errors import ApiError
 from ..openapi import TUNE_CONFIG_REF
 from ..queue import BrokerUnavailable
-from ..schemas import ClassifierCreated, ClassifierList, ClassifierPublic, ErrorBody, multipart_body
+from ..schemas import ClassifierCreated, ClassifierList, ClassifierPublic, multipart_body
 from ..uploads import parse_create
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
@@ -32,10 +32,7 @@ _MEDIA = {".json": "application/json", ".png": "image/png", ".onnx": "applicatio
 
 
 def public(view: ClassifierView) -> ClassifierPublic:
-    version = view.version
-    manifest = version.manifest if version is not None else None
-    return ClassifierPublic.from_record(view.classifier, view.job, manifest, list(version.files) if version else [],
-                                        final=version.final if version is not None else True)
+    return ClassifierPublic.from_view(view.classifier, view.job, view.version)
 
 
 def _too_many(active: int, limit: int) -> ApiError:

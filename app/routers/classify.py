@@ -124,7 +124,7 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
         results.append(Classification(filename=name, predictions=preds, unknown=unknown, outlier_score=far,
                                       label=None if unknown or not preds else preds[0]["label"]))
     first = results[0] if single else None
-    return ClassifyResponse(model=version.candidate or None, final=version.final, min_score=min_score,
-                            max_outlier=max_outlier,
+    return ClassifyResponse(version_id=version.version_id, model=version.candidate or None, final=version.final,
+                            min_score=min_score, max_outlier=max_outlier,
                             results=results, predictions=predictions[0] if single else None,
                             label=first.label if first else None, unknown=first.unknown if first else None)

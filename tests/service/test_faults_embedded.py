@@ -177,7 +177,7 @@ def test_the_embedded_broker_survives_failed_commits_without_running_its_pool_dr
     from kombu.transport import sqlalchemy as sqla
     from sqlalchemy.orm import Session
 
-    from worker.celery_app import QUEUE, create_celery
+    from rmt_service.celery_app import QUEUE, create_celery
 
     settings = make_settings(tmp_path / "data")
     settings.data_dir.mkdir(parents=True)
@@ -212,7 +212,7 @@ def test_a_burst_of_creates_sends_one_message_each_while_the_queue_holds_them(st
     from sqlalchemy import update as sql_update
 
     from rmt_service.db import db_now
-    from worker.celery_app import create_celery, queue_depth
+    from rmt_service.celery_app import create_celery, queue_depth
 
     created = [_create(store)[1].job_id for _ in range(5)]
     with store.db.write() as conn:  # all of them past their resend time

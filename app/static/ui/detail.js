@@ -3,6 +3,7 @@
 
 import { api, ApiError, apiKey, baseURL, download, imageURL } from "./api.js";
 import { TrainingChart, CHART_LEGEND } from "./chart.js";
+import { versionsSection } from "./versions.js";
 import { h, replace, append, pct, num, duration, bytes, when, badge, toast, confirmDialog, copyText } from "./dom.js";
 
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
@@ -39,13 +40,14 @@ export function detailView(main, ctx, id) {
     h("div", { class: "row" }, cancelButton));
 
   const report = h("section", { class: "card", id: "report", "aria-labelledby": "report-title", hidden: true });
+  const versions = versionsSection(id, { onServed: () => api.classifier(id).then((got) => { clf = got; renderHeader(); }) });
   const tryIt = tryItSection();
   const use = h("section", { class: "card", id: "use", "aria-labelledby": "use-title", hidden: true });
 
   replace(main,
     h("p", {}, h("a", { href: "#/" }, "← All classifiers")),
     h("div", { class: "row spread" }, h("div", {}, title, headStatus), deleteButton),
-    labels, meta, training, report, tryIt.section, use);
+    labels, meta, training, report, tryIt.section, versions.section, use);
 
   // --- header --------------------------------------------------------------------------------------
   function renderHeader() {
@@ -295,6 +297,7 @@ export function detailView(main, ctx, id) {
       verdict.textContent = reasons.length ? `Answer: unknown (${reasons.join("; ")}).` : `Answer: ${last.label}.`;
       verdict.classList.toggle("unknown", reasons.length > 0);
     }
+    const feedbackSlot = h("div", { id: "feedback-slot" });
     const picker = h("input", { id: "try-file", type: "file", accept: "image/*", class: "visually-hidden",
       onchange: (e) => { if (e.target.files[0]) classify(e.target.files[0]); e.target.value = ""; } });
     const pick = h("button", { type: "button", onclick: () => picker.click() }, "Choose an image…");
@@ -320,6 +323,7 @@ export function detailView(main, ctx, id) {
     document.addEventListener("paste", onPaste);
 
     async function classify(file) {
+      replace(feedbackSlot);
       const url = track(URL.createObjectURL(file));
       preview.src = url;
       preview.hidden = false;
@@ -333,6 +337,7 @@ export function detailView(main, ctx, id) {
         if (!alive) return;
         const preds = answer.predictions || (answer.results && answer.results[0] && answer.results[0].predictions) || [];
         replace(results, preds.map((p) => scoreRow(p.label ?? "unknown", p.score)));
+        replace(feedbackSlot, versions.feedbackForm(file, preds[0] && preds[0].label));
         const first = (answer.results && answer.results[0]) || {};
         const field = (name) => (answer[name] !== undefined ? answer[name] : first[name]);
         const outlier = first.outlier_score;
@@ -348,6 +353,7 @@ export function detailView(main, ctx, id) {
         judge();
         const bits = [`Top ${preds.length} of ${clf ? clf.labels.length : "?"} classes.`];
         if (field("model")) bits.push(`Answered by ${field("final") === false ? "the preview model (still training)" : "the model"}: ${field("model")}.`);
+        if (answer.version_id) bits.push(`Version ${answer.version_id}.`);
         note.textContent = bits.join(" ");
       } catch (exc) {
         if (!alive) return;
@@ -391,7 +397,7 @@ export function detailView(main, ctx, id) {
     const section = h("section", { class: "card", id: "try", "aria-labelledby": "try-title" },
       h("h2", { id: "try-title" }, "Try it"), zone, note,
       h("div", { class: "try-result" }, preview, h("div", {}, results, outlierText, verdict)),
-      h("div", { class: "sliders", id: "try-sliders" }, minScore.row, maxOutlier.row));
+      h("div", { class: "sliders", id: "try-sliders" }, minScore.row, maxOutlier.row), feedbackSlot);
     const ready = () => { if (/^Not ready/.test(note.textContent)) note.textContent = "The model is ready: try that image again."; };
     return { section, classify, ready, close: () => { stopCamera(); document.removeEventListener("paste", onPaste); } };
   }
@@ -451,6 +457,7 @@ export function detailView(main, ctx, id) {
     try { renderJob(await api.job(clf.job_id)); } catch { training.hidden = true; }
     if (clf.status === "ready") {
       tryIt.ready();
+      versions.load().catch(() => {});
       await renderReport();
       renderUse();
     } else if (clf.error) {
@@ -465,6 +472,7 @@ export function detailView(main, ctx, id) {
     alive = false;
     chart.destroy();
     tryIt.close();
+    versions.close();
     for (const url of urls) URL.revokeObjectURL(url);
   };
 }
