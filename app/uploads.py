@@ -124,30 +124,35 @@ async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
     return data
 
 
+def read_config_json(raw: str) -> dict[str, Any]:
+    """A config form part as one flat JSON object (what every config field holds); 422 naming what is wrong."""
+    if len(raw) > MAX_CONFIG_CHARS:
+        raise ApiError(422, "invalid_config", f"config is {len(raw)} characters; the limit is {MAX_CONFIG_CHARS}")
+    try:
+        user = json.loads(raw, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_config", f"config is not valid JSON: {exc.msg} at character {exc.pos}") \
+            from None
+    except ValueError as exc:  # NaN / Infinity
+        raise ApiError(422, "invalid_config", f"config: {exc}") from None
+    except RecursionError:  # [[[[...: the parser recurses once per level
+        raise ApiError(422, "invalid_config", "config is nested too deeply; it is one flat JSON object of "
+                                              "TuneConfig fields") from None
+    if not isinstance(user, dict):
+        raise ApiError(422, "invalid_config", "config must be a JSON object")
+    # Every field is a scalar: refuse nesting here, before anything formats the value into a message.
+    nested = sorted(name for name, value in user.items() if isinstance(value, (dict, list)))
+    if nested:
+        raise ApiError(422, "invalid_config", f"config field(s) {', '.join(map(repr, nested))[:300]} hold nested "
+                                              "JSON; every TuneConfig field is a string, number, boolean or null")
+    return user
+
+
 def parse_config(raw: str | None, settings: Settings) -> dict[str, Any]:
     """The request's config JSON over the operator's defaults, validated by TuneConfig."""
     values: dict[str, Any] = {"backbone": settings.default_backbone, "pretrained": settings.default_pretrained}
     if raw is not None and raw.strip():
-        if len(raw) > MAX_CONFIG_CHARS:
-            raise ApiError(422, "invalid_config", f"config is {len(raw)} characters; the limit is {MAX_CONFIG_CHARS}")
-        try:
-            user = json.loads(raw, parse_constant=_no_constants)
-        except json.JSONDecodeError as exc:
-            raise ApiError(422, "invalid_config", f"config is not valid JSON: {exc.msg} at character {exc.pos}") \
-                from None
-        except ValueError as exc:  # NaN / Infinity
-            raise ApiError(422, "invalid_config", f"config: {exc}") from None
-        except RecursionError:  # [[[[...: the parser recurses once per level
-            raise ApiError(422, "invalid_config", "config is nested too deeply; it is one flat JSON object of "
-                                                  "TuneConfig fields") from None
-        if not isinstance(user, dict):
-            raise ApiError(422, "invalid_config", "config must be a JSON object")
-        # Every field is a scalar: refuse nesting here, before anything formats the value into a message.
-        nested = sorted(name for name, value in user.items() if isinstance(value, (dict, list)))
-        if nested:
-            raise ApiError(422, "invalid_config", f"config field(s) {', '.join(map(repr, nested))[:300]} hold nested "
-                                                  "JSON; every TuneConfig field is a string, number, boolean or null")
-        values.update(user)
+        values.update(read_config_json(raw))
     _check_allowed(values, settings)
     try:
         return TuneConfig.from_dict(values).to_dict()

@@ -19,7 +19,6 @@ other blobs, so it knows what a crash left behind); alone, a hidden temp directo
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .torch_export import no_mha_fastpath  # noqa: F401  (re-exported for older callers)
 
 log = logging.getLogger(__name__)
 
@@ -141,20 +142,6 @@ def ensure_base(backbone, bases_dir: Path | str, opset: int = 17,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BaseInfo.load(final)
-
-
-@contextlib.contextmanager
-def no_mha_fastpath():
-    import torch
-
-    # nn.MultiheadAttention's inference fast path exports as aten::_native_multi_head_attention, which the
-    # TorchScript exporter cannot lower.
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def _export(backbone, base_id: str, out: Path, opset: int) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import no_mha_fastpath
+from .torch_export import no_mha_fastpath
 from .masking import find_masks
 from .runtime import make_session, softmax
 

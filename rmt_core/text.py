@@ -141,7 +141,7 @@ def export_text_tower(backbone, out: Path, opset: int = 17) -> bool:
     example = torch.as_tensor(tokenizer(["a photo of a cat.", "a"]), dtype=torch.long)
     tower = TextTower().eval()
     device = next(model.parameters()).device
-    from .export import no_mha_fastpath
+    from .torch_export import no_mha_fastpath
 
     with no_mha_fastpath(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # MHA's shape checks, constant per model

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, func, select, update
 
 from .db import classifiers, db_now, feedback, jobs, uploads, versions
+from .records import (MANIFEST, _VER_COLS, ClassifierRecord, QuotaExceeded, StoreError, VersionRecord, _version,
+                      is_classifier_id, new_job_id)
 
 if TYPE_CHECKING:
     from .jobs import JobRecord
-    from .store import ClassifierRecord, VersionRecord
 
 SOURCES = ("build", "update", "class_by_name", "rollback")
 ACTIVE = ("queued", "running")
@@ -135,8 +136,6 @@ class VersionsMixin:
     # ------------------------------------------------------------ listing and serving
     def list_versions(self, classifier_id: str, tenant: str | None = None) -> list[VersionInfo] | None:
         """The classifier's versions, newest first (None: no such classifier for this tenant)."""
-        from .store import _VER_COLS, _version, is_classifier_id
-
         if not is_classifier_id(classifier_id):
             return None
         with self.db.read() as conn:
@@ -170,8 +169,6 @@ class VersionsMixin:
 
         Raises VersionError (not_found for an unknown id or another tenant's; not_servable for a preview).
         """
-        from .store import _VER_COLS, _version, is_classifier_id
-
         if not is_classifier_id(classifier_id):
             raise VersionError("not_found", f"no classifier {classifier_id!r}")
         with self.db.write() as conn:
@@ -245,8 +242,6 @@ class VersionsMixin:
         more feedback arrives. Raises VersionError for a request that cannot make a classifier, QuotaExceeded.
         """
         from . import jobs as jobsm
-        from .store import QuotaExceeded, new_job_id
-
         with self.db.write() as conn:
             clf = conn.execute(select(classifiers.c.id, classifiers.c.current_version_id, classifiers.c.config,
                                       classifiers.c.labels).where(classifiers.c.id == classifier_id,
@@ -319,8 +314,6 @@ class VersionsMixin:
                                                           uploads.c.idx == idx)).scalar_one()
 
     def _serving_final(self, conn, classifier_id: str, current_version_id: str | None) -> "VersionRecord":
-        from .store import _VER_COLS, _version
-
         row = None if current_version_id is None else conn.execute(
             select(*_VER_COLS).where(versions.c.version_id == current_version_id)).first()
         version = None if row is None else _version(row._mapping)
@@ -336,8 +329,6 @@ class VersionsMixin:
         return ("build", None) if row is None else (row.kind, row.spec)
 
     def get_version(self, classifier_id: str, version_id: str) -> "VersionRecord | None":
-        from .store import _VER_COLS, _version
-
         with self.db.read() as conn:
             row = conn.execute(select(*_VER_COLS).where(versions.c.version_id == version_id,
                                                         versions.c.classifier_id == classifier_id)).first()
@@ -348,7 +339,6 @@ class VersionsMixin:
             rows = self._upload_rows(conn, classifier_id)
         missing = [i for i in idx if i not in rows]
         if missing:
-            from .store import StoreError
             raise StoreError(f"classifier {classifier_id} lost uploads {missing[:5]} (deleted?)")
         return [(self.blobs.path(rows[i].blob_key), rows[i].label) for i in idx]
 
@@ -363,9 +353,6 @@ class VersionsMixin:
         from rmt_core.head import Head
         from rmt_core.templates import DEFAULT_TEMPLATE, class_prompt
         from rmt_core.text import text_encoder
-
-        from .store import MANIFEST, StoreError
-
         view = self.view(classifier_id, tenant)
         if view is None:
             raise VersionError("not_found", f"no classifier {classifier_id!r}")

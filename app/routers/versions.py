@@ -1,7 +1,6 @@
 """A classifier's versions: list them, make a new one (images, classes, feedback), serve one; feedback."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -19,8 +18,8 @@ from ..queue import BrokerUnavailable
 from ..schemas import (ClassByName, FeedbackCreated, FeedbackList, FeedbackPublic, UpdateQueued, VersionList, VersionPublic,
                        _ts, multipart_body)
 from ..access import ERRORS
-from ..uploads import (MAX_CONFIG_CHARS, _check_allowed, _display_name, _read_upload, _validate_images,
-                       clean_label, decode_image, image_extension, read_form)
+from ..uploads import (_check_allowed, display_name, _read_upload, _validate_images,
+                       clean_label, decode_image, image_extension, read_config_json, read_form)
 from rmt_service.store import Sample
 
 router = APIRouter(prefix="/v1/classifiers", tags=["versions"])
@@ -83,16 +82,10 @@ def _update_config(raw: Any, serving_config: dict[str, Any], settings) -> dict[s
     """The user's settings over the serving version's, validated; ``force`` rides along outside TuneConfig."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         user: dict[str, Any] = {}
-    elif not isinstance(raw, str) or len(raw) > MAX_CONFIG_CHARS:
-        raise ApiError(422, "invalid_config", f"config must be a JSON object of at most {MAX_CONFIG_CHARS} characters")
+    elif not isinstance(raw, str):
+        raise ApiError(422, "invalid_config", "config must be a JSON object sent as a text form part")
     else:
-        try:
-            user = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ApiError(422, "invalid_config", f"config is not valid JSON: {exc.msg} at character {exc.pos}") \
-                from None
-        if not isinstance(user, dict):
-            raise ApiError(422, "invalid_config", "config must be a JSON object")
+        user = read_config_json(raw)
     force = user.pop("force", False)
     if not isinstance(force, bool):
         raise ApiError(422, "invalid_config", f"config.force must be true or false, not {force!r}")
@@ -129,7 +122,7 @@ async def create_version(classifier_id: str, request: Request, response: Respons
                 raise ApiError(400, "invalid_file", f"files[{i}] must be a file part and labels[{i}] a text field")
             label = clean_label(raw_label, settings, f"labels[{i}]")
             data = await _read_upload(upload, settings.max_image_bytes, f"files[{i}]")
-            samples.append(Sample(data=data, label=label, original_name=_display_name(upload.filename)))
+            samples.append(Sample(data=data, label=label, original_name=display_name(upload.filename)))
         remove = []
         for i, raw in enumerate(form.getlist("remove_labels")):
             if not isinstance(raw, str):
