@@ -642,21 +642,25 @@ class Store:
         """
         wait_ms = max(1, int(wait_s * 1000))
         with self.db.engine.connect() as conn:
-            if self.db.is_sqlite:  # on the driver's connection: through SQLAlchemy it would begin a transaction
-                conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={wait_ms}")
+            # SQLite's lock wait is set on the driver's connection (through SQLAlchemy it would begin a
+            # transaction), and put back before the pooled connection is reused.
+            driver = conn.connection.driver_connection if self.db.is_sqlite else None
+            if driver is not None:
+                driver.execute(f"PRAGMA busy_timeout={wait_ms}")
             try:
-                with conn.execution_options(rmt_immediate=True).begin():
+                transaction = conn.execution_options(rmt_immediate=True).begin()
+                try:
                     if self.db.dialect == "postgresql":
                         conn.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
                         conn.exec_driver_sql("LOCK TABLE tenants, classifiers, uploads, jobs, job_counts "
                                              "IN ROW EXCLUSIVE MODE")
-                    conn.execute(update(job_counts).where(job_counts.c.status == "queued").values(n=job_counts.c.n))
-                    raise _Rollback
-            except _Rollback:
-                pass
+                    conn.execute(update(job_counts).where(job_counts.c.status == "queued")
+                                 .values(n=job_counts.c.n))
+                finally:
+                    transaction.rollback()
             finally:
-                if self.db.is_sqlite:  # the pooled connection goes back with the engine's own lock wait
-                    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={self.db_lock_timeout_ms}")
+                if driver is not None:
+                    driver.execute(f"PRAGMA busy_timeout={self.db_lock_timeout_ms}")
 
     @property
     def db_lock_timeout_ms(self) -> int:
@@ -665,10 +669,6 @@ class Store:
 
 class _InUse(Exception):
     """Rolls back a collection that found its blob in use."""
-
-
-class _Rollback(Exception):
-    """Rolls back a probe write."""
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
