@@ -495,19 +495,20 @@ class Store:
                 ) -> dict[str, int]:
         """One sweep: expired leases, lost broker messages, retention. Sends what needs sending.
 
-        A queued job past its resend time is re-sent only while the broker's queue is empty (``queue_depth``):
-        while messages wait there, workers are busy and the job's own message is most likely among them, so
-        a burst of creates behind a busy worker is not multiplied; when the queue has drained and the job still
-        has not started, its message was lost.
+        A queued job past its resend time is re-sent only when the broker's queue (``queue_depth``) holds
+        fewer messages than there are queued jobs, and only as many as are missing: while a burst of creates
+        waits behind a busy worker, every job's message is still queued and nothing is multiplied.
         """
-        resend = True
+        resend_limit = None
         if queue_depth is not None:
             try:
-                resend = queue_depth() == 0
+                depth = queue_depth()
+                with self.db.read() as conn:
+                    resend_limit = max(0, jobsm.count_queued(conn) - depth)
             except Exception as exc:  # the broker cannot say: re-send as before (duplicates are harmless)
-                log.warning("could not read the queue depth: %s", exc)
+                log.warning("could not compare the broker's queue with the queued jobs: %s", exc)
         counts, send = jobsm.sweep(self.db, self.settings.job_max_attempts, self.settings.job_resend_seconds,
-                                   resend=resend)
+                                   resend_limit=resend_limit)
         for job_id in send:
             try:
                 enqueue(job_id)
