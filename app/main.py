@@ -39,6 +39,10 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     else:
         wait_until_ready(store.db)
     tenant_keys = settings.tenant_keys()  # a malformed key list stops startup, not the first request
+    try:  # uploads a crashed API process left half-written in blobs/tmp (rmt_service owns the cleaning)
+        store.clean_staging()
+    except Exception:
+        log.warning("cleaning staging at start failed; the workers' collection retries", exc_info=True)
     metrics = Metrics(store)
 
     @asynccontextmanager

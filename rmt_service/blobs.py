@@ -50,15 +50,31 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def process_token(pid: int | None = None) -> str:
-    """``host.pid.start`` of a process: unique on its host even when pids are reused (containers restart as pid 1)."""
-    pid = os.getpid() if pid is None else pid
-    host = _HOST_CHARS.sub("_", socket.gethostname())[:60] or "host"
-    return f"{host}.{pid}.{_start_time(pid) or 0}"
+def _machine() -> str:
+    """This host, pid namespace and boot, as one name: pids are only comparable between processes that share
+    all three (two containers with the same hostname have different pid namespaces)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid").strip("pid:[]"))
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+    return _HOST_CHARS.sub("_", "_".join(parts))[:80] or "host"
+
+
+_TOKENS: dict[int, str] = {}
+
+
+def process_token() -> str:
+    """``machine.pid.start`` of this process: unique on its machine even when pids are reused (containers
+    restart as pid 1), so a staging entry tells whether the process that writes it still runs."""
+    pid = os.getpid()  # a forked pool process gets its own
+    if pid not in _TOKENS:
+        _TOKENS[pid] = f"{_machine()}.{pid}.{_start_time(pid) or 0}"
+    return _TOKENS[pid]
 
 
 def staging_owner_alive(name: str, host: str | None = None) -> bool | None:
-    """Whether the process that made staging entry ``name`` runs: True/False on this host, None elsewhere
+    """Whether the process that made staging entry ``name`` runs: True/False on this machine, None elsewhere
     (or for a name without an owner)."""
     _, at, token = name.rpartition("@")
     if not at:
@@ -224,7 +240,6 @@ class BlobStore:
 
     def delete(self, key: str) -> None:
         """Remove a blob no row refers to any more (rename away first, so readers never see half of it)."""
-        path = self.path(key)
         trash = self.take_away(key)
         if trash is not None:
             _remove(trash)

@@ -123,6 +123,11 @@ def holds(conn: Connection, job_id: str, owner: str) -> bool:
                                                  jobs.c.lease_owner == owner)).first() is not None
 
 
+def count_queued(conn: Connection) -> int:
+    """Every queued job (an index range on (status, resend_at))."""
+    return int(conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == "queued")).scalar_one())
+
+
 def count_active(conn: Connection, tenant: str) -> int:
     """A tenant's queued + running jobs (an index range, bounded by the quota)."""
     return int(conn.execute(select(func.count()).select_from(jobs).where(
@@ -271,8 +276,10 @@ def resend_delay(sends: int, base_s: float, max_s: float = 600.0) -> float:
     return min(max_s, base_s * (2 ** max(0, sends - 1)))
 
 
-def sweep(db: Database, max_attempts: int, resend_s: float, resend: bool = True) -> tuple[dict[str, int], list[str]]:
-    """Recover expired leases and lost messages (only with ``resend``). Returns (counts, job ids to send).
+def sweep(db: Database, max_attempts: int, resend_s: float, resend_limit: int | None = None
+          ) -> tuple[dict[str, int], list[str]]:
+    """Recover expired leases and lost messages (at most ``resend_limit`` of those, the longest waiting first).
+    Returns (counts, job ids to send to the broker).
 
     Both queries are index ranges ((status, lease_expires_at) and (status, resend_at)) over the jobs that
     need action, so the cost does not grow with the number of jobs ever stored.
@@ -286,9 +293,10 @@ def sweep(db: Database, max_attempts: int, resend_s: float, resend: bool = True)
         expired = conn.execute(select(jobs.c.id, jobs.c.lease_owner, jobs.c.attempts, jobs.c.cancel_requested)
                                .where(jobs.c.status == "running", jobs.c.lease_expires_at < now)
                                .limit(SWEEP_BATCH)).all()
+        limit = SWEEP_BATCH if resend_limit is None else min(SWEEP_BATCH, resend_limit)
         forgotten = conn.execute(select(jobs.c.id, jobs.c.sends)
                                  .where(jobs.c.status == "queued", jobs.c.resend_at < now)
-                                 .limit(SWEEP_BATCH)).all() if resend else []
+                                 .order_by(jobs.c.resend_at).limit(limit)).all() if limit > 0 else []
     for row in expired:
         now = db_now()
         same = and_(jobs.c.id == row.id, jobs.c.status == "running", jobs.c.lease_expires_at < now,

@@ -9,12 +9,9 @@ a fresh one), and closing a channel closes its session, so the consumer just ret
 from __future__ import annotations
 
 import contextlib
-import logging
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as sqla
-
-log = logging.getLogger(__name__)
 
 ALIAS = "rmtsqla"
 

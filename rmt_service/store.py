@@ -381,19 +381,20 @@ class Store(VersionsMixin):
                 ) -> dict[str, int]:
         """One sweep: expired leases, lost broker messages, retention. Sends what needs sending.
 
-        A queued job past its resend time is re-sent only while the broker's queue is empty (``queue_depth``):
-        while messages wait there, workers are busy and the job's own message is most likely among them, so
-        a burst of creates behind a busy worker is not multiplied; when the queue has drained and the job still
-        has not started, its message was lost.
+        A queued job past its resend time is re-sent only when the broker's queue (``queue_depth``) holds
+        fewer messages than there are queued jobs, and only as many as are missing: while a burst of creates
+        waits behind a busy worker, every job's message is still queued and nothing is multiplied.
         """
-        resend = True
+        resend_limit = None
         if queue_depth is not None:
             try:
-                resend = queue_depth() == 0
+                depth = queue_depth()
+                with self.db.read() as conn:
+                    resend_limit = max(0, jobsm.count_queued(conn) - depth)
             except Exception as exc:  # the broker cannot say: re-send as before (duplicates are harmless)
-                log.warning("could not read the queue depth: %s", exc)
+                log.warning("could not compare the broker's queue with the queued jobs: %s", exc)
         counts, send = jobsm.sweep(self.db, self.settings.job_max_attempts, self.settings.job_resend_seconds,
-                                   resend=resend)
+                                   resend_limit=resend_limit)
         for job_id in send:
             try:
                 enqueue(job_id)
@@ -528,21 +529,25 @@ class Store(VersionsMixin):
         """
         wait_ms = max(1, int(wait_s * 1000))
         with self.db.engine.connect() as conn:
-            if self.db.is_sqlite:  # on the driver's connection: through SQLAlchemy it would begin a transaction
-                conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={wait_ms}")
+            # SQLite's lock wait is set on the driver's connection (through SQLAlchemy it would begin a
+            # transaction), and put back before the pooled connection is reused.
+            driver = conn.connection.driver_connection if self.db.is_sqlite else None
+            if driver is not None:
+                driver.execute(f"PRAGMA busy_timeout={wait_ms}")
             try:
-                with conn.execution_options(rmt_immediate=True).begin():
+                transaction = conn.execution_options(rmt_immediate=True).begin()
+                try:
                     if self.db.dialect == "postgresql":
                         conn.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
                         conn.exec_driver_sql("LOCK TABLE tenants, classifiers, uploads, jobs, job_counts "
                                              "IN ROW EXCLUSIVE MODE")
-                    conn.execute(update(job_counts).where(job_counts.c.status == "queued").values(n=job_counts.c.n))
-                    raise _Rollback
-            except _Rollback:
-                pass
+                    conn.execute(update(job_counts).where(job_counts.c.status == "queued")
+                                 .values(n=job_counts.c.n))
+                finally:
+                    transaction.rollback()
             finally:
-                if self.db.is_sqlite:  # the pooled connection goes back with the engine's own lock wait
-                    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={self.db_lock_timeout_ms}")
+                if driver is not None:
+                    driver.execute(f"PRAGMA busy_timeout={self.db_lock_timeout_ms}")
 
     @property
     def db_lock_timeout_ms(self) -> int:
@@ -551,10 +556,6 @@ class Store(VersionsMixin):
 
 class _InUse(Exception):
     """Rolls back a collection that found its blob in use."""
-
-
-class _Rollback(Exception):
-    """Rolls back a probe write."""
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -208,7 +208,7 @@ def test_the_embedded_broker_survives_failed_commits_without_running_its_pool_dr
 
 def test_a_burst_of_creates_sends_one_message_each_while_the_queue_holds_them(store, tmp_path):
     """Jobs wait behind a busy worker past their resend time: their messages are still queued, so none is sent
-    again; once the queue is empty, a job still not started had its message lost, and only it is re-sent."""
+    again; when the queue holds fewer messages than there are queued jobs, only as many as are missing are."""
     from sqlalchemy import update as sql_update
 
     from rmt_service.db import db_now
@@ -219,8 +219,11 @@ def test_a_burst_of_creates_sends_one_message_each_while_the_queue_holds_them(st
         conn.execute(sql_update(jobs).values(resend_at=db_now() - 1))
     sent: list[str] = []
     assert store.recover(sent.append, queue_depth=lambda: len(created))["resent"] == 0 and sent == []
-    store.claim(created[0], "w")
-    assert store.recover(sent.append, queue_depth=lambda: 0)["resent"] == 4 and sorted(sent) == sorted(created[1:])
+    store.claim(created[0], "w")  # a worker took one message: the other four are still in the queue
+    assert store.recover(sent.append, queue_depth=lambda: 4)["resent"] == 0 and sent == []
+    assert store.recover(sent.append, queue_depth=lambda: 2)["resent"] == 2  # two messages were lost
+    assert store.recover(sent.append, queue_depth=lambda: 0)["resent"] == 2  # the two not re-sent yet
+    assert sorted(sent) == sorted(created[1:])
 
     settings = make_settings(tmp_path / "broker")  # the depth of the real embedded broker's queue
     settings.data_dir.mkdir(parents=True)

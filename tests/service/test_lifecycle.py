@@ -262,3 +262,14 @@ def test_readyz_is_503_when_the_records_database_is_read_only(tmp_path):
     with _ready(read_only) as client:
         answer = client.get("/readyz")
     assert answer.status_code == 503 and answer.json()["checks"]["records"] == "unavailable"
+
+
+def test_the_api_removes_uploads_a_crashed_api_left_when_it_starts(settings):
+    from rmt_service.blobs import BlobStore, process_token
+
+    dead = process_token().rsplit(".", 2)[0] + f".{_dead_pid()}.1"
+    leftover = BlobStore(settings.data_dir).tmp / f"put-{'4' * 32}@{dead}"
+    leftover.mkdir(parents=True)
+    (leftover / "00000.png").write_bytes(b"half an upload")
+    with _ready(settings):
+        assert not leftover.exists()
