@@ -135,7 +135,7 @@ test, test_labels = images_of(classes, 30, 90210, SHIFTS["noise-cast"], 64)
 samples = list(zip(imgs, [classes[i] for i in labels]))
 out = tempfile.mkdtemp(prefix="rmt-bench-build-")
 t0 = time.monotonic(); c0 = resource.getrusage(resource.RUSAGE_SELF)
-manifest = build_classifier(samples, TuneConfig(seed={seed}), out + "/v", device="cpu")
+manifest = build_classifier(samples, TuneConfig(seed={seed}, **{config}), out + "/v", device="cpu")
 c1 = resource.getrusage(resource.RUSAGE_SELF)
 wall = time.monotonic() - t0
 cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
@@ -170,22 +170,28 @@ def _busy(n: int) -> list[subprocess.Popen]:
 
 
 def cmd_build(args) -> None:
-    codes = {"this": str(ROOT), **({"main": args.code} if args.code else {})}
+    # variants of this tree, to measure one lever alone: (code, apply the thread policy?, config overrides)
+    variants = {"this": (str(ROOT), True, {}), "this-spinning": (str(ROOT), False, {}),
+                "this-no-early-stop": (str(ROOT), True, {"early_stop": False})}
+    codes = {name: variants[name] for name in args.variants.split(",")}
+    if args.code:
+        codes["main"] = (args.code, False, {})
     log = open(args.log, "a")
     for n_classes, shots in [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for neighbour in ([False, True] if args.busy else [False]):
-                for name, code in codes.items():
+                for name, (code, policy, config) in codes.items():
                     busy = _busy(os.cpu_count() or 1) if neighbour else []
                     try:
+                        # no OMP_* from this shell: without the policy a run gets libgomp's default (spin, then sleep)
                         env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
                         env["PYTHONPATH"] = code
-                        if name == "this":  # what `rmt tune` / the worker do at process start
-                            env["PYTHONSTARTUP"] = ""
+                        snippet = BUILD_SNIPPET.format(code=code, n_classes=n_classes, shots=shots, seed=seed,
+                                                       config=repr(config))
+                        if policy:  # what `rmt tune` / the worker do at process start
                             snippet = ("from rmt_core.threads import apply_process_policy; apply_process_policy()\n"
-                                       + BUILD_SNIPPET.format(code=code, n_classes=n_classes, shots=shots, seed=seed))
-                        else:
-                            snippet = BUILD_SNIPPET.format(code=code, n_classes=n_classes, shots=shots, seed=seed)
+                                       + snippet)
+
                         c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                         t0 = time.monotonic()
                         proc = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True,
@@ -311,6 +317,7 @@ def main(argv=None) -> int:
     a.add_argument("--sizes", default="5x8,10x16", help="classes x shots")
     a.add_argument("--seeds", default="0")
     a.add_argument("--busy", action="store_true", help="also beside one busy-loop process per core")
+    a.add_argument("--variants", default="this", help="this,this-spinning,this-no-early-stop")
     a.add_argument("--log", default="/tmp/i17/build.jsonl")
     a = sub.add_parser("precision")
     a.add_argument("--backbone", default="rmt-world-vit")
