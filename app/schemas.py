@@ -270,7 +270,7 @@ class VersionList(BaseModel):
 
 
 class ClassByName(BaseModel):
-    name: str = Field(description="The new class's label.", max_length=1000)
+    name: str = Field(description="The new class's label.", min_length=1, max_length=1000)
     prompt: str | None = Field(None, description="The text to embed; default: the classifier's prompt template "
                                                  "around the name (\"a photo of a zebra.\").", max_length=1000)
 

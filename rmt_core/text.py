@@ -145,6 +145,9 @@ def export_text_tower(backbone, out: Path, opset: int = 17) -> bool:
 
     with no_mha_fastpath(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # MHA's shape checks, constant per model
+        # The tower picks each row's end-of-text position (argmax of the tokens): indices are never negative,
+        # the one case the exporter warns about for advanced indexing.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
         torch.onnx.export(tower, (example.to(device),), str(out / TEXT_ONNX), input_names=["tokens"],
                           output_names=["features"], dynamic_axes={"tokens": {0: "batch"}, "features": {0: "batch"}},
                           opset_version=opset, dynamo=False)

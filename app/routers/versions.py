@@ -41,7 +41,7 @@ _FEEDBACK_BODY = multipart_body({
     "file": {"type": "string", "format": "binary", "description": "The image that was classified."},
     "label": {"type": "string", "description": "Its right label."},
     "prediction": {"type": "string", "description": "The label the classifier gave it (optional)."},
-})
+}, one_of_required=[("file", "label")])
 
 
 def _error(exc: VersionError) -> ApiError:

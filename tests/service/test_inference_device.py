@@ -117,5 +117,5 @@ def test_readyz_reports_cpu_when_the_setting_says_cpu(tmp_path):
     settings = make_settings(tmp_path / "data", ort_providers="cpu")
     with TestClient(create_app(settings, queue=FakeQueue())) as client:
         body = client.get("/readyz").json()
-    assert body["checks"] == {"store": "ok", "broker": "ok"}
+    assert body["checks"] == {"store": "ok", "space": "ok", "records": "ok", "broker": "ok"}
     assert body["inference"] == CPU_ONLY

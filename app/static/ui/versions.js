@@ -63,7 +63,7 @@ export function versionsSection(id, { onServed } = {}) {
   const section = h("section", { class: "card", id: "versions", "aria-labelledby": "versions-title", hidden: true },
     h("h2", { id: "versions-title" }, "Versions"),
     h("p", { class: "muted" }, "Exactly one version answers classify (marked ●). A new version serves only if it is not worse on the same held-out images."),
-    table, status, addForm, classForm, h("div", { class: "row" }, retrain, feedbackCount), datalist);
+    h("div", { class: "scroll" }, table), status, addForm, classForm, h("div", { class: "row" }, retrain, feedbackCount), datalist);
 
   async function load() {
     const [got, feedback] = await Promise.all([getJSON(p.versions), getJSON(p.feedback)]);
