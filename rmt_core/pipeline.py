@@ -378,7 +378,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     if validation.get("confusion_matrix") is not None and validation["published_accuracy"] is not None:
         _plot_confusion(np.asarray(validation["confusion_matrix"]), labels, out_dir / "confusion.png",
                         title=f"{published.name}: accuracy {validation['published_accuracy']:.1%} "
-                              f"({validation['validated_by']['method']}, n={validation['validated_by']['n']})")
+                              f"({published.method}, n={published.n})")
     if validation.get("calibration"):
         cal = validation["calibration"]
         _plot_reliability(cal, out_dir / "reliability.png",

@@ -148,7 +148,7 @@ export function detailView(main, ctx, id) {
       ["Validation accuracy", isNum(accuracy) ? pct(accuracy, 1) : null],
       ["Zero-shot accuracy", isNum(fv.zero_shot_accuracy) ? pct(fv.zero_shot_accuracy, 1) : null],
       ["Mask-tuned accuracy", isNum(fv.tuned_accuracy) && published !== undefined && published !== "mask" ? pct(fv.tuned_accuracy, 1) : null],
-      ["Held-out images", fv.n_holdout || null],
+      ["Held out for the mask", fv.n_holdout || null],
       ["Validation", validatedBy(fv.validated_by)],
       ["Why this model", typeof fv.why === "string" ? fv.why : null],
       ["Calibration error (ECE)", isNum(fv.ece_after)
@@ -190,10 +190,10 @@ export function detailView(main, ctx, id) {
     const wrong = fv.misclassified || fv.errors;
     if (Array.isArray(wrong) && wrong.length) {
       const list = h("ul", { class: "thumbs wrong", id: "misclassified" });
-      children.push(h("h3", {}, "Held-out images it got wrong"), list);
+      children.push(h("h3", {}, "Images it got wrong out of sample"), list);
       for (const item of wrong.slice(0, 60)) list.append(misclassified(item));
     } else if (Array.isArray(wrong)) {
-      children.push(h("p", { class: "muted" }, "Every held-out image was classified correctly."));
+      children.push(h("p", { class: "muted" }, "Every image was classified correctly out of sample."));
     }
 
     const files = (clf.artifacts && clf.artifacts.files) || [];
@@ -214,14 +214,15 @@ export function detailView(main, ctx, id) {
   function validatedBy(v) {
     if (typeof v === "string") return v;
     if (!v || typeof v !== "object" || !v.method) return null;
-    return `${v.method}${v.n ? ` on ${v.n} images` : ""}${v.folds ? `, ${v.folds} folds` : ""}`;
+    const rows = v.method === "augmented views" ? "views" : "images";
+    return `${v.method}${v.n ? ` on ${v.n} ${rows}` : ""}${v.folds ? `, ${v.folds} folds` : ""}${v.repeats > 1 ? ` × ${v.repeats} repeats` : ""}`;
   }
 
   function candidateRows(raw, published) {
     if (!raw) return [];
     const rows = Array.isArray(raw)
       ? raw.map((c) => (typeof c === "object" && c ? { name: c.name ?? c.candidate ?? "?", accuracy: c.accuracy ?? c.score,
-        published: c.published, how: validatedBy({ method: c.method, n: c.n }) } : null)).filter(Boolean)
+        published: c.published, how: [validatedBy({ method: c.method, n: c.n }), c.refit ? `refit on ${c.refit}` : ""].filter(Boolean).join("; ") } : null)).filter(Boolean)
       : Object.entries(raw).map(([name, value]) => ({ name, accuracy: typeof value === "object" && value ? value.accuracy ?? value.score : value }));
     for (const r of rows) r.published = r.published ?? (published !== undefined && r.name === published);
     return rows;
@@ -249,7 +250,7 @@ export function detailView(main, ctx, id) {
       h("tbody", {}, matrix.map((row, i) => h("tr", {}, h("th", { scope: "row" }, names[i] ?? `class ${i}`),
         row.map((value, j) => cell(value, i, j))))));
     return h("div", { class: "scroll" },
-      h("p", { class: "muted small", id: "confusion-help" }, "Rows: true class. Columns: predicted class. Cells: held-out images."),
+      h("p", { class: "muted small", id: "confusion-help" }, "Rows: true class. Columns: predicted class. Cells: images judged out of sample (each by a model that did not train on it)."),
       table);
   }
 
@@ -262,7 +263,7 @@ export function detailView(main, ctx, id) {
     const path = item.url ?? (Number.isInteger(item.index) ? api.samplePath(id, item.index) : null);
     if (typeof path === "string" && /^\/?v1\//.test(path)) {  // only this API's own paths
       imageURL(path).then((url) => {
-        if (alive) figure.firstChild.prepend(h("img", { src: track(url), alt: `held-out ${truth} image classified as ${guess}` }));
+        if (alive) figure.firstChild.prepend(h("img", { src: track(url), alt: `${truth} image classified as ${guess} out of sample` }));
       }).catch(() => {});
     }
     return figure;
