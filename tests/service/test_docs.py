@@ -37,7 +37,8 @@ def test_config_is_a_typed_schema_generated_from_tune_config(spec):
     assert schema["additionalProperties"] is False
     assert schema["properties"]["method"]["enum"] == list(METHODS)
     assert schema["properties"]["epochs"]["type"] == "integer"
-    assert schema["properties"]["learning_rate"]["type"] == "number"
+    # unset (null) = the recipe's value (issue 17)
+    assert [t["type"] for t in schema["properties"]["learning_rate"]["anyOf"]] == ["number", "null"]
     assert schema["properties"]["augment"]["type"] == "boolean"
     for name, f in fields.items():
         assert schema["properties"][name]["description"] == f.metadata["help"], name
