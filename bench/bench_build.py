@@ -66,6 +66,8 @@ def cmd_profile(args) -> None:
         logits = class_logits(bb.model, batch, text)
         mask_gradients(logits, y, teacher, scores, cfg)
 
+    for s_ in scores:  # Adam skips parameters without a gradient: give them one to time a real update
+        s_.grad = torch.zeros_like(s_)
     pool = ViewPool(images[:32], tf, 0, 16)
     rows = {
         "augment 32 images from PIL (today: every step)": t(lambda: torch.stack([tf(im) for im in images[:32]])),
