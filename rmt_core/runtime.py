@@ -584,6 +584,7 @@ class ServedClassifier(_Classifier):
             from .serving import probe_layout
 
             plan.layout = probe_layout(self) or False  # once per plan, in the loader's thread
+            plan.formed.__dict__.clear()  # the JIT weights the probe formed here: a loader thread serves nothing
 
     def _weights(self, seg) -> dict[str, np.ndarray]:
         """JIT tier: ``seg``'s masked weights formed for this classifier in this thread's buffers (the base value
