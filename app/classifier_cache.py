@@ -1,19 +1,23 @@
-"""Serving: a bounded LRU of loaded classifiers, each behind a micro-batcher.
+"""Serving: a bounded LRU of loaded classifiers, their requests micro-batched per base.
 
 Classifiers load lazily on first use, in a thread, through one injectable function
-``loader(classifier_id, version_dir) -> classifier`` (anything with ``run(batch) -> probs``); the least
-recently used one is dropped when the cache is full. An id is loaded by at most one load at a time: later
-requests for it await that load. A request for a newer ``version_dir`` than the cached one replaces it.
+``loader(classifier_id, version_dir) -> classifier`` (anything with ``run(batch) -> probs``; ``predict(batch) ->
+(probs, outlier)`` where it has one); the least recently used ones are dropped when the cache would exceed its
+count or byte bound, counting the loads in flight. An id is loaded by at most one load at a time: later
+requests for it await that load. Which version serves: see ``ClassifierCache``.
 
-Concurrent requests for one classifier are gathered into one ``run`` call: while a batch runs, new requests
-queue up, and the next batch takes all of them (up to batch_max_size), waiting at most batch_max_wait_ms for
-more. Under load this approaches batched throughput; a request that arrives alone (none other in the last
-0.25 s) does not wait at all.
+Concurrent requests are gathered into one call per batch group (rmt_core/serving.py: classifiers of one base
+and mask set share the runs of their shared segments; a classifier without a group is its own group): while a
+batch runs, new requests queue up, and the next batch takes all of them (up to batch_max_size), waiting at
+most batch_max_wait_ms for more. Under load this approaches batched throughput; a request that arrives alone
+(none other in the last 0.25 s) does not wait at all. Each request is answered ``(probs, outlier or None)``.
 
 Threading: every mutation of the LRU and of a batcher's queue happens on the event loop. ``evict`` may be
 called from any thread (a sync route runs in the threadpool); off the loop it hands the work to the loop and
 waits for it. A batcher's serving task survives any exception: the requests of the batch that raised get it,
-later requests are served, and a task that died anyway is restarted by the next request.
+later requests are served, and a task that died anyway is restarted by the next request. Memory freed by an
+evicted classifier is returned to the system (malloc_trim) in a thread of its own once the classifier is
+really freed (no entry, batch or request holds it).
 """
 from __future__ import annotations
 
