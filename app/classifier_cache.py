@@ -1,19 +1,23 @@
-"""Serving: a bounded LRU of loaded classifiers, each behind a micro-batcher.
+"""Serving: a bounded LRU of loaded classifiers, their requests micro-batched per base.
 
 Classifiers load lazily on first use, in a thread, through one injectable function
-``loader(classifier_id, version_dir) -> classifier`` (anything with ``run(batch) -> probs``); the least
-recently used one is dropped when the cache is full. An id is loaded by at most one load at a time: later
-requests for it await that load. A request for a newer ``version_dir`` than the cached one replaces it.
+``loader(classifier_id, version_dir) -> classifier`` (anything with ``run(batch) -> probs``; ``predict(batch) ->
+(probs, outlier)`` where it has one); the least recently used ones are dropped when the cache would exceed its
+count or byte bound, counting the loads in flight. An id is loaded by at most one load at a time: later
+requests for it await that load. Which version serves: see ``ClassifierCache``.
 
-Concurrent requests for one classifier are gathered into one ``run`` call: while a batch runs, new requests
-queue up, and the next batch takes all of them (up to batch_max_size), waiting at most batch_max_wait_ms for
-more. Under load this approaches batched throughput; a request that arrives alone (none other in the last
-0.25 s) does not wait at all.
+Concurrent requests are gathered into one call per batch group (rmt_core/serving.py: classifiers of one base
+and mask set share the runs of their shared segments; a classifier without a group is its own group): while a
+batch runs, new requests queue up, and the next batch takes all of them (up to batch_max_size), waiting at
+most batch_max_wait_ms for more. Under load this approaches batched throughput; a request that arrives alone
+(none other in the last 0.25 s) does not wait at all. Each request is answered ``(probs, outlier or None)``.
 
 Threading: every mutation of the LRU and of a batcher's queue happens on the event loop. ``evict`` may be
 called from any thread (a sync route runs in the threadpool); off the loop it hands the work to the loop and
 waits for it. A batcher's serving task survives any exception: the requests of the batch that raised get it,
-later requests are served, and a task that died anyway is restarted by the next request.
+later requests are served, and a task that died anyway is restarted by the next request. Memory freed by an
+evicted classifier is returned to the system (malloc_trim) in a thread of its own once the classifier is
+really freed (no entry, batch or request holds it).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 TRAFFIC_WINDOW_S = 0.25
+PROMOTE_WINDOW_S = 60.0
 EVICT_WAIT_S = 10.0
 
 Loader = Callable[[str, Path], Any]
@@ -61,10 +66,12 @@ def served_loader(bases_dir: Path, providers: str = "auto", shared_min_bytes: in
 
     registry = BaseRegistry(bases_dir, providers, return_memory=True, shared_min_bytes=shared_min_bytes)
 
-    def load(classifier_id: str, version_dir: Path) -> Any:
-        return load_classifier(version_dir, registry=registry, mode=mode)
+    def load(classifier_id: str, version_dir: Path, tier: str | None = None) -> Any:
+        # "auto": a classifier starts in the JIT tier; the cache promotes the busy ones (tier="baked")
+        return load_classifier(version_dir, registry=registry, mode=tier or ("jit" if mode == "auto" else mode))
 
     load.registry = registry  # type: ignore[attr-defined]  (for /readyz and tests: what is shared)
+    load.promotes = mode == "auto"  # type: ignore[attr-defined]
     return load
 
 
@@ -232,6 +239,8 @@ class CachedClassifier:
     version: Any = None    # what the caller named the version by (the route: its record), for the answer
     nbytes: int = 0        # what it holds beyond the shared base (the byte bound counts this)
     group: Any = None
+    uses: int = 0          # requests since window_start (RMT_SERVING_MODE=auto promotes busy JIT classifiers)
+    window_start: float = 0.0
 
     async def predict(self, batch: np.ndarray) -> tuple[np.ndarray, Any]:
         """(probs, outlier or None) for a preprocessed batch, batched with other requests of its group."""
@@ -262,7 +271,7 @@ class ClassifierCache:
 
     def __init__(self, capacity: int, providers: str = "auto", batch_max_size: int = 32,
                  batch_max_wait_ms: float = 2.0, ort_threads: int = 2, metrics=None,
-                 loader: Loader | None = None, max_bytes: int | None = None):
+                 loader: Loader | None = None, max_bytes: int | None = None, promote_after: int = 100):
         self.capacity = max(1, capacity)
         self.max_bytes = max_bytes if max_bytes and max_bytes > 0 else None
         self.providers = providers
@@ -276,6 +285,8 @@ class ClassifierCache:
         self._room_waiters: list[asyncio.Future] = []
         self._groups: dict[Any, tuple[MicroBatcher, int]] = {}  # batch group -> (its batcher, entries in it)
         self._loaded_bytes: list[int] = []  # the sizes of recent loads: the guess for the next one
+        self.promote_after = max(1, promote_after)
+        self._promoting: dict[str, asyncio.Task] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="load")
         self._trim_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trim")
@@ -310,6 +321,7 @@ class ClassifierCache:
             if entry is not None and entry.version_dir in (None, version_dir):
                 self._entries.move_to_end(classifier_id)
                 self._event("hit")
+                self._note_use(classifier_id, entry)
                 return entry
             loading = self._loading.get(classifier_id)
             if loading is not None and loading[1].get_loop() is not loop:  # begun on a loop that has ended
@@ -341,6 +353,54 @@ class ClassifierCache:
         self._unreserve(classifier_id)
         if not task.cancelled() and task.exception() is not None:
             log.warning("loading classifier %s failed: %r", classifier_id, task.exception())
+
+    # -- tiers -----------------------------------------------------------------------------------------------
+
+    def _note_use(self, classifier_id: str, entry: CachedClassifier) -> None:
+        """With a loader that promotes (RMT_SERVING_MODE=auto): a JIT classifier asked ``promote_after`` times
+        within PROMOTE_WINDOW_S is reloaded baked (its own sessions: the lowest latency, ~its masked tensors in
+        memory) in the background; requests keep being served by the JIT entry meanwhile."""
+        if not getattr(self.loader, "promotes", False) or getattr(entry.classifier, "mode", None) != "jit":
+            return
+        now = time.monotonic()
+        if now - entry.window_start > PROMOTE_WINDOW_S:
+            entry.window_start, entry.uses = now, 0
+        entry.uses += 1
+        if entry.uses >= self.promote_after and classifier_id not in self._promoting:
+            task = asyncio.get_running_loop().create_task(self._promote(classifier_id, entry))
+            self._promoting[classifier_id] = task
+            task.add_done_callback(lambda t, cid=classifier_id: self._promoted(cid, t))
+
+    def _promoted(self, classifier_id: str, task: asyncio.Task) -> None:
+        if self._promoting.get(classifier_id) is task:
+            del self._promoting[classifier_id]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("promoting classifier %s failed: %r", classifier_id, task.exception())
+
+    async def _promote(self, classifier_id: str, entry: CachedClassifier) -> None:
+        key = f"{classifier_id}\0baked"  # a reservation of its own: the JIT entry stays until the swap
+        await self._reserve(key)
+        try:
+            loop = asyncio.get_running_loop()
+            classifier = await loop.run_in_executor(self._load_executor, lambda: self.loader(
+                classifier_id, entry.version_dir, tier="baked"))
+        finally:
+            self._unreserve(key)
+        if self._entries.get(classifier_id) is not entry:  # evicted, deleted or replaced meanwhile: not kept
+            return
+        self._watch_free(classifier)
+        group = batch_group(classifier)
+        promoted = CachedClassifier(classifier, self._batcher_for(group), entry.version_dir, entry.version,
+                                    _resident_bytes(classifier), group)
+        self._drop(classifier_id)
+        self._entries[classifier_id] = promoted
+        self._event("promotion")
+        log.info("classifier %s promoted to the baked tier", classifier_id)
+        for old_id in list(self._entries):
+            if not self._over() or old_id == classifier_id:
+                break
+            self._evict_lru(old_id)
+        self._update_size()
 
     # -- room ------------------------------------------------------------------------------------------------
 
@@ -401,7 +461,8 @@ class ClassifierCache:
         nbytes = _resident_bytes(classifier)
         self._loaded_bytes = [*self._loaded_bytes[-15:], nbytes]
         group = batch_group(classifier)
-        entry = CachedClassifier(classifier, self._batcher_for(group), version_dir, version, nbytes, group)
+        entry = CachedClassifier(classifier, self._batcher_for(group), version_dir, version, nbytes, group,
+                                 uses=1, window_start=time.monotonic())  # the request that loaded it is a use
         self._unreserve(classifier_id)
         if self._evictions.get(classifier_id, 0) != evictions:  # deleted while it loaded: answer, don't keep
             self._leave_group(group, entry.batcher)

@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
                                       providers=settings.ort_providers,
                                       batch_max_size=settings.batch_max_size,
                                       batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics,
+                                      promote_after=settings.serving_promote_after,
                                       loader=served_loader(store.bases_dir, settings.ort_providers,
                                                            mode=settings.serving_mode))
     install_error_handlers(app)

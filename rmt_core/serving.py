@@ -128,7 +128,7 @@ def _rows(value: np.ndarray, how: tuple, rows: slice, total: int) -> np.ndarray:
             part = v.reshape(per, total, *v.shape[1:])[:, rows].reshape(per * (rows.stop - rows.start), *v.shape[1:])
         return np.ascontiguousarray(np.moveaxis(part, 0, axis))
     if how[0] == "linear":
-        return (how[1] + how[2] * (rows.stop - rows.start)).astype(value.dtype)
+        return np.asarray(how[1] + how[2] * (rows.stop - rows.start), dtype=value.dtype)  # 0-d stays an array
     return value
 
 
@@ -142,7 +142,7 @@ def _joined(parts: list[np.ndarray], how: tuple, total: int) -> np.ndarray:
         joined = np.concatenate(blocks, axis=1)
         return np.ascontiguousarray(np.moveaxis(joined.reshape(per * total, *joined.shape[2:]), 0, axis))
     if how[0] == "linear":
-        return (how[1] + how[2] * total).astype(parts[0].dtype)
+        return np.asarray(how[1] + how[2] * total, dtype=parts[0].dtype)
     return parts[0]
 
 

@@ -100,8 +100,11 @@ class Settings(BaseSettings):
     serving_mode: str = Field(
         "baked", description="How loaded classifiers hold their masked weights: baked (multiplied in at load, "
                              "sessions of their own: the lowest latency, ~120 MB per ViT-B-32 r-amt classifier) "
-                             "| jit (only the positions the mask drops, weights formed per call: ~6 MB each, "
-                             "loads in milliseconds; bench/RESULTS-multitenant.md).")
+                             "| jit (only the positions the mask drops, weights formed per call: ~6 MB each; "
+                             "bench/RESULTS-multitenant.md) | auto (jit, and a classifier asked "
+                             "serving_promote_after times within a minute is reloaded baked).")
+    serving_promote_after: int = Field(
+        100, ge=1, description="serving_mode=auto: requests within a minute that make a JIT classifier baked.")
     ort_providers: str = Field("auto", description="auto | cpu | cuda")
     batch_max_size: int = Field(32, ge=1, description="Micro-batching: most images in one ORT call.")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Micro-batching: longest wait for more requests.")
@@ -109,8 +112,8 @@ class Settings(BaseSettings):
     @field_validator("serving_mode")
     @classmethod
     def _known_mode(cls, value: str) -> str:
-        if value not in ("baked", "jit"):
-            raise ValueError(f"serving_mode {value!r} must be baked or jit")
+        if value not in ("baked", "jit", "auto"):
+            raise ValueError(f"serving_mode {value!r} must be baked, jit or auto")
         return value
 
     @field_validator("data_dir")

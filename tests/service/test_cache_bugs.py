@@ -503,3 +503,72 @@ def test_the_api_image_sets_the_malloc_environment():
     text = (Path(__file__).resolve().parents[2] / "docker" / "Dockerfile.api").read_text()
     assert "MALLOC_ARENA_MAX=2" in text
     assert "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576" in text
+
+
+class _TieredLoader:
+    """A loader that promotes (RMT_SERVING_MODE=auto): JIT first, baked when the cache asks for it."""
+
+    promotes = True
+
+    def __init__(self):
+        self.loads: list[tuple[str, str]] = []
+
+    def __call__(self, classifier_id: str, version_dir: Path, tier: str | None = None):
+        self.loads.append((classifier_id, tier or "jit"))
+        classifier = _Tracked(classifier_id, version_dir)
+        classifier.mode = tier or "jit"
+        return classifier
+
+
+def test_a_busy_jit_classifier_is_promoted_to_baked_and_a_quiet_one_is_not(tmp_path, new_cache):
+    loader = _TieredLoader()
+    cache = new_cache(loader, capacity=4)
+    cache.promote_after = 5
+
+    async def main():
+        for _ in range(4):
+            await cache.get("quiet", tmp_path / "q", version="q1")
+        for _ in range(5):
+            entry = await cache.get("busy", tmp_path / "b", version="b1")
+            assert (await entry.predict(np.zeros((1, 3, 2, 2), np.float32)))[0].shape == (1, 2)
+        for _ in range(100):  # the promotion loads in the background
+            if not cache._promoting:
+                break
+            await asyncio.sleep(0.01)
+        busy, quiet = await cache.get("busy", tmp_path / "b"), await cache.get("quiet", tmp_path / "q")
+        assert busy.classifier.mode == "baked" and busy.version == "b1" and busy.version_dir == tmp_path / "b"
+        assert quiet.classifier.mode == "jit"
+        assert (await busy.predict(np.zeros((1, 3, 2, 2), np.float32)))[0].shape == (1, 2)
+
+    _run(main())
+    assert loader.loads.count(("busy", "baked")) == 1
+
+
+def test_a_promotion_that_finishes_after_a_new_version_is_not_kept(tmp_path, new_cache):
+    loader = _TieredLoader()
+    cache = new_cache(loader, capacity=4)
+    cache.promote_after = 1
+    slow = threading.Event()
+    real = loader.__call__
+
+    def slow_baked(classifier_id, version_dir, tier=None):
+        if tier == "baked":
+            slow.wait(2)
+        return real(classifier_id, version_dir, tier)
+
+    cache.loader = slow_baked
+    slow_baked.promotes = True
+
+    async def main():
+        await cache.get("c1", tmp_path / "v1")
+        await cache.get("c1", tmp_path / "v1")  # starts the promotion of v1
+        newer = await cache.get("c1", tmp_path / "v2")  # v2 published meanwhile
+        slow.set()
+        for _ in range(200):
+            if not cache._promoting:
+                break
+            await asyncio.sleep(0.01)
+        assert cache._entries["c1"].classifier.version_dir == tmp_path / "v2", "the stale v1 promotion was kept"
+        assert newer.classifier.version_dir == tmp_path / "v2"
+
+    _run(main())

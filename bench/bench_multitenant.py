@@ -1,0 +1,290 @@
+"""Many classifiers on one base: memory per resident classifier, load time, latency and mixed traffic, per tier.
+
+    python bench/bench_multitenant.py [--classifiers 200] [--drop 0.05] [--seconds 30] [--parts memory,latency,traffic]
+
+ViT-B-32 with random weights (open_clip, pretrained=None: compute and memory do not depend on weight values),
+r-amt masks dropping ``--drop`` of the attention weights i.i.d. (5%: the median of real builds of the builtin
+backbone in bench/claims_runs.jsonl; the paper's average is 2.56%), one zero-shot head. Tiers
+(rmt_core/runtime.py SERVING_MODES): "baked" = the masked weights multiplied in at load, sessions of their own
+(today's layout); "jit" = the classifier holds the positions its mask drops, the weights are formed per call.
+Every measurement runs in a fresh subprocess without torch. Mixed traffic runs the service's cache and
+micro-batcher in process (no HTTP): 16 clients, each request to a uniformly random classifier.
+Writes a section of bench/RESULTS-multitenant.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARCH = "ViT-B-32"
+LABELS = ["cat", "dog", "car", "tree", "boat"]
+RESULTS = Path(__file__).with_name("RESULTS-multitenant.md")
+
+
+def rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def make_world(tmp: Path, n: int, drop: float) -> dict:
+    """A ViT-B-32 base and ``n`` r-amt version dirs with i.i.d. masks dropping ``drop`` of the masked weights."""
+    from rmt_core.artifact import write_version_files
+    from rmt_core.backbones import encode_class_texts, load_backbone
+    from rmt_core.base import ensure_base
+    from rmt_core.head import Head
+    from rmt_core.masking import target_names
+
+    t = time.perf_counter()
+    backbone = load_backbone(ARCH, None)
+    base = ensure_base(backbone, tmp / "bases")
+    print(f"base in {time.perf_counter() - t:.0f} s", flush=True)
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.").numpy()
+    head = Head.zero_shot(text, float(backbone.model.logit_scale.detach().exp()))
+    params = dict(backbone.model.visual.named_parameters())
+    names = target_names(backbone.model.visual, "r-amt")
+    versions = []
+    for i in range(n):
+        out = tmp / "versions" / f"v{i}"
+        out.mkdir(parents=True)
+        rng = np.random.default_rng(i)
+        bits = {f"visual.{k}": rng.random(tuple(params[k].shape), dtype=np.float32) >= drop for k in names}
+        fields = write_version_files(out, base_id=base.base_id, head=head, masks=bits, meta={"method": "r-amt"})
+        manifest = {"labels": LABELS, "preprocess": backbone.preprocess, "backbone": ARCH, "pretrained": None,
+                    "method": "r-amt", **fields}
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        versions.append(str(out))
+    masked = sum(int(np.prod(params[k].shape)) for k in names)
+    return {"bases": str(tmp / "bases"), "versions": versions, "masked_weights": masked,
+            "mask_file_kb": (Path(versions[0]) / json.loads((Path(versions[0]) / "manifest.json").read_text())
+                             ["mask_file"]).stat().st_size / 1024}
+
+
+# ---- subprocess parts (no torch) ----------------------------------------------------------------------------
+def _x(version: str, n: int) -> np.ndarray:
+    size = json.loads((Path(version) / "manifest.json").read_text())["preprocess"]["size"]
+    return np.random.default_rng(0).normal(size=(n, 3, *size)).astype(np.float32)
+
+
+def sub_memory(args) -> dict:
+    """Load ``count`` classifiers in ``mode`` one after another: RSS after each, load wall time of each."""
+    from rmt_core.runtime import BaseRegistry, load_classifier
+
+    registry = BaseRegistry(args.bases, "cpu", return_memory=True)
+    x1 = _x(args.versions[0], 1)
+    start = rss_mb()
+    loaded, points, load_s = [], [], []
+    for v in args.versions[:args.count]:
+        t = time.perf_counter()
+        clf = load_classifier(v, registry=registry, mode=args.mode)
+        load_s.append(time.perf_counter() - t)
+        clf.run(x1)
+        loaded.append(clf)
+        points.append(rss_mb())
+    return {"start": start, "points": points, "load_s": load_s,
+            "own_bytes": [c.resident_bytes for c in loaded[:3]]}
+
+
+def sub_latency(args) -> dict:
+    """bs1 and bs32 of one classifier, baked vs jit, interleaved: CPU and wall medians."""
+    from rmt_core.runtime import BaseRegistry, load_classifier
+
+    registry = BaseRegistry(args.bases, "cpu", return_memory=True)
+    v = args.versions[0]
+    clfs = {"baked": load_classifier(v, registry=registry), "jit": load_classifier(v, registry=registry, mode="jit")}
+    other = load_classifier(args.versions[1], registry=registry, mode="jit")  # to measure a switch of classifier
+    out = {}
+    for bs, repeats in ((1, args.repeats), (32, max(3, args.repeats // 8))):
+        x = _x(v, bs)
+        cpu = {k: [] for k in (*clfs, "jit-switch")}
+        wall = {k: [] for k in cpu}
+        for clf in clfs.values():
+            clf.run(x)
+        for _ in range(repeats):
+            for name in cpu:
+                if name == "jit-switch":
+                    other.run(x[:1])  # the buffers now hold another classifier's weights
+                    clf = clfs["jit"]
+                else:
+                    clf = clfs[name]
+                t, w = time.process_time(), time.perf_counter()
+                clf.run(x)
+                cpu[name].append(time.process_time() - t)
+                wall[name].append(time.perf_counter() - w)
+        out[f"bs{bs}"] = {k: {"cpu": statistics.median(cpu[k]), "wall": statistics.median(wall[k])} for k in cpu}
+    a, b = clfs["baked"].run(_x(v, 4)), clfs["jit"].run(_x(v, 4))
+    out["parity"] = float(np.abs(a - b).max())
+    return out
+
+
+def sub_traffic(args) -> dict:
+    """16 clients for ``seconds``: each request to a uniformly random classifier of the first ``count`` (or
+    always the first), through the service's cache and micro-batcher."""
+    from app.classifier_cache import ClassifierCache, served_loader
+
+    versions = [Path(v) for v in args.versions[:args.count]]
+    loader = served_loader(Path(args.bases), "cpu", mode=args.mode)
+    cache = ClassifierCache(capacity=args.capacity, max_bytes=args.cache_bytes, providers="cpu", loader=loader)
+    x1 = _x(args.versions[0], 1)
+    rng = random.Random(0)
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    loads_before = 0
+
+    async def warm():
+        for i, v in enumerate(versions[:args.warm]):
+            entry = await cache.get(f"c{i}", v)
+            await entry.predict(x1)
+
+    async def client(deadline: float):
+        while time.perf_counter() < deadline:
+            i = rng.randrange(len(versions))
+            t = time.perf_counter()
+            entry = await cache.get(f"c{i}", versions[i])
+            await entry.predict(x1)
+            latencies.append(time.perf_counter() - t)
+
+    async def main():
+        nonlocal t0, loads_before
+        await warm()
+        loads_before = len(cache)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(t0 + args.seconds) for _ in range(args.clients)))
+
+    asyncio.run(main())
+    elapsed = time.perf_counter() - t0
+    cache.close()
+    lat = sorted(latencies)
+    return {"requests": len(lat), "throughput": len(lat) / elapsed, "p50": lat[len(lat) // 2],
+            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "rss_mb": rss_mb(), "cached": loads_before}
+
+
+def run_sub(part: str, world: dict, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--sub", part, "--bases", world["bases"], "--versions", *world["versions"]]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_ARENA_MAX="2")
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{part} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sub")
+    p.add_argument("--bases")
+    p.add_argument("--versions", nargs="*")
+    p.add_argument("--mode", default="jit")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=24)
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--capacity", type=int, default=1000)
+    p.add_argument("--cache-bytes", type=int, default=4 << 30)
+    p.add_argument("--warm", type=int, default=0)
+    p.add_argument("--classifiers", type=int, default=200)
+    p.add_argument("--drop", type=float, default=0.05)
+    p.add_argument("--parts", default="memory,latency,traffic")
+    args = p.parse_args()
+    if args.sub:
+        print(json.dumps({"memory": sub_memory, "latency": sub_latency, "traffic": sub_traffic}[args.sub](args)))
+        return
+
+    started = time.perf_counter()
+    parts = set(args.parts.split(","))
+    rows: list[tuple] = []
+    with tempfile.TemporaryDirectory(prefix="rmt-multitenant-") as tmp:
+        t = time.perf_counter()
+        world = make_world(Path(tmp), args.classifiers, args.drop)
+        print(f"world: {args.classifiers} classifiers in {time.perf_counter() - t:.0f} s", flush=True)
+        n = args.classifiers
+        if "memory" in parts:
+            jit = run_sub("memory", world, mode="jit", count=n)
+            baked = run_sub("memory", world, mode="baked", count=3)
+            inc_jit = np.diff(jit["points"][1:])  # from the second on: the first builds the plan's sessions
+            inc_baked = np.diff(baked["points"])
+            session_mb = 344.0  # one whole ViT-B-32 ORT session (bench/RESULTS-layout.md)
+            per_jit, per_baked = float(np.median(inc_jit)), float(np.median(inc_baked))
+            total_jit = jit["points"][-1]
+            rows += [
+                (f"RSS per additional resident classifier, jit / one whole session ({n} loaded; baked: median of 2)",
+                 f"jit {per_jit:.1f} MB (own state {jit['own_bytes'][1] / 1e6:.1f} MB) vs baked {per_baked:.0f} MB; "
+                 f"mask file {world['mask_file_kb']:.0f} kB", f"**{per_jit / session_mb:.4f}**", "<= 0.05"),
+                (f"{n} classifiers resident, process RSS (measured); 1,000 extrapolated from the median increment",
+                 f"{total_jit / 1024:.2f} GB; 1,000: {(total_jit + per_jit * (1000 - n)) / 1024:.2f} GB",
+                 f"**{total_jit / 1024:.2f} GB**", "<= 8 GB for 1,000"),
+                ("warm load (plan built, mask file read, positions decoded), jit vs baked (median wall)",
+                 f"{1000 * statistics.median(jit['load_s'][1:]):.0f} ms vs "
+                 f"{1000 * statistics.median(baked['load_s'][1:]):.0f} ms (first on the base: jit "
+                 f"{jit['load_s'][0]:.2f} s, baked {baked['load_s'][0]:.2f} s)",
+                 f"**{statistics.median(jit['load_s'][1:]) / statistics.median(baked['load_s'][1:]):.3f}**",
+                 "milliseconds"),
+            ]
+            print(rows[-3:], flush=True)
+        if "latency" in parts:
+            lat = run_sub("latency", world, repeats=args.repeats)
+            for bs in ("bs1", "bs32"):
+                r = lat[bs]
+                rows.append((f"single-classifier latency {bs}, jit / baked (CPU; wall); jit right after another "
+                             f"classifier ran", f"{1000 * r['jit']['cpu']:.1f} vs {1000 * r['baked']['cpu']:.1f} ms CPU; "
+                             f"wall {1000 * r['jit']['wall']:.1f} vs {1000 * r['baked']['wall']:.1f} ms; after a "
+                             f"switch {1000 * r['jit-switch']['wall']:.1f} ms wall",
+                             f"**{r['jit']['cpu'] / r['baked']['cpu']:.3f}**", "<= 1.05 (default mode: baked)"))
+            rows.append(("parity jit vs baked fp32, max |dp|", f"{lat['parity']:.1e}", f"**{lat['parity']:.1e}**",
+                         "<= 1e-4"))
+            print(rows[-3:], flush=True)
+        if "traffic" in parts:
+            single = run_sub("traffic", world, mode="baked", count=1, seconds=args.seconds, warm=1)
+            mixed = run_sub("traffic", world, mode="jit", count=n, seconds=args.seconds, warm=n)
+            today = run_sub("traffic", world, mode="baked", count=n, seconds=args.seconds, warm=0,
+                            cache_bytes=4 << 30)
+            rows += [
+                (f"mixed traffic, {n} classifiers (jit, all resident), 16 clients / 16 clients on one classifier "
+                 f"(baked): throughput", f"{mixed['throughput']:.1f} vs {single['throughput']:.1f} req/s "
+                 f"({mixed['requests']} / {single['requests']} requests)",
+                 f"**{mixed['throughput'] / single['throughput']:.2f}**", ">= 0.5"),
+                ("mixed traffic p99 / single-classifier p99", f"{1000 * mixed['p99']:.0f} vs {1000 * single['p99']:.0f} ms "
+                 f"(p50 {1000 * mixed['p50']:.0f} vs {1000 * single['p50']:.0f} ms); RSS {mixed['rss_mb'] / 1024:.2f} GB",
+                 f"**{mixed['p99'] / single['p99']:.2f}**", "<= 3"),
+                (f"today: the same mixed traffic on baked classifiers, cache bounded at 4 GB (~32 of {n} resident): "
+                 f"throughput / single; p99 / single", f"{today['throughput']:.1f} req/s, p99 {1000 * today['p99']:.0f} ms "
+                 f"({today['requests']} requests); RSS {today['rss_mb'] / 1024:.2f} GB",
+                 f"**{today['throughput'] / single['throughput']:.2f}; {today['p99'] / single['p99']:.1f}**", "-"),
+            ]
+            print(rows[-3:], flush=True)
+    elapsed = time.perf_counter() - started
+    cmd = "python bench/bench_multitenant.py " + " ".join(sys.argv[1:])
+    table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
+    section = (f"<!-- run drop={args.drop} -->\n_Measured {dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC on "
+               f"{os.uname().machine}, {os.cpu_count()} CPU cores (shared with other jobs), `{cmd}` in {elapsed:.0f} s; "
+               f"masks drop {100 * args.drop:.2f}% of {world['masked_weights']:,} masked weights._\n\n"
+               "| what | measured | ratio / value | goal |\n|---|---|---|---|\n" + table + f"\n<!-- /run drop={args.drop} -->\n")
+    text = RESULTS.read_text() if RESULTS.exists() else "# Many classifiers on one base\n\n"
+    marker, end = f"<!-- run drop={args.drop} -->", f"<!-- /run drop={args.drop} -->"
+    if marker in text:
+        text = text[:text.index(marker)] + section + text[text.index(end) + len(end) + 1:]
+    else:
+        text = text.rstrip() + "\n\n" + section
+    RESULTS.write_text(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
