@@ -126,11 +126,15 @@ class VersionsMixin:
             {r.idx: r for r in conn.execute(query) if r.idx in set(idx)}
 
     def version_samples(self, classifier_id: str, version: "VersionRecord") -> list[tuple[Any, str]]:
-        """(stored image path, label) of a version's images, in upload order."""
+        """(stored image path, label) of a version's images, in upload order (the order its build saw)."""
+        return [(path, label) for _, path, label in self.version_samples_indexed(classifier_id, version)]
+
+    def version_samples_indexed(self, classifier_id: str, version: "VersionRecord") -> list[tuple[int, Any, str]]:
+        """(upload idx, stored image path, label) of a version's images, in upload order."""
         with self.db.read() as conn:
             idx = self.version_sample_idx(conn, classifier_id, version)
             rows = self._upload_rows(conn, classifier_id)
-        return [(self.blobs.path(rows[i].blob_key), rows[i].label) for i in sorted(idx) if i in rows]
+        return [(i, self.blobs.path(rows[i].blob_key), rows[i].label) for i in sorted(idx) if i in rows]
 
     # ------------------------------------------------------------ listing and serving
     def list_versions(self, classifier_id: str, tenant: str | None = None) -> list[VersionInfo] | None:

@@ -184,6 +184,8 @@ def test_update_adds_a_class_warm_starts_and_serves(built, settings):
     report = job["update"]
     assert job["status"] == "succeeded" and report["added_classes"] == ["blue"] and report["added_images"] == 5
     assert report["compared_on"] > 0 and report["new_accuracy"] is not None and report["parent_accuracy"] is not None
+    # judged on the build's own holdout (never trained on by either) plus the new class's held-out images
+    assert report["compared_images"] == "images the serving version never trained on"
     assert report["warm_start"] == {"from_version": parent, "masks": report["warm_start"]["masks"]}
     assert report["warm_start"]["masks"] > 0
     versions = client.get(f"/v1/classifiers/{cid}/versions").json()["versions"]
