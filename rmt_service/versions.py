@@ -305,9 +305,12 @@ class VersionsMixin:
             if len(labels_after) < 2:
                 raise VersionError("too_few_classes", f"the new version would have {len(labels_after)} class(es) "
                                                       f"({sorted(labels_after)}); a classifier needs at least two")
-            if not added and not remove_labels and not feedback_ids and not config.get("force"):
-                raise VersionError("nothing_to_change", "send files+labels, remove_labels or include_feedback=true "
-                                                        "(with feedback recorded); nothing would change")
+            settings_changed = {k: v for k, v in config.items() if k != "force"} != \
+                ((serving.manifest or {}).get("config") or {})
+            if not added and not remove_labels and not feedback_ids and not settings_changed and not config.get("force"):
+                raise VersionError("nothing_to_change", "send files+labels, remove_labels, include_feedback=true "
+                                                        "(with feedback recorded) or new config settings; nothing "
+                                                        "would change")
             job_id = new_job_id()
             spec = {"parent_version_id": serving.version_id, "samples": samples, "config": config,
                     "added": len(added), "removed_labels": sorted(set(remove_labels)),

@@ -231,11 +231,15 @@ def test_bad_updates_are_refused_and_store_nothing(built, settings):
     assert "at least two" in message
     _error(client.post(url, files=_multipart({"remove_labels": ["purple"]})), 422, "unknown_label")
     _error(client.post(url, files=_multipart({"include_feedback": "false"})), 422, "nothing_to_change")
+    _error(client.post(url, files=_multipart({"include_feedback": "true"})), 422, "nothing_to_change")  # none yet
     _error(client.post(url, files=_multipart({"remove_labels": ["red"], "config": "{"})), 422, "invalid_config")
     _error(client.post(url, files=[_png("blue", 1)]), 400, "labels_mismatch")
     _error(client.post(f"/v1/classifiers/clf_{'0' * 24}/versions", files=_multipart({"remove_labels": ["red"]})),
            404, "not_found")
     assert count_rows(settings, "jobs") == jobs_before and count_rows(settings, "uploads") == uploads_before
+    # new settings alone are a change: a retrain of the same images
+    assert client.post(url, files=_multipart({"config": json.dumps({"epochs": 2})})).status_code == 202
+    assert count_rows(settings, "jobs") == jobs_before + 1 and count_rows(settings, "uploads") == uploads_before
 
 
 def test_retrain_with_feedback_stores_each_image_once(built, settings):
