@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import platform
@@ -85,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=10, help="Training images per class of the first build.")
     ap.add_argument("--test-per-class", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--min-steps", type=int, default=60, help="TuneConfig.min_steps (its default, 300, is slow here).")
     ap.add_argument("--harmful", type=int, default=10, help="Updates with mislabelled images.")
     ap.add_argument("--out", default=None, help="Append the results table to this markdown file.")
     args = ap.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     wrong = write_images(tmp / "wrong", BASE_CLASSES, 3 * args.harmful, seed=4)
     test_dirs = write_images(tmp / "test", (*BASE_CLASSES, NEW_CLASS, *NAMED_CLASSES), args.test_per_class, seed=9)
     test = [(p, label) for label, paths in test_dirs.items() for p in paths]
-    config = {"epochs": args.epochs}
+    config = {"epochs": args.epochs, "min_steps": args.min_steps}
     results: dict = {"config": config, "per_class": args.per_class}
     store = Store(settings)
     with TestClient(create_app(settings, queue=NoBroker())) as client:
@@ -197,7 +197,7 @@ def table(r: dict, args) -> str:
     worse_candidates = sum(h["candidate_test"] < h["serving_test_before"] for h in r["harmful"])
     lines = [
         f"\n## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC — `bench/bench_versions.py --per-class "
-        f"{args.per_class} --epochs {args.epochs} --harmful {args.harmful}`\n",
+        f"{args.per_class} --epochs {args.epochs} --min-steps {args.min_steps} --harmful {args.harmful}`\n",
         f"Machine: {r['machine']['cpu']}, nproc {r['machine']['nproc']}, shared with other developers' jobs "
         "(absolute times are loaded-machine times; ratios are within one run). Data: world shapes under the "
         f"demo shift, {', '.join(BASE_CLASSES)}; {args.per_class} training and {args.test_per_class} test images "

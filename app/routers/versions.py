@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
 from rmt_core.config import TuneConfig
-from rmt_service.store import QuotaExceeded
+from rmt_service.store import QuotaExceeded, Sample
 from rmt_service.versions import VersionError, VersionInfo, published_accuracy
 
 from ..deps import MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
@@ -21,7 +21,6 @@ from ..schemas import (ClassByName, FeedbackCreated, FeedbackList, FeedbackPubli
 from ..serving import ERRORS
 from ..uploads import (MAX_CONFIG_CHARS, _check_allowed, _display_name, _read_upload, _validate_images,
                        clean_label, decode_image, image_extension, read_form)
-from rmt_service.store import Sample
 
 router = APIRouter(prefix="/v1/classifiers", tags=["versions"])
 
