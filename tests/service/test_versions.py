@@ -326,3 +326,39 @@ def test_a_class_added_by_name_serves_at_once(built, settings):
     # rolling back drops the class again
     assert client.post(f"/v1/classifiers/{cid}/versions/{parent}/serve").status_code == 200
     assert client.get(f"/v1/classifiers/{cid}").json()["labels"] == ["green", "red"]
+
+
+# ------------------------------------------------------------------ the schema
+def test_a_0001_database_upgrades_and_its_rows_keep_their_meaning(settings):
+    from alembic import command
+    from sqlalchemy import text
+
+    from rmt_service.db import Database
+    from rmt_service.migrate import _config, upgrade_database
+
+    db = Database(settings.effective_database_url)
+    try:
+        with db.engine.connect() as conn, conn.begin():
+            command.upgrade(_config(conn), "0001")
+        cid, vid = "clf_" + "1" * 24, "ver_" + "1" * 24
+        with db.engine.connect() as conn, conn.begin():
+            conn.execute(text("INSERT INTO classifiers (id, tenant, name, labels, config, n_images, created_at, job_id, "
+                              "current_version_id) VALUES (:c, 'default', '', '[\"a\", \"b\"]', '{}', 2, 1.0, "
+                              "'job_000000000000000000000000', :v)"), {"c": cid, "v": vid})
+            conn.execute(text("INSERT INTO classifier_versions (version_id, classifier_id, candidate, final, blob_key, "
+                              "manifest, files, created_at) VALUES (:v, :c, 'mask', true, 'versions/x', "
+                              "'{\"labels\": [\"a\", \"b\"]}', '[]', 1.0)"), {"c": cid, "v": vid})
+            for i, label in enumerate(["a", "b"]):
+                conn.execute(text("INSERT INTO uploads (classifier_id, idx, blob_key, label, original_name) "
+                                  "VALUES (:c, :i, :k, :l, '')"), {"c": cid, "i": i, "k": f"uploads/{cid}/{i}", "l": label})
+        upgrade_database(db)
+    finally:
+        db.dispose()
+    store = Store(settings)
+    try:
+        [info] = store.list_versions(cid, "default")
+        assert info.serving and info.version.source == "build" and info.version.samples is None
+        assert info.images == {"a": 1, "b": 1}
+        assert store.job_spec("job_" + "0" * 24) == ("build", None)
+    finally:
+        store.close()
