@@ -215,6 +215,30 @@ class VersionsMixin:
         self.blobs.put_file(key, data)
         return key, digest
 
+    def put_images(self, classifier_id: str, images: list[tuple[bytes, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+        """put_image for each (bytes, ext): ((key, sha256) per image, the keys written by this call)."""
+        stored, written = [], []
+        for data, ext in images:
+            key, digest = self.put_image(classifier_id, data, ext)
+            if key == self.blobs.content_key(classifier_id, digest, ext) and key not in written and \
+                    not self._referenced(classifier_id, key):
+                written.append(key)
+            stored.append((key, digest))
+        return stored, written
+
+    def _referenced(self, classifier_id: str, key: str) -> bool:
+        with self.db.read() as conn:
+            return conn.execute(select(uploads.c.idx).where(uploads.c.classifier_id == classifier_id,
+                                                            uploads.c.blob_key == key).limit(1)).first() is not None \
+                or conn.execute(select(feedback.c.id).where(feedback.c.classifier_id == classifier_id,
+                                                            feedback.c.blob_key == key).limit(1)).first() is not None
+
+    def discard_images(self, classifier_id: str, keys: list[str]) -> None:
+        """Remove images put_images wrote for a request that was then refused (no row refers to them)."""
+        for key in keys:
+            if not self._referenced(classifier_id, key):
+                self.blobs.delete(key)
+
     def _address_uploads(self, conn, classifier_id: str) -> None:
         """Give uploads stored before content addresses (schema 0001) theirs, once, from their blobs."""
         missing = conn.execute(select(uploads.c.idx, uploads.c.blob_key).where(

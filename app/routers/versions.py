@@ -146,11 +146,13 @@ async def create_version(classifier_id: str, request: Request, response: Respons
     config = _update_config(raw_config, serving_config or view.classifier.config, settings)
 
     def store_and_queue():
-        added = []
-        for s in samples:
-            key, digest = store.put_image(classifier_id, s.data, s.ext)
-            added.append((key, digest, s.label, s.original_name))
-        return store.create_update_job(classifier_id, tenant, added, remove, include_feedback, config)
+        stored, written = store.put_images(classifier_id, [(s.data, s.ext) for s in samples])
+        added = [(key, digest, s.label, s.original_name) for (key, digest), s in zip(stored, samples)]
+        try:
+            return store.create_update_job(classifier_id, tenant, added, remove, include_feedback, config)
+        except BaseException:  # a refused request stores nothing
+            store.discard_images(classifier_id, written)
+            raise
 
     try:
         job = await run_in_threadpool(store_and_queue)

@@ -362,3 +362,16 @@ def test_a_0001_database_upgrades_and_its_rows_keep_their_meaning(settings):
         assert store.job_spec("job_" + "0" * 24) == ("build", None)
     finally:
         store.close()
+
+
+def test_before_the_first_build_there_is_nothing_to_change(client, settings):
+    files, data = upload_parts(per_class=5)
+    cid = client.post("/v1/classifiers", files=files, data=data).json()["classifier_id"]
+    assert client.get(f"/v1/classifiers/{cid}/versions").json() == {"versions": []}
+    _error(client.post(f"/v1/classifiers/{cid}/classes", json={"name": "blue"}), 409, "not_ready")
+    uploads_dir = settings.data_dir / "blobs" / "uploads" / cid
+    before = sorted(p.name for p in uploads_dir.iterdir())
+    _error(client.post(f"/v1/classifiers/{cid}/versions", files=[_png("blue", 1)] + _multipart({"labels": ["blue"]})),
+           409, "not_ready")
+    assert count_rows(settings, "jobs") == 1 and count_rows(settings, "classifier_versions") == 0
+    assert sorted(p.name for p in uploads_dir.iterdir()) == before  # the refused image was not kept
