@@ -127,11 +127,15 @@ class VersionsMixin:
             {r.idx: r for r in conn.execute(query) if r.idx in set(idx)}
 
     def version_samples(self, classifier_id: str, version: "VersionRecord") -> list[tuple[Any, str]]:
-        """(stored image path, label) of a version's images, in upload order."""
+        """(stored image path, label) of a version's images, in upload order (the order its build saw)."""
+        return [(path, label) for _, path, label in self.version_samples_indexed(classifier_id, version)]
+
+    def version_samples_indexed(self, classifier_id: str, version: "VersionRecord") -> list[tuple[int, Any, str]]:
+        """(upload idx, stored image path, label) of a version's images, in upload order."""
         with self.db.read() as conn:
             idx = self.version_sample_idx(conn, classifier_id, version)
             rows = self._upload_rows(conn, classifier_id)
-        return [(self.blobs.path(rows[i].blob_key), rows[i].label) for i in sorted(idx) if i in rows]
+        return [(i, self.blobs.path(rows[i].blob_key), rows[i].label) for i in sorted(idx) if i in rows]
 
     # ------------------------------------------------------------ listing and serving
     def list_versions(self, classifier_id: str, tenant: str | None = None) -> list[VersionInfo] | None:
@@ -207,6 +211,30 @@ class VersionsMixin:
         key = self.blobs.content_key(classifier_id, digest, ext)
         self.blobs.put_file(key, data)
         return key, digest
+
+    def put_images(self, classifier_id: str, images: list[tuple[bytes, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+        """put_image for each (bytes, ext): ((key, sha256) per image, the keys written by this call)."""
+        stored, written = [], []
+        for data, ext in images:
+            key, digest = self.put_image(classifier_id, data, ext)
+            if key == self.blobs.content_key(classifier_id, digest, ext) and key not in written and \
+                    not self._referenced(classifier_id, key):
+                written.append(key)
+            stored.append((key, digest))
+        return stored, written
+
+    def _referenced(self, classifier_id: str, key: str) -> bool:
+        with self.db.read() as conn:
+            return conn.execute(select(uploads.c.idx).where(uploads.c.classifier_id == classifier_id,
+                                                            uploads.c.blob_key == key).limit(1)).first() is not None \
+                or conn.execute(select(feedback.c.id).where(feedback.c.classifier_id == classifier_id,
+                                                            feedback.c.blob_key == key).limit(1)).first() is not None
+
+    def discard_images(self, classifier_id: str, keys: list[str]) -> None:
+        """Remove images put_images wrote for a request that was then refused (no row refers to them)."""
+        for key in keys:
+            if not self._referenced(classifier_id, key):
+                self.blobs.delete(key)
 
     def _address_uploads(self, conn, classifier_id: str) -> None:
         """Give uploads stored before content addresses (schema 0001) theirs, once, from their blobs."""
@@ -296,9 +324,12 @@ class VersionsMixin:
             if len(labels_after) < 2:
                 raise VersionError("too_few_classes", f"the new version would have {len(labels_after)} class(es) "
                                                       f"({sorted(labels_after)}); a classifier needs at least two")
-            if not added and not remove_labels and not feedback_ids and not config.get("force"):
-                raise VersionError("nothing_to_change", "send files+labels, remove_labels or include_feedback=true "
-                                                        "(with feedback recorded); nothing would change")
+            settings_changed = {k: v for k, v in config.items() if k != "force"} != \
+                ((serving.manifest or {}).get("config") or {})
+            if not added and not remove_labels and not feedback_ids and not settings_changed and not config.get("force"):
+                raise VersionError("nothing_to_change", "send files+labels, remove_labels, include_feedback=true "
+                                                        "(with feedback recorded) or new config settings; nothing "
+                                                        "would change")
             job_id = new_job_id()
             spec = {"parent_version_id": serving.version_id, "samples": samples, "config": config,
                     "added": len(added), "removed_labels": sorted(set(remove_labels)),

@@ -1,12 +1,13 @@
 """The update task: a new version from the serving one's images plus the changes the request fixed.
 
 The new version is judged against its parent (the version serving when the update was asked for) on the
-same held-out images, which the new version never trains on: the parent's images of the classes both keep,
-and images of added classes. New images of existing classes are never judged on (a mislabelled one would
-reward the model that learned the mistake). The new version serves only if its accuracy there is not lower
-than the parent's, or with config.force; otherwise the parent keeps serving and the job's ``update`` report
-says why with both accuracies. The parent may have trained on some of these images, which favours it: an
-update refused by a hair can be served with force or POST .../versions/{id}/serve.
+same held-out images, which the new version never trains on: the parent's images that the parent never
+trained on either (its build's holdout, or what an earlier update recorded as unseen), of the classes both
+keep, and a holdout of the added classes' images. New images of existing classes are never judged on (a
+mislabelled one would reward the model that learned the mistake). The new version serves only if its accuracy
+there is not lower than the parent's, or with config.force; otherwise the parent keeps serving and the job's
+``update`` report says why with both accuracies. When the parent trained on all its images, its own images
+are the comparison (which favours it; the report says so).
 
 Mask tuning warm-starts from the parent's mask when both use the same base and method.
 """
@@ -24,22 +25,59 @@ from rmt_service.store import MANIFEST, Store, StoreError, VersionRecord, new_ve
 log = logging.getLogger(__name__)
 
 
-def comparison_split(parent_samples: list[tuple[Path, str]], new_samples: list[tuple[Path, str]],
-                     parent_labels: list[str], config: TuneConfig) -> tuple[list, list]:
-    """(train, held): held = a seeded holdout of the parent's images of kept classes plus of the images of
-    added classes; everything else trains. Empty held when no class has enough images to spare."""
+def _held_by_build(pairs: list[tuple], config: TuneConfig) -> list[tuple]:
+    """The images a build of ``pairs`` (in this order) held out of training: the same seeded split it made."""
+    from rmt_core.candidates import has_holdout
     from rmt_core.pipeline import split_holdout
 
-    new_labels = {label for _, label in new_samples}
-    parent_keys = {(str(path), label) for path, label in parent_samples}
-    trusted = [s for s in new_samples if (str(s[0]), s[1]) in parent_keys or s[1] not in parent_labels]
+    counts: dict[str, int] = {}
+    for _, label in pairs:
+        counts[label] = counts.get(label, 0) + 1
+    if not counts or not has_holdout(list(counts.values()), config):
+        return []
+    return split_holdout(pairs, config.holdout, config.seed)[1]
+
+
+def unseen_by(parent: VersionRecord, parent_rows: list[tuple[int, Path, str]]) -> set[int]:
+    """Upload idx of the parent's images that it never trained on: what an update recorded, or for a build
+    (and a class added by name on top of it) the holdout its build split off."""
+    manifest = parent.manifest or {}
+    if manifest.get("unseen_samples") is not None:
+        return {int(i) for i in manifest["unseen_samples"]}
+    pairs = [(path, label) for _, path, label in parent_rows]
+    index = {id(pair): idx for pair, (idx, _, _) in zip(pairs, parent_rows)}
+    config = TuneConfig.from_dict({k: v for k, v in (manifest.get("config") or {}).items() if k != "force"})
+    return {index[id(pair)] for pair in _held_by_build(pairs, config)}
+
+
+def comparison_split(parent: VersionRecord, parent_rows: list[tuple[int, Path, str]], idx: list[int],
+                     samples: list[tuple[Path, str]], config: TuneConfig) -> tuple[list, list, str]:
+    """(train, held, what held is) for an update building ``samples`` (upload ``idx``, same order).
+
+    held = the parent's images it never trained on (of classes both keep, labels unchanged) plus a seeded
+    holdout of the added classes' images; the new version trains on everything else. When the parent saw
+    every one of its images, its own images are split instead (that favours the parent: said in the report).
+    """
+    from rmt_core.pipeline import split_holdout
+
+    parent_labels = {label for _, _, label in parent_rows}
+    parent_keys = {(i, label) for i, _, label in parent_rows}
+    unseen = unseen_by(parent, parent_rows)
     fraction = config.holdout if config.holdout > 0 else 0.2
-    _, held = split_holdout([s for s in trusted if s[1] in new_labels], fraction, config.seed)
-    held_keys = {(str(p), label) for p, label in held}
-    train = [s for s in new_samples if (str(s[0]), s[1]) not in held_keys]
-    if len({label for _, label in train}) < len(new_labels):  # a class would lose every training image
-        return list(new_samples), []
-    return train, held
+    position = {id(s): k for k, s in enumerate(samples)}
+    held_old = [s for i, s in zip(idx, samples) if i in unseen and (i, s[1]) in parent_keys]
+    what = "images the serving version never trained on"
+    if not held_old:
+        kept = [s for i, s in zip(idx, samples) if (i, s[1]) in parent_keys]
+        _, held_old = split_holdout(kept, fraction, config.seed)
+        what = "the serving version's own images (it trained on them, which favours it)"
+    _, held_new = split_holdout([s for s in samples if s[1] not in parent_labels], fraction, config.seed)
+    held_ids = {id(s) for s in [*held_old, *held_new]}
+    train = [s for s in samples if id(s) not in held_ids]
+    if len({label for _, label in train}) < len({label for _, label in samples}):  # a class would lose all
+        return list(samples), [], "nothing (a class has too few images to hold any out)"
+    held = sorted([*held_old, *held_new], key=lambda s: position[id(s)])
+    return train, held, what
 
 
 def accuracy_on(version_dir: Path, bases_dir: Path, samples: list[tuple[Path, str]]) -> float | None:
@@ -107,10 +145,14 @@ def run_update(store: Store, settings: Settings, job_id: str, owner: str, classi
     values = dict(spec.get("config") or {})
     force = bool(values.pop("force", False))
     config = TuneConfig.from_dict(values)
-    samples = store.samples_by_idx(classifier_id, list(spec["samples"]))
-    parent_samples = store.version_samples(classifier_id, parent)
-    parent_labels = list((parent.manifest or {}).get("labels") or [])
-    train, held = comparison_split(parent_samples, samples, parent_labels, config)
+    idx = list(spec["samples"])
+    samples = store.samples_by_idx(classifier_id, idx)
+    parent_rows = store.version_samples_indexed(classifier_id, parent)
+    parent_samples = [(path, label) for _, path, label in parent_rows]
+    train, held, compared_what = comparison_split(parent, parent_rows, idx, samples, config)
+    # what this version never trains on (the comparison's images and its build's own holdout), for the next
+    position = {id(s): i for i, s in zip(idx, samples)}
+    unseen = sorted({position[id(s)] for s in [*held, *_held_by_build(train, config)]})
     bits = parent_mask_bits(store, parent, config)
     build_dir = store.new_build_dir(classifier_id)
     try:
@@ -133,11 +175,11 @@ def run_update(store: Store, settings: Settings, job_id: str, owner: str, classi
         change = {"added_images": int(spec.get("added") or 0), "feedback_images": len(spec.get("feedback_ids") or []),
                   "added_classes": sorted(set(new_counts) - set(parent_counts)),
                   "removed_classes": sorted(set(parent_counts) - set(new_counts)),
-                  "compared_on": len(held), "parent_accuracy": parent_accuracy, "new_accuracy": new_accuracy,
+                  "compared_on": len(held), "compared_images": compared_what, "parent_accuracy": parent_accuracy, "new_accuracy": new_accuracy,
                   "served": serve, "reason": reason, "forced": force}
         version_id = new_version_id()
         change["version_id"] = version_id
-        manifest.update(warm_start=warm, change=change, update_job_id=job_id)
+        manifest.update(warm_start=warm, change=change, update_job_id=job_id, unseen_samples=unseen)
         (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         report.values = {**report.values, "update": {**change, "warm_start": warm}}
         report.write(warnings=[*report.warnings, *((manifest or {}).get("warnings") or [])])

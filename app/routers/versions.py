@@ -9,18 +9,17 @@ from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
 from rmt_core.config import TuneConfig
-from rmt_service.store import QuotaExceeded
+from rmt_service.store import QuotaExceeded, Sample
 from rmt_service.versions import VersionError, VersionInfo, published_accuracy
 
+from ..access import ERRORS
 from ..deps import MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..queue import BrokerUnavailable
-from ..schemas import (ClassByName, FeedbackCreated, FeedbackList, FeedbackPublic, UpdateQueued, VersionList, VersionPublic,
-                       _ts, multipart_body)
-from ..access import ERRORS
-from ..uploads import (_check_allowed, display_name, _read_upload, _validate_images,
-                       clean_label, decode_image, image_extension, read_config_json, read_form)
-from rmt_service.store import Sample
+from ..schemas import (ClassByName, FeedbackCreated, FeedbackList, FeedbackPublic, UpdateQueued, VersionList,
+                       VersionPublic, _ts, multipart_body)
+from ..uploads import (_check_allowed, _read_upload, _validate_images, clean_label, decode_image, display_name,
+                       image_extension, read_config_json, read_form)
 
 router = APIRouter(prefix="/v1/classifiers", tags=["versions"])
 
@@ -140,11 +139,13 @@ async def create_version(classifier_id: str, request: Request, response: Respons
     config = _update_config(raw_config, serving_config or view.classifier.config, settings)
 
     def store_and_queue():
-        added = []
-        for s in samples:
-            key, digest = store.put_image(classifier_id, s.data, s.ext)
-            added.append((key, digest, s.label, s.original_name))
-        return store.create_update_job(classifier_id, tenant, added, remove, include_feedback, config)
+        stored, written = store.put_images(classifier_id, [(s.data, s.ext) for s in samples])
+        added = [(key, digest, s.label, s.original_name) for (key, digest), s in zip(stored, samples)]
+        try:
+            return store.create_update_job(classifier_id, tenant, added, remove, include_feedback, config)
+        except BaseException:  # a refused request stores nothing
+            store.discard_images(classifier_id, written)
+            raise
 
     try:
         job = await run_in_threadpool(store_and_queue)

@@ -184,6 +184,8 @@ def test_update_adds_a_class_warm_starts_and_serves(built, settings):
     report = job["update"]
     assert job["status"] == "succeeded" and report["added_classes"] == ["blue"] and report["added_images"] == 5
     assert report["compared_on"] > 0 and report["new_accuracy"] is not None and report["parent_accuracy"] is not None
+    # judged on the build's own holdout (never trained on by either) plus the new class's held-out images
+    assert report["compared_images"] == "images the serving version never trained on"
     assert report["warm_start"] == {"from_version": parent, "masks": report["warm_start"]["masks"]}
     assert report["warm_start"]["masks"] > 0
     versions = client.get(f"/v1/classifiers/{cid}/versions").json()["versions"]
@@ -229,11 +231,15 @@ def test_bad_updates_are_refused_and_store_nothing(built, settings):
     assert "at least two" in message
     _error(client.post(url, files=_multipart({"remove_labels": ["purple"]})), 422, "unknown_label")
     _error(client.post(url, files=_multipart({"include_feedback": "false"})), 422, "nothing_to_change")
+    _error(client.post(url, files=_multipart({"include_feedback": "true"})), 422, "nothing_to_change")  # none yet
     _error(client.post(url, files=_multipart({"remove_labels": ["red"], "config": "{"})), 422, "invalid_config")
     _error(client.post(url, files=[_png("blue", 1)]), 400, "labels_mismatch")
     _error(client.post(f"/v1/classifiers/clf_{'0' * 24}/versions", files=_multipart({"remove_labels": ["red"]})),
            404, "not_found")
     assert count_rows(settings, "jobs") == jobs_before and count_rows(settings, "uploads") == uploads_before
+    # new settings alone are a change: a retrain of the same images
+    assert client.post(url, files=_multipart({"config": json.dumps({"epochs": 2})})).status_code == 202
+    assert count_rows(settings, "jobs") == jobs_before + 1 and count_rows(settings, "uploads") == uploads_before
 
 
 def test_retrain_with_feedback_stores_each_image_once(built, settings):
@@ -320,3 +326,52 @@ def test_a_class_added_by_name_serves_at_once(built, settings):
     # rolling back drops the class again
     assert client.post(f"/v1/classifiers/{cid}/versions/{parent}/serve").status_code == 200
     assert client.get(f"/v1/classifiers/{cid}").json()["labels"] == ["green", "red"]
+
+
+# ------------------------------------------------------------------ the schema
+def test_a_0001_database_upgrades_and_its_rows_keep_their_meaning(settings):
+    from alembic import command
+    from sqlalchemy import text
+
+    from rmt_service.db import Database
+    from rmt_service.migrate import _config, upgrade_database
+
+    db = Database(settings.effective_database_url)
+    try:
+        with db.engine.connect() as conn, conn.begin():
+            command.upgrade(_config(conn), "0001")
+        cid, vid = "clf_" + "1" * 24, "ver_" + "1" * 24
+        with db.engine.connect() as conn, conn.begin():
+            conn.execute(text("INSERT INTO classifiers (id, tenant, name, labels, config, n_images, created_at, job_id, "
+                              "current_version_id) VALUES (:c, 'default', '', '[\"a\", \"b\"]', '{}', 2, 1.0, "
+                              "'job_000000000000000000000000', :v)"), {"c": cid, "v": vid})
+            conn.execute(text("INSERT INTO classifier_versions (version_id, classifier_id, candidate, final, blob_key, "
+                              "manifest, files, created_at) VALUES (:v, :c, 'mask', true, 'versions/x', "
+                              "'{\"labels\": [\"a\", \"b\"]}', '[]', 1.0)"), {"c": cid, "v": vid})
+            for i, label in enumerate(["a", "b"]):
+                conn.execute(text("INSERT INTO uploads (classifier_id, idx, blob_key, label, original_name) "
+                                  "VALUES (:c, :i, :k, :l, '')"), {"c": cid, "i": i, "k": f"uploads/{cid}/{i}", "l": label})
+        upgrade_database(db)
+    finally:
+        db.dispose()
+    store = Store(settings)
+    try:
+        [info] = store.list_versions(cid, "default")
+        assert info.serving and info.version.source == "build" and info.version.samples is None
+        assert info.images == {"a": 1, "b": 1}
+        assert store.job_spec("job_" + "0" * 24) == ("build", None)
+    finally:
+        store.close()
+
+
+def test_before_the_first_build_there_is_nothing_to_change(client, settings):
+    files, data = upload_parts(per_class=5)
+    cid = client.post("/v1/classifiers", files=files, data=data).json()["classifier_id"]
+    assert client.get(f"/v1/classifiers/{cid}/versions").json() == {"versions": []}
+    _error(client.post(f"/v1/classifiers/{cid}/classes", json={"name": "blue"}), 409, "not_ready")
+    uploads_dir = settings.data_dir / "blobs" / "uploads" / cid
+    before = sorted(p.name for p in uploads_dir.iterdir())
+    _error(client.post(f"/v1/classifiers/{cid}/versions", files=[_png("blue", 1)] + _multipart({"labels": ["blue"]})),
+           409, "not_ready")
+    assert count_rows(settings, "jobs") == 1 and count_rows(settings, "classifier_versions") == 0
+    assert sorted(p.name for p in uploads_dir.iterdir()) == before  # the refused image was not kept

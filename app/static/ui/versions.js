@@ -90,8 +90,8 @@ export function versionsSection(id, { onServed } = {}) {
   async function serve(versionId) {
     try {
       await request(p.serve(versionId), { method: "POST" });
-      status.textContent = `Version ${versionId} serves now.`;
       await load();
+      status.textContent = `Version ${versionId} serves now.`;
       if (onServed) onServed();
     } catch (exc) { status.textContent = `Could not serve it: ${exc.message}`; }
   }
@@ -103,10 +103,10 @@ export function versionsSection(id, { onServed } = {}) {
       if (!alive) return;
       if (FINISHED.has(job.status)) {
         const u = job.update || {};
+        await load();  // the list first: the status line below announces a list that already shows it
         status.textContent = job.status === "succeeded"
           ? `${u.served ? "The new version serves" : "The new version was kept but does not serve"}: ${u.reason || ""}`
           : `The update ${job.status}: ${(job.error && job.error.message) || ""}`;
-        await load();
         if (u.served && onServed) onServed();
         return;
       }
@@ -146,8 +146,8 @@ export function versionsSection(id, { onServed } = {}) {
         headers: { "Content-Type": "application/json" } });
       const version = await response.json();
       className.value = "";
-      status.textContent = `Class “${name}” added by name: version ${version.version_id} serves now.`;
       await load();
+      status.textContent = `Class “${name}” added by name: version ${version.version_id} serves now.`;
       if (onServed) onServed();
     } catch (exc) {
       status.textContent = exc instanceof ApiError && exc.code === "class_exists"
