@@ -202,13 +202,21 @@ def train_step(model, masks: dict[str, BinaryMask], batch: torch.Tensor, targets
         any_flipped = config.uses_gdr and any(not bool(m.hard().all()) for m in masks.values())
     if config.uses_gdr and any_flipped:
         teacher = zero_shot_logits(model, batch, text_features)
-    grads = mask_gradients(logits, targets, teacher, scores, config, generator)
+    loss_ce = update_scores(logits, targets, teacher, scores, optimizer, config, generator)
+    return logits.detach(), loss_ce
+
+
+def update_scores(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
+                  scores: list[torch.Tensor], optimizer: torch.optim.Optimizer, config: TuneConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One optimizer step on the mask scores from the student's ``logits``; returns L_ce (for reporting)."""
+    grads = mask_gradients(logits, targets, teacher_logits, scores, config, generator)
     with torch.no_grad():
         loss_ce = F.cross_entropy(logits, targets) + config.l2_weight * sum(s.norm() for s in scores)
     for s, g in zip(scores, grads):
         s.grad = g
     optimizer.step()
-    return logits.detach(), loss_ce
+    return loss_ce
 
 
 class ViewPool:
@@ -438,12 +446,7 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
             with autocast(precision, device):
                 logits = class_logits(model, batch, text_features)
             logits = logits.float()
-            grads = mask_gradients(logits, y, teacher_logits, scores, config, gdr_generator)
-            with torch.no_grad():
-                loss_ce = F.cross_entropy(logits, y) + config.l2_weight * sum(s.norm() for s in scores)
-            for s_, g in zip(scores, grads):
-                s_.grad = g
-            optimizer.step()
+            loss_ce = update_scores(logits, y, teacher_logits, scores, optimizer, config, gdr_generator)
             scheduler.step()
             step += 1
             current_sparsity = sparsity(masks)

@@ -61,12 +61,7 @@ class Store(VersionsMixin):
         self.blobs.put_files(dir_key, {k.rsplit("/", 1)[1]: s.data for k, s in zip(keys, samples)})
         try:
             with self.db.write() as conn:
-                limit = self._lock_tenant(conn, tenant)
-                if max_active_jobs is not None:
-                    limit = max_active_jobs
-                active = jobsm.count_active(conn, tenant)
-                if active >= limit:
-                    raise QuotaExceeded(active, limit)
+                self._check_quota(conn, tenant, max_active_jobs)
                 now = float(conn.execute(select(db_now())).scalar_one())
                 conn.execute(classifiers.insert().values(
                     id=classifier_id, tenant=tenant, name=name, labels=labels, config=config,
@@ -84,6 +79,16 @@ class Store(VersionsMixin):
         record = ClassifierRecord(classifier_id=classifier_id, tenant=tenant, job_id=job_id, name=name,
                                   labels=labels, config=config, n_images=len(samples), created_at=now)
         return record, job
+
+    def _check_quota(self, conn: Connection, tenant: str, max_active_jobs: int | None = None) -> None:
+        """Inside a write transaction: lock the tenant's row and raise QuotaExceeded (nothing written yet) when it
+        already has its limit of queued or running jobs (``max_active_jobs`` overrides the stored limit)."""
+        limit = self._lock_tenant(conn, tenant)
+        if max_active_jobs is not None:
+            limit = max_active_jobs
+        active = jobsm.count_active(conn, tenant)
+        if active >= limit:
+            raise QuotaExceeded(active, limit)
 
     def _lock_tenant(self, conn: Connection, tenant: str) -> int:
         """Create the tenant's row if needed and lock it for this transaction; returns its active-job limit."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, func, select, update
 
 from .db import classifiers, db_now, feedback, jobs, uploads, versions
-from .records import (MANIFEST, _VER_COLS, ClassifierRecord, QuotaExceeded, StoreError, VersionRecord, _version,
+from .records import (MANIFEST, _VER_COLS, ClassifierRecord, StoreError, VersionRecord, _version,
                       is_classifier_id, new_job_id)
 
 if TYPE_CHECKING:
@@ -291,12 +291,7 @@ class VersionsMixin:
                 raise VersionError("needs_images", f"class(es) {name_only} were added by name and have no images; "
                                                    "a trained version needs images of every class: add some, or "
                                                    "remove_labels them")
-            limit = self._lock_tenant(conn, tenant)
-            if max_active_jobs is not None:
-                limit = max_active_jobs
-            active = jobsm.count_active(conn, tenant)
-            if active >= limit:
-                raise QuotaExceeded(active, limit)
+            self._check_quota(conn, tenant, max_active_jobs)
             self._address_uploads(conn, classifier_id)
             rows = self._upload_rows(conn, classifier_id)
             existing = {(r.sha256, r.label): i for i, r in rows.items() if r.sha256}
