@@ -169,10 +169,11 @@ def sub_traffic(args) -> dict:
 
     asyncio.run(main())
     elapsed = time.perf_counter() - t0
+    resident_mb = rss_mb()  # before close: closing evicts every classifier and returns their memory
     cache.close()
     lat = sorted(latencies)
     return {"requests": len(lat), "throughput": len(lat) / elapsed, "p50": lat[len(lat) // 2],
-            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "rss_mb": rss_mb(), "cached": loads_before}
+            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "rss_mb": resident_mb, "cached": loads_before}
 
 
 def run_sub(part: str, world: dict, **kw) -> dict:
