@@ -222,6 +222,8 @@ def warm_start_comparison(args) -> int:
             run["first_build_s"] = run_job(store, settings, created["job_id"])
             parent = store.current_version(cid)
             run["first_has_mask"] = bool((parent.manifest or {}).get("mask_file"))
+            # an all-kept mask (nothing flipped) would make warm and cold the same start
+            run["first_sparsity"] = (parent.manifest or {}).get("sparsity")
             run["first_accuracy"] = accuracy(store, parent, test)
             added = [(p, label) for label, paths in extra.items() for p in paths] + \
                 [(p, NEW_CLASS) for p in new[NEW_CLASS]]
@@ -241,7 +243,7 @@ def warm_start_comparison(args) -> int:
                 version = store.get_version(cid, rep["version_id"])
                 run[mode] = {"s": seconds, "accuracy": accuracy(store, version, test), "warm_start": rep["warm_start"],
                              "held_new": rep["new_accuracy"], "held_parent": rep["parent_accuracy"],
-                             "served": rep["served"], "has_mask": bool((version.manifest or {}).get("mask_file"))}
+                             "served": rep["served"], "sparsity": (version.manifest or {}).get("sparsity"), "has_mask": bool((version.manifest or {}).get("mask_file"))}
             rebuild = client.post("/v1/classifiers", files=parts(first_pairs + added, {"config": config})).json()
             seconds = run_job(store, settings, rebuild["job_id"])
             run["rebuild"] = {"s": seconds, "accuracy": accuracy(store, store.current_version(rebuild["classifier_id"]),
@@ -266,14 +268,15 @@ def warm_table(r: dict, args) -> str:
         f"Config `select: \"mask\"` for every build; {args.per_class} training images per class of "
         f"{', '.join(BASE_CLASSES)}, the update adds {NEW_CLASS} ({args.per_class}) and 20% more of each; "
         f"{args.test_per_class} test images per class. Accuracy is on the test images of the version's classes.\n",
-        "| seed | first build s / acc | update warm s / acc (warm start applied) | update cold s / acc | "
+        "| seed | first build s / acc / mask sparsity | update warm s / acc (warm start applied) | update cold s / acc | "
         "rebuild s / acc | warm/cold time | warm/rebuild time |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in r["runs"]:
         w, c, b = run["warm"], run["cold"], run["rebuild"]
         lines.append(
-            f"| {run['seed']} | {run['first_build_s']:.1f} / {run['first_accuracy']:.1%} | {w['s']:.1f} / "
+            f"| {run['seed']} | {run['first_build_s']:.1f} / {run['first_accuracy']:.1%} / {run['first_sparsity']:.1f}% | "
+            f"{w['s']:.1f} / "
             f"{w['accuracy']:.1%} ({'yes' if w['warm_start'] else 'NO'}) | {c['s']:.1f} / {c['accuracy']:.1%} | "
             f"{b['s']:.1f} / {b['accuracy']:.1%} | {w['s'] / c['s']:.2f} | {w['s'] / b['s']:.2f} |")
     lines.append("")
