@@ -13,6 +13,12 @@ seed. It measures
 
     flock /tmp/rmt-bench.lock .venv/bin/python bench/bench_versions.py [--per-class 10] [--epochs 10] \
         [--harmful 10] [--out bench/RESULTS-versions.md]
+
+``--warm-seeds N`` runs only the warm-start comparison, once per seed: a first build pinned to publish a mask
+(``select: "mask"``; under ``auto`` small uploads often publish a mask-free candidate, which leaves nothing to
+warm-start from), then the same update (same parent, same images, same held-out split) twice, with the parent's
+mask as the start and without it (the bench swaps worker.updates.parent_mask_bits for one returning None, the
+only switch there is), and a rebuild from scratch on the same images.
 """
 from __future__ import annotations
 
@@ -86,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--min-steps", type=int, default=60, help="TuneConfig.min_steps (its default, 300, is slow here).")
     ap.add_argument("--harmful", type=int, default=10, help="Updates with mislabelled images.")
+    ap.add_argument("--warm-seeds", type=int, default=0,
+                    help="Run only the warm-start comparison (select=mask), for seeds 0..N-1.")
     ap.add_argument("--out", default=None, help="Append the results table to this markdown file.")
     args = ap.parse_args(argv)
+    if args.warm_seeds:
+        return warm_start_comparison(args)
 
     from fastapi.testclient import TestClient
 
@@ -180,6 +190,97 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "a") as fh:
             fh.write(table(results, args))
     return 0
+
+
+def warm_start_comparison(args) -> int:
+    """Per seed: first build (mask published), update warm vs the same update cold, rebuild from scratch."""
+    from fastapi.testclient import TestClient
+
+    import worker.updates as updates
+    from app.main import create_app
+    from rmt_service.settings import Settings
+    from rmt_service.store import Store
+
+    runs = []
+    for seed in range(args.warm_seeds):
+        tmp = Path(tempfile.mkdtemp(prefix=f"rmt-bench-warm-{seed}-"))
+        settings = Settings(_env_file=None, data_dir=tmp / "data", database_url="", broker_url="", api_keys="",
+                            api_keys_file=None, device="cpu", max_queued_jobs=50)
+        base = 100 * seed
+        train = write_images(tmp / "train", BASE_CLASSES, args.per_class, seed=base + 1)
+        extra = write_images(tmp / "extra", BASE_CLASSES, max(1, round(0.2 * args.per_class)), seed=base + 2)
+        new = write_images(tmp / "new", (NEW_CLASS,), args.per_class, seed=base + 3)
+        test_dirs = write_images(tmp / "test", (*BASE_CLASSES, NEW_CLASS), args.test_per_class, seed=base + 9)
+        test = [(p, label) for label, paths in test_dirs.items() for p in paths]
+        config = json.dumps({"epochs": args.epochs, "min_steps": args.min_steps, "seed": seed, "select": "mask"})
+        store = Store(settings)
+        run: dict = {"seed": seed}
+        with TestClient(create_app(settings, queue=NoBroker())) as client:
+            first_pairs = [(p, label) for label, paths in train.items() for p in paths]
+            created = client.post("/v1/classifiers", files=parts(first_pairs, {"config": config})).json()
+            cid = created["classifier_id"]
+            run["first_build_s"] = run_job(store, settings, created["job_id"])
+            parent = store.current_version(cid)
+            run["first_has_mask"] = bool((parent.manifest or {}).get("mask_file"))
+            # an all-kept mask (nothing flipped) would make warm and cold the same start
+            run["first_sparsity"] = (parent.manifest or {}).get("sparsity")
+            run["first_accuracy"] = accuracy(store, parent, test)
+            added = [(p, label) for label, paths in extra.items() for p in paths] + \
+                [(p, NEW_CLASS) for p in new[NEW_CLASS]]
+            for mode in ("warm", "cold"):
+                # both updates start from the first build (the same images map to the same uploads)
+                client.post(f"/v1/classifiers/{cid}/versions/{parent.version_id}/serve")
+                saved = updates.parent_mask_bits
+                if mode == "cold":
+                    updates.parent_mask_bits = lambda *a, **k: None
+                try:
+                    r = client.post(f"/v1/classifiers/{cid}/versions", files=parts(added, {"config": config}))
+                    assert r.status_code == 202, r.text
+                    seconds = run_job(store, settings, r.json()["job_id"])
+                finally:
+                    updates.parent_mask_bits = saved
+                rep = client.get(f"/v1/jobs/{r.json()['job_id']}").json()["update"]
+                version = store.get_version(cid, rep["version_id"])
+                run[mode] = {"s": seconds, "accuracy": accuracy(store, version, test), "warm_start": rep["warm_start"],
+                             "held_new": rep["new_accuracy"], "held_parent": rep["parent_accuracy"],
+                             "served": rep["served"], "sparsity": (version.manifest or {}).get("sparsity"), "has_mask": bool((version.manifest or {}).get("mask_file"))}
+            rebuild = client.post("/v1/classifiers", files=parts(first_pairs + added, {"config": config})).json()
+            seconds = run_job(store, settings, rebuild["job_id"])
+            run["rebuild"] = {"s": seconds, "accuracy": accuracy(store, store.current_version(rebuild["classifier_id"]),
+                                                                 test)}
+        store.close()
+        print(json.dumps(run, default=str), flush=True)
+        runs.append(run)
+    results = {"runs": runs, "machine": {"nproc": os.cpu_count(), "cpu": _cpu(), "python": platform.python_version()}}
+    print(json.dumps(results, indent=2, default=str))
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(warm_table(results, args))
+    return 0
+
+
+def warm_table(r: dict, args) -> str:
+    lines = [
+        f"\n## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC — `bench/bench_versions.py --warm-seeds "
+        f"{args.warm_seeds} --per-class {args.per_class} --epochs {args.epochs} --min-steps {args.min_steps}`\n",
+        f"Machine: {r['machine']['cpu']}, nproc {r['machine']['nproc']}, shared with other developers' jobs "
+        "(absolute times are loaded-machine times; compare the ratios, each within one seed's run). "
+        f"Config `select: \"mask\"` for every build; {args.per_class} training images per class of "
+        f"{', '.join(BASE_CLASSES)}, the update adds {NEW_CLASS} ({args.per_class}) and 20% more of each; "
+        f"{args.test_per_class} test images per class. Accuracy is on the test images of the version's classes.\n",
+        "| seed | first build s / acc / mask sparsity | update warm s / acc (warm start applied) | update cold s / acc | "
+        "rebuild s / acc | warm/cold time | warm/rebuild time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in r["runs"]:
+        w, c, b = run["warm"], run["cold"], run["rebuild"]
+        lines.append(
+            f"| {run['seed']} | {run['first_build_s']:.1f} / {run['first_accuracy']:.1%} / {run['first_sparsity']:.1f}% | "
+            f"{w['s']:.1f} / "
+            f"{w['accuracy']:.1%} ({'yes' if w['warm_start'] else 'NO'}) | {c['s']:.1f} / {c['accuracy']:.1%} | "
+            f"{b['s']:.1f} / {b['accuracy']:.1%} | {w['s'] / c['s']:.2f} | {w['s'] / b['s']:.2f} |")
+    lines.append("")
+    return "\n".join(lines)
 
 
 def _cpu() -> str:

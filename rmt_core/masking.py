@@ -86,11 +86,18 @@ def attach_masks(model: nn.Module, method: str, init: float = 1e-2, threshold: f
     return masks
 
 
+# Fraction of (init - threshold) that a warm-started dropped entry starts below the threshold.
+WARM_DROPPED_MARGIN = 0.1
+
+
 def warm_start_masks(masks: dict[str, BinaryMask], bits: dict[str, np.ndarray], init: float,
                      threshold: float) -> list[str]:
-    """Start tuning from an earlier mask: its kept entries at ``init``, its dropped ones as far below
-    ``threshold`` as ``init`` is above it (they start dropped and can come back). Masks whose name or shape
-    the earlier mask lacks keep their fresh start. Returns the names warm-started."""
+    """Start tuning from an earlier mask: its kept entries at ``init``, its dropped ones just below
+    ``threshold`` (a tenth of ``init``'s margin). They start dropped, but a few consistent steps bring them
+    back: an update may add a class that needs them, and starting them as far below as ``init`` is above
+    kept the parent's drops through a short update and lost accuracy (bench/RESULTS-versions.md). Masks
+    whose name or shape the earlier mask lacks keep their fresh start. Returns the names warm-started."""
+    dropped_start = float(threshold) - WARM_DROPPED_MARGIN * (float(init) - float(threshold))
     seeded = []
     for name, mask in masks.items():
         kept = bits.get(name)
@@ -98,7 +105,7 @@ def warm_start_masks(masks: dict[str, BinaryMask], bits: dict[str, np.ndarray], 
             continue
         with torch.no_grad():
             kept_t = torch.from_numpy(np.ascontiguousarray(kept, dtype=bool)).to(mask.scores.device)
-            mask.scores.copy_(torch.where(kept_t, torch.tensor(float(init)), torch.tensor(2 * threshold - init)))
+            mask.scores.copy_(torch.where(kept_t, torch.tensor(float(init)), torch.tensor(dropped_start)))
         seeded.append(name)
     return seeded
 
