@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import onnx
 import pytest
 from PIL import Image, ImageDraw
+from playwright.sync_api import expect
 
 from tests.browser.conftest import API_KEY
 from tests.service.helpers import TINY_CONFIG, wait_for
@@ -128,12 +129,13 @@ def test_create_watch_report_try_download_delete(serve, ui, tmp_path):
     page.set_input_files("#class-files-1", files=payloads("red", 6) + payloads("blue", 1))  # one wrong image
     drop_files(page, ".class-card[data-class-id='2'] .drop", payloads("green", 6))
     thumbs_red = page.locator(".class-card[data-class-id='1'] .thumb img")
-    assert thumbs_red.count() == 7
-    assert page.locator(".class-card[data-class-id='2'] .thumb img").count() == 6
+    # images are decoded in the browser before their thumbnails appear: wait for them, then count exactly
+    expect(thumbs_red).to_have_count(7)
+    expect(page.locator(".class-card[data-class-id='2'] .thumb img")).to_have_count(6)
     page.wait_for_function("() => [...document.querySelectorAll('.thumb img')].every((i) => i.complete && i.naturalWidth > 0)")
     ui.shot("create-with-wrong-image")
     page.get_by_role("button", name=re.compile(r"Remove image 7 \(blue-0.png\)")).click()
-    assert thumbs_red.count() == 6
+    expect(thumbs_red).to_have_count(6)
     assert page.locator("#create-summary").inner_text().startswith("2 classes, 12 images")
 
     # Settings: backbones and weights come from GET /v1/info; the tiny backbone has no shipped weights.
@@ -373,8 +375,8 @@ def test_a_zip_fills_the_classes_and_the_form_explains_mistakes(serve, ui):
     page.get_by_text("pets.zip: 5 images in 2 classes.").wait_for()
     names = page.locator(".class-name")
     assert [names.nth(i).input_value() for i in range(names.count())] == ["cat", "dog"]  # the empty defaults went
-    assert page.locator(".class-card").nth(0).locator(".thumb img").count() == 3
-    assert page.locator(".class-card").nth(1).locator(".thumb img").count() == 2
+    expect(page.locator(".class-card").nth(0).locator(".thumb img")).to_have_count(3)
+    expect(page.locator(".class-card").nth(1).locator(".thumb img")).to_have_count(2)
     page.wait_for_function("() => [...document.querySelectorAll('.thumb img')].every((i) => i.complete && i.naturalWidth > 0)")
     ui.shot("zip-loaded")
 

@@ -3,6 +3,7 @@ add images / a class, add a class by name, serve an older version again."""
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.browser.test_ui import JOB_TIMEOUT_MS, create_over_http, drop_files, payloads, wait_ready
 
@@ -38,7 +39,7 @@ def test_versions_feedback_update_class_by_name_and_serve(serve, ui):
     page.click("#retrain-button")
     page.wait_for_function("() => /new version (serves|was kept)/i.test(document.querySelector('#versions-status').textContent)",
                            timeout=JOB_TIMEOUT_MS)
-    assert page.locator("#versions-rows tr").count() == 2
+    expect(page.locator("#versions-rows tr")).to_have_count(2)  # the list refreshes after the status line
     second = _serving(page)
     assert second != first and "from feedback" in page.locator(f"tr[data-version='{second}']").inner_text()
 
