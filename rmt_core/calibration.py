@@ -7,6 +7,7 @@ T is folded into the head (``Head.temperature``) so it costs nothing at inferenc
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -17,6 +18,10 @@ N_BINS = 15
 T_RANGE = (0.05, 20.0)
 # The mean top score T may not push below chance + this share of (1 - chance): scores never collapse to uniform.
 COLLAPSE_FLOOR = 0.2
+# Each default "unknown" threshold may turn this share of in-distribution images into "unknown" (both together
+# ~5%), and is placed so that it does so with at least TOLERANCE_CONFIDENCE when estimated from few images.
+UNKNOWN_TAIL = 0.025
+TOLERANCE_CONFIDENCE = 0.9
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -166,6 +171,52 @@ def default_min_score(probs: np.ndarray, targets, keep: float = 0.95) -> dict:
         "rejected_wrong": float((~accepted[~correct]).mean()) if (~correct).any() else None,
         "rule": f"score below which {1 - keep:.0%} of correct validation answers fall (at least 1/classes)",
     }
+
+
+def tolerance_factor(n: int, quantile: float = 1.0 - UNKNOWN_TAIL,
+                     confidence: float = TOLERANCE_CONFIDENCE) -> float:
+    """k of the one-sided normal tolerance bound mean + k * sd (sd with n - 1) that lies above the ``quantile``
+    of the distribution with probability ``confidence`` when mean and sd come from n samples (the standard
+    approximation, NIST/SEMATECH e-Handbook 7.2.6.3). Grows as n shrinks: 3.75 at n = 5, 2.94 at 10, 2.23 at
+    80, -> z(quantile) = 1.96. This is the small-n safeguard: a 97.5th percentile read off 5 images is mostly
+    noise, the bound widens by how much."""
+    if n < 2:
+        raise ValueError(f"a tolerance bound needs at least 2 samples, got {n}")
+    z_p, z_g = NormalDist().inv_cdf(quantile), NormalDist().inv_cdf(confidence)
+    a = 1.0 - z_g ** 2 / (2.0 * (n - 1))
+    b = z_p ** 2 - z_g ** 2 / n
+    if a <= 0:  # n = 2 with a high confidence: the approximation breaks down; the exact factor is huge
+        return float("inf")
+    return float((z_p + math.sqrt(max(z_p ** 2 - a * b, 0.0))) / a)
+
+
+def tolerance_min_score(top_scores, n_classes: int, n_effective: int | None = None, tail: float = UNKNOWN_TAIL,
+                        confidence: float = TOLERANCE_CONFIDENCE) -> float:
+    """A default ``min_score`` from out-of-sample top scores: the lower of their ``tail`` quantile and a lower
+    normal tolerance bound of that quantile on the logit scale (mean - k * sd of log(p / (1 - p)), k from
+    ``tolerance_factor`` for ``n_effective`` independent images, default every score), never below chance and
+    never above 1 - 1/(n+1) (n right answers cannot vouch for more). With 10 images the empirical 2.5th
+    percentile is the smallest of them, a coin toss away from the true one; the bound widens by how much the
+    estimate can be off, so in-distribution images are not rejected by a threshold read off too few."""
+    top = np.asarray(top_scores, dtype=np.float64)
+    top = top[~np.isnan(top)]
+    chance = 1.0 / n_classes
+    if len(top) == 0:
+        return chance
+    threshold = float(np.quantile(top, tail, method="lower"))
+    n = len(top) if n_effective is None else int(n_effective)
+    if n >= 2 and len(top) >= 2:
+        logit = np.log(np.clip(top, 1e-6, 1 - 1e-6)) - np.log(np.clip(1 - top, 1e-6, 1 - 1e-6))
+        k = tolerance_factor(n, 1.0 - tail, confidence)
+        if math.isfinite(k):
+            bound = float(logit.mean() - k * logit.std(ddof=1))
+            threshold = min(threshold, 1.0 / (1.0 + math.exp(-bound)))
+        else:
+            threshold = chance
+    else:  # one image: nothing to estimate a spread from
+        threshold = chance
+    threshold = min(threshold, 1.0 - 1.0 / (len(top) + 1))
+    return max(threshold, chance)
 
 
 def reliability(probs: np.ndarray, targets, n_bins: int = 10) -> list[dict]:

@@ -1,4 +1,7 @@
 """Candidates and selection (rmt_core/candidates.py): features in, the one classifier to publish out."""
+import io
+import json
+
 import numpy as np
 import pytest
 
@@ -131,12 +134,14 @@ def test_report_has_every_field_with_consistent_values():
         assert key in report, key
     # heads are judged on every image (train and holdout alike), the holdout is kept for the mask only
     assert report["n_holdout"] == 16
-    assert report["validated_by"] == {"method": "repeated k-fold", "n": 48, "folds": 5, "repeats": 3}
+    assert report["validated_by"] == {"method": "repeated nested k-fold", "n": 48, "folds": 5, "repeats": 3}
     assert {r["name"] for r in report["candidates"]} == {"zero-shot", "head"}
     rows = {r["name"]: r for r in report["candidates"]}
     assert rows["head"]["n"] == rows["zero-shot"]["n"] == 48 and rows["head"]["refit"] == "all 48 images"
     assert report["temperature"] == chosen.head.temperature > 0 and 0 < report["min_score"] < 1
-    assert 0 < report["max_outlier"] < 1 and chosen.head.has_outlier and len(chosen.head.outlier_keys) == 48
+    # the open-set reference is the class texts (one row per class), scaled so that 0.5 is the default threshold
+    assert report["max_outlier"] == 0.5 and chosen.head.has_outlier and len(chosen.head.outlier_keys) == len(LABELS)
+    assert chosen.head.outlier_reference == "class-text"
     assert report["unknown_defaults"]["rejected_in_distribution"]["either"] <= 0.1
     assert "NO MASK FLIPPED: ..." in report["warnings"]
     conf = np.array(report["confusion_matrix"])
@@ -147,10 +152,10 @@ def test_report_has_every_field_with_consistent_values():
 
 def test_without_a_holdout_heads_are_cross_validated_and_masks_are_not_tuned():
     sel, rng, means, (x, _) = _selection(n_train=3, n_held=0)
-    assert not sel.wants_masks and sel.validation.method == "repeated k-fold"  # 12 images > LOO_MAX
+    assert not sel.wants_masks and sel.validation.method == "repeated nested k-fold"  # 12 images > LOO_MAX
     sel.add_zero_shot(x)
     head = sel.add_head(x)
-    assert head.method == "repeated k-fold" and head.n == 12
+    assert head.method == "repeated nested k-fold" and head.n == 12
     chosen, report = sel.finish()
     assert chosen.name in ("zero-shot", "head") and report["tuned_accuracy"] is None
     assert any("too few images to validate" in w for w in report["warnings"])
@@ -191,7 +196,7 @@ def test_a_destructive_learning_rate_loses_to_zero_shot_and_previews_come_first(
     for key in ("n_holdout", "zero_shot_accuracy", "tuned_accuracy", "published_accuracy", "validated_by", "warnings",
                 "ece_before", "ece_after", "temperature", "min_score", "per_class_accuracy", "misclassified"):
         assert key in v, key
-    assert v["validated_by"] == {"method": "repeated k-fold", "n": 18, "folds": 5, "repeats": 3}
+    assert v["validated_by"] == {"method": "repeated nested k-fold", "n": 18, "folds": 5, "repeats": 3}
     assert rows["mask"]["n"] == rows["mask+head"]["n"] == 6 and rows["mask"]["method"] == "holdout"
     assert v["tuned_accuracy"] == pytest.approx(rows["mask"]["accuracy"], abs=1e-4)
     assert 0 < v["min_score"] < 1 and v["temperature"] == manifest["head"]["temperature"]
@@ -200,7 +205,9 @@ def test_a_destructive_learning_rate_loses_to_zero_shot_and_previews_come_first(
         assert samples[wrong["index"]][1] == wrong["true"] != wrong["predicted"]
     published = Head.load(tmp_path / "wrecked" / "head.npz")
     assert published.temperature == v["temperature"]
-    assert published.has_outlier and len(published.outlier_keys) == len(samples)  # built from every image
+    # open-set reference: the class texts, its scale fitted on every image
+    assert published.has_outlier and len(published.outlier_keys) == len({label for _, label in samples})
+    assert v["max_outlier"] == 0.5
     for picture in ("confusion.png", "curve.png", "reliability.png"):
         assert (tmp_path / "wrecked" / picture).read_bytes()[:4] == b"\x89PNG"
 
@@ -267,7 +274,7 @@ def test_without_a_holdout_the_build_skips_tuning_and_says_so(tmp_path):
     manifest = build_classifier(samples, TuneConfig(backbone="rmt-tiny-vit", pretrained=None, min_steps=50),
                                 tmp_path / "small", progress=seen.append)
     v = manifest["validation"]
-    assert v["validated_by"]["method"] == "leave-one-out" and v["validated_by"]["n"] == 9 and v["n_holdout"] == 0
+    assert v["validated_by"]["method"] == "nested leave-one-out" and v["validated_by"]["n"] == 9 and v["n_holdout"] == 0
     assert {r["name"] for r in v["candidates"]} == {"zero-shot", "head"} and manifest["steps"] == 0
     assert any("too few images to validate" in w for w in manifest["warnings"])
     assert len(seen) == 1 and seen[0].total_steps == 0 and seen[0].eta_seconds == 0
@@ -296,10 +303,12 @@ def test_a_one_shot_build_can_publish_a_head_and_says_what_decided():
     assert (chosen.head.logits(xt).argmax(1) == yt).mean() > (zs.logits(xt).argmax(1) == yt).mean() + 0.3
 
 
-def test_outlier_score_is_higher_far_from_the_training_images_of_the_generated_world():
-    """The builtin world CLIP: shapes the classifier was built on vs shapes it never saw."""
+def test_outlier_score_is_higher_for_classes_the_classifier_was_not_built_on_in_the_generated_world():
+    """The builtin world CLIP: shapes the classifier was built on vs shapes it never saw. The score is the
+    distance to the nearest class text, scaled on the training images so that 0.5 (the default max_outlier) is a
+    tolerance bound: few in-distribution images above it, most unseen shapes above it, even from 2 per class."""
     from rmt_core import world
-    from rmt_core.backbones import load_backbone
+    from rmt_core.backbones import encode_class_texts, load_backbone
     from rmt_core.candidates import encode_images
     from rmt_core.preprocess import PreprocessConfig, preprocess_batch
 
@@ -312,13 +321,34 @@ def test_outlier_score_is_higher_far_from_the_training_images_of_the_generated_w
 
     built_on = ["red circle", "blue square", "green triangle", "yellow star"]
     never_seen = ["purple hexagon", "orange cross", "pink diamond", "brown crescent"]
-    train = features(built_on, 4, seed=1)
-    head = Head.zero_shot(np.ones((4, train.shape[1])) + np.eye(4, train.shape[1]), 1.0).with_outlier(train)
-    inside, outside = head.outlier_scores(features(built_on, 10, seed=2)), head.outlier_scores(features(never_seen, 10, 3))
-    assert inside.shape == outside.shape == (40,) and 0 <= inside.min() and outside.max() <= 1
-    auroc = (outside[:, None] > inside[None, :]).mean()
-    assert auroc > 0.85 and outside.mean() > inside.mean() + 0.3, (auroc, inside.mean(), outside.mean())
-    assert head.outlier_scores(train).max() < 0.05  # a training image is at distance 0 from itself
+    text = encode_class_texts(backbone, built_on, "a photo of a {}.").numpy()
+    for shots in (2, 8):
+        train = features(built_on, shots, seed=1)
+        head = Head.zero_shot(text, 100.0).with_outlier(train)
+        assert head.outlier_reference == "class-text" and len(head.outlier_keys) == len(built_on)
+        inside = head.outlier_scores(features(built_on, 25, seed=2))
+        outside = head.outlier_scores(features(never_seen, 25, seed=3))
+        assert inside.shape == outside.shape == (100,) and 0 <= inside.min() and outside.max() <= 1
+        auroc = (outside[:, None] > inside[None, :]).mean()
+        assert auroc > 0.9 and outside.mean() > inside.mean() + 0.3, (shots, auroc, inside.mean(), outside.mean())
+        assert (inside > 0.5).mean() <= 0.1 and (outside > 0.5).mean() >= 0.5, (shots, inside, outside)
+        assert (head.outlier_scores(train) > 0.5).mean() <= 0.1  # the images it was built from
     again = Head.from_bytes(head.to_bytes())  # stored in head.npz (float16 keys), same scores
     np.testing.assert_allclose(again.outlier_scores(train[:3]), head.outlier_scores(train[:3]), atol=1e-3)
-    assert Head.zero_shot(np.eye(4, train.shape[1]), 1.0).outlier_scores(train) is None  # an old head: no score
+    assert again.outlier_reference == "class-text"
+    # a class added by its text alone: its images are not outliers any more
+    grown = head.with_class(encode_class_texts(backbone, ["purple hexagon"], "a photo of a {}.").numpy()[0])
+    hexagons = features(["purple hexagon"], 25, seed=3)
+    assert len(grown.outlier_keys) == 5 and grown.outlier_scores(hexagons).mean() < head.outlier_scores(hexagons).mean() - 0.3
+    assert Head.zero_shot(text, 100.0).outlier_scores(train) is None  # an old head: no score
+    # a head stored before issue 16 (training images as the reference, no outlier_reference) still loads and scores
+    old = Head(W=head.W, scale=100.0, outlier_keys=train, outlier_center=0.2, outlier_width=0.05)
+    with np.load(io.BytesIO(old.to_bytes())) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(arrays["header"].tobytes())
+    del header["outlier_reference"]
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    header_less = Head.from_bytes(buf.getvalue())
+    assert header_less.outlier_reference == "images" and header_less.outlier_scores(train).max() < 0.05
