@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from rmt_core.calibration import (calibrate, cross_fitted_probs, default_min_score, expected_calibration_error,
-                                  fit_temperature, nll, softmax)
+                                  fit_temperature, nll, softmax, tolerance_factor, tolerance_min_score)
 from rmt_core.head import Head
 
 
@@ -121,3 +121,41 @@ def test_a_temperature_that_worsens_held_out_ece_is_dropped_even_when_nll_improv
     kept = calibrate(z, y)  # an over-confident model: both get better, T is kept
     assert kept["temperature"] > 1 and kept["ece_after"] < kept["ece_before"] and kept["nll_after"] < kept["nll_before"]
     assert sum(b["n"] for b in kept["reliability"]) == 400 and kept["mean_top_score"] < softmax(z).max(1).mean()
+
+
+def test_tolerance_bound_covers_the_quantile_with_its_confidence_even_from_five_samples():
+    """The small-n safeguard of the unknown thresholds: mean + k(n) * sd lies above the true 97.5th percentile in
+    ~90% of draws at every n, where the plain sample percentile (the largest of 5) does so in ~12%."""
+    assert tolerance_factor(5) > tolerance_factor(10) > tolerance_factor(80) > 1.96
+    assert tolerance_factor(100000) == pytest.approx(1.96, abs=0.02)
+    with pytest.raises(ValueError, match="at least 2"):
+        tolerance_factor(1)
+    rng = np.random.default_rng(0)
+    true_q = 1.959964
+    for n in (5, 10, 40):
+        draws = rng.normal(size=(4000, n))
+        bound = draws.mean(1) + tolerance_factor(n) * draws.std(1, ddof=1)
+        assert 0.87 <= (bound > true_q).mean() <= 0.93, n
+        if n == 5:
+            assert (np.quantile(draws, 0.975, axis=1, method="higher") > true_q).mean() < 0.2
+
+
+def test_default_min_score_from_few_images_rejects_few_new_right_answers():
+    """Top scores of in-distribution images (logit-normal): a min_score read off 8 images as their 2.5th
+    percentile (the smallest) rejects ~11% of new ones on average; the tolerance bound stays under the 2.5%
+    target on average, never rises above that percentile and never drops below chance."""
+    rng = np.random.default_rng(1)
+    new = 1 / (1 + np.exp(-rng.normal(1.5, 0.6, 200000)))
+    plain, bounded = [], []
+    for _ in range(400):
+        top = 1 / (1 + np.exp(-rng.normal(1.5, 0.6, 8)))
+        t = tolerance_min_score(top, n_classes=10)
+        assert 0.1 <= t <= np.quantile(top, 0.025, method="lower")
+        plain.append((new < np.quantile(top, 0.025, method="lower")).mean())
+        bounded.append((new < t).mean())
+    assert np.mean(plain) > 0.08 and np.mean(bounded) < 0.025, (np.mean(plain), np.mean(bounded))
+    assert tolerance_min_score([0.9], n_classes=4) == 0.25  # one image: no spread to estimate, chance
+    assert tolerance_min_score(np.full(50, 0.999), n_classes=2) <= 1 - 1 / 51  # saturated scores stay reachable
+    # views of 3 images count as 3 images, not 12: a wider bound
+    views = 1 / (1 + np.exp(-rng.normal(1.0, 0.8, 12)))
+    assert tolerance_min_score(views, 5, n_effective=3) <= tolerance_min_score(views, 5)

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from rmt_core.candidates import Candidate, Selection, fit_linear_probe, paired_better, pick, stratified_folds
+from rmt_core.candidates import (PAIRED_CONFIDENCE, ZERO_SHOT_CONFIDENCE, Candidate, Selection, fit_linear_probe,
+                                 paired_better, paired_evidence, pick, stratified_folds)
 from rmt_core.config import TuneConfig
 from rmt_core.head import Head
 
@@ -67,6 +68,57 @@ def test_paired_rule_takes_a_clear_margin_and_leaves_a_tie_to_the_simpler():
     assert pick([_judged("zero-shot", base), _judged("head", better)], "zero-shot")[0].name == "zero-shot"
     with pytest.raises(ValueError, match="not built"):
         pick([_judged("zero-shot", base)], "mask")
+
+
+def test_leaving_zero_shot_takes_stronger_evidence_than_choosing_among_fitted_candidates():
+    """4 wins to 1 on 20 images (P(better) ~0.89) is enough to prefer one fitted candidate over another, not to
+    replace zero-shot, the safe default (P >= 0.95); 6 wins to 0 (P ~0.99) replaces it."""
+    base = np.array([1] * 12 + [0] * 8, float)
+    some = base.copy()
+    some[12:16] = 1  # 4 wins
+    some[0] = 0  # 1 loss
+    ev = paired_evidence(some, base)
+    assert PAIRED_CONFIDENCE <= ev["p_better"] < ZERO_SHOT_CONFIDENCE, ev
+    chosen, why, decisions = pick([_judged("zero-shot", base), _judged("head", some)])
+    assert chosen.name == "zero-shot" and decisions[0]["needed"] == ZERO_SHOT_CONFIDENCE and "0.95" in why
+    # the same margin between two fitted candidates (head vs mask+head) switches
+    head = _judged("head", base)
+    chosen, why, decisions = pick([_judged("zero-shot", np.zeros(20)), head, _judged("mask+head", some)])
+    assert decisions[0]["switched"] and decisions[-1]["champion"] == "head" and decisions[-1]["needed"] == 0.8
+    assert chosen.name == "mask+head"
+    clear = base.copy()
+    clear[12:18] = 1  # 6 wins, no loss
+    chosen, why, _ = pick([_judged("zero-shot", base), _judged("head", clear)])
+    assert chosen.name == "head" and ">= 0.95" in why
+
+
+def test_heads_are_judged_by_nested_cv_so_their_settings_do_not_flatter_them():
+    """Each image's judging logits come from the whole head procedure (settings chosen by its own inner CV) run
+    on the OTHER images only; the flat CV judged the head by the folds that had chosen its settings."""
+    from rmt_core.candidates import cross_validated_head, fit_best_head
+
+    rng, means, zs = _world(3)
+    x, y = _draw(rng, means, 2)  # 8 images: leave-one-out
+    fit, correct, logits, method, folds, repeats = cross_validated_head(x, y, zs, seed=0)
+    assert method == "nested leave-one-out" and folds == 8 and repeats == 1
+    for i in range(len(y)):
+        rest = np.arange(len(y)) != i
+        inner = fit_best_head(x[rest], y[rest], zs, seed=0).head
+        np.testing.assert_allclose(logits[i], inner.logits(x[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+        assert correct[i] == float(logits[i].argmax() == y[i])
+    published = fit_best_head(x, y, zs, seed=0).head  # the published head: the same procedure on every image
+    np.testing.assert_allclose(fit.head.logits(x), published.logits(x), rtol=1e-5, atol=1e-5)
+    # pure noise: the flat CV's pick of the best settings looks like a gain, the nested judgement does not
+    gains_flat, gains_nested = [], []
+    for seed in range(6):
+        r = np.random.default_rng(100 + seed)
+        noise, labels = r.normal(size=(6 * C, D)), np.repeat(np.arange(C), 6)
+        flat = fit_best_head(noise, labels, zs, seed=seed).oof_logits.argmax(1) == labels
+        _, nested, *_ = cross_validated_head(noise, labels, zs, seed=seed)
+        z0 = zs.logits(noise).argmax(1) == labels
+        gains_flat.append(flat.mean() - z0.mean())
+        gains_nested.append(nested.mean() - z0.mean())
+    assert np.mean(gains_nested) < np.mean(gains_flat), (gains_nested, gains_flat)
 
 
 def test_linear_probe_fixes_an_uninformative_text_init_and_strong_decay_stays_zero_shot():
@@ -301,6 +353,29 @@ def test_a_one_shot_build_can_publish_a_head_and_says_what_decided():
     assert all(0 <= m["index"] < C for m in report["misclassified"])
     xt, yt = _draw(rng, means, 50, noise=0.3)
     assert (chosen.head.logits(xt).argmax(1) == yt).mean() > (zs.logits(xt).argmax(1) == yt).mean() + 0.3
+
+
+def test_at_one_shot_zero_shot_is_calibrated_on_the_images_not_on_the_harder_views():
+    """Zero-shot fits nothing, so every original image is an honest sample for its temperature and min_score;
+    augmented views (which judge the candidates at 1 shot) are harder than what users send, and a T fitted on
+    them made every score too low."""
+    from rmt_core.calibration import calibrate
+
+    rng, means, zs = _world(seed=5, informative_text=True)
+    x, y = _draw(rng, means, 1, noise=0.3)
+    sel = Selection(zs, LABELS, TuneConfig(), y, [], train_indices=list(range(C)), held_indices=[])
+    views = np.repeat(x, 8, axis=0) + 2.5 * rng.normal(size=(8 * C, D))  # much harder than the images
+    sel.add_views(views, np.repeat(np.arange(C), 8))
+    zero = sel.add_zero_shot(x)
+    assert zero.method == "augmented views" and zero.n == 8 * C  # views still judge the comparison
+    assert zero.calibration["n"] == C and zero.calibration["source"].startswith("every image")
+    assert zero.head.temperature == calibrate(zs.logits(x).astype(np.float64), y)["temperature"]
+    assert calibrate(zero.logits, sel.row_targets)["n"] == 8 * C  # not what decided
+    sel.add_head(x)
+    chosen, report = sel.finish()
+    assert chosen.name == "zero-shot"
+    rejected = report["unknown_defaults"]["rejected_in_distribution"]
+    assert rejected["n"] == C and rejected["either"] <= 0.25  # the same rows (the images) for both thresholds
 
 
 def test_outlier_score_is_higher_for_classes_the_classifier_was_not_built_on_in_the_generated_world():
