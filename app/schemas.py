@@ -220,10 +220,11 @@ class Classification(BaseModel):
     unknown: bool = Field(False, description="true when outlier_score is above max_outlier or the top score is "
                                              "below min_score (label is null).")
     outlier_score: float | None = Field(
-        None, description="0-1, higher = less like the images this classifier was built from (distance to the "
-                          "nearest training image in the backbone's feature space, scaled so that 0.5 is the 95th "
-                          "percentile of the training images' own leave-one-out distances). null for classifiers "
-                          "built before outlier scores existed.")
+        None, description="0-1, higher = less like the classes this classifier was built for (cosine distance to "
+                          "the nearest class text embedding in the backbone's space, scaled on the training images "
+                          "so that 0.5 is a 90%-confidence upper bound of their 97.5th percentile; classifiers "
+                          "built before that measure the distance to the nearest training image). null for "
+                          "classifiers built before outlier scores existed.")
     predictions: list[Prediction] = Field(description="The top-k labels, best first (also when unknown).")
 
 

@@ -202,6 +202,10 @@ def run_one(task: str, shots: int, seed: int, backbone_name: str = "rmt-world-vi
         "tuned": run.tuning is not None, "hindsight_tuned": run.tuning is None and tuned_model is not None,
         "warnings": v["warnings"], "why": v["why"], "decided_by": v.get("decided_by"),
         "comparisons": v.get("comparisons"),
+        # per-image validation correctness of every candidate (NaN = not judged): any selection rule can be
+        # replayed on the same runs
+        "correct": {name: [None if np.isnan(x) else round(float(x), 4) for x in c.correct]
+                    for name, c in run.selection.candidates.items() if c.correct is not None},
         "mean_top_score_test": float(probs.max(1).mean()), "ece_validation": v.get("ece_after"),
         "ece_n": v.get("ece_n"), "open_set": open_set, "refit": refit, "min_steps": config.min_steps,
     }
@@ -300,6 +304,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-steps", type=int, default=None, help="Override the service's min_steps (time box).")
     p.add_argument("--runs", type=Path, default=RUNS)
     p.add_argument("--report", action="store_true", help="Only rewrite the results table from --runs.")
+    p.add_argument("--results", type=Path, default=RESULTS, help="The results file to write (default: %(default)s).")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if not args.report:
@@ -320,9 +325,9 @@ def main(argv=None) -> int:
     runs = [json.loads(line) for line in args.runs.read_text().splitlines()] if args.runs.is_file() else []
     text = "# Selection, calibration and open set benchmark (issue 16)\n\nWritten by `bench/bench_selection.py`.\n\n" + report(runs) + "\n"
     notes = "\n## Reading the numbers"  # hand-written analysis below the table survives a re-report
-    if RESULTS.is_file() and notes in RESULTS.read_text():
-        text += notes + RESULTS.read_text().split(notes, 1)[1]
-    RESULTS.write_text(text)
+    if args.results.is_file() and notes in args.results.read_text():
+        text += notes + args.results.read_text().split(notes, 1)[1]
+    args.results.write_text(text)
     print(text)
     return 0
 
