@@ -14,9 +14,11 @@ unseen classes far better than the nearest training image did, AUROC 0.996 / 0.7
 heads built before that, the training images ("images"). The distance is mapped to [0, 1] by a logistic curve
 fitted on the distances of the images the classifier was built from (``fit_outlier``): 0.5 at an upper
 tolerance bound of their 97.5th percentile (normal, 90% confidence: with 5 images the bound sits 3.7 standard
-deviations above their mean, with 80 images 2.2), one logit per standard deviation. A head is stored as a small ``.npz`` (never
-pickled) and, for a self-contained model.onnx, appended to a base graph whose output is raw
-features (``append_to_graph``).
+deviations above their mean, with 80 images 2.2), one logit per standard deviation. Class names the backbone's
+text side does not understand leave the scale honest but the separation weak.
+
+A head is stored as a small ``.npz`` (never pickled) and, for a self-contained model.onnx, appended to a base
+graph whose output is raw features (``append_to_graph``).
 """
 from __future__ import annotations
 
