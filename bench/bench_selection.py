@@ -281,7 +281,8 @@ def report(runs: list[dict]) -> str:
               *[f"| ... on {task} only: AUROC; unknown in / out | AUROC {np.mean([o['auroc_outlier'] for o in os_]):.3f} "
                 f"(nearest image {np.mean([o.get('auroc_nearest_image', o['auroc_outlier']) for o in os_]):.3f}); "
                 f"{100 * np.mean([o['unknown_in'] for o in os_]):.1f}% / {100 * np.mean([o['unknown_out'] for o in os_]):.1f}%"
-                f" (1-2 shots: {100 * np.mean([o['unknown_in'] for o, k in zip(os_, ks) if k <= 2] or [np.nan]):.1f}% in) | (report) |"
+                + (f" (1-2 shots: {100 * np.mean([o['unknown_in'] for o, k in zip(os_, ks) if k <= 2]):.1f}% in)"
+                   if min(ks) <= 2 else "") + " | (report) |"
                 for task in sorted({r['task'] for r in runs if r.get('open_set')})
                 for os_, ks in [([r['open_set'] for r in runs if r['task'] == task and r.get('open_set')],
                                  [r['shots'] for r in runs if r['task'] == task and r.get('open_set')])]],
