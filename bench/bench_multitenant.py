@@ -102,23 +102,29 @@ def _x(version: str, n: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(n, 3, *size)).astype(np.float32)
 
 
-def sub_memory(args) -> dict:
-    """Load ``count`` classifiers in ``mode`` one after another: RSS after each, load wall time of each."""
-    from rmt_core.runtime import BaseRegistry, load_classifier
-
-    registry = BaseRegistry(args.bases, "cpu", return_memory=True)
-    x1 = _x(args.versions[0], 1)
+def _load_series(versions: list[str], load) -> tuple[dict, list]:
+    """``load(version)`` for each version in turn, each run once on one image: process RSS after each and the
+    load wall time of each; returns (that, the loaded classifiers)."""
+    x1 = _x(versions[0], 1)
     start = rss_mb()
     loaded, points, load_s = [], [], []
-    for v in args.versions[:args.count]:
+    for v in versions:
         t = time.perf_counter()
-        clf = load_classifier(v, registry=registry, mode=args.mode)
+        clf = load(v)
         load_s.append(time.perf_counter() - t)
         clf.run(x1)
         loaded.append(clf)
         points.append(rss_mb())
     return {"start": start, "points": points, "load_s": load_s,
-            "own_bytes": [c.resident_bytes for c in loaded[:3]]}
+            "own_bytes": [c.resident_bytes for c in loaded[:3]]}, loaded
+
+
+def sub_memory(args) -> dict:
+    """Load ``count`` classifiers in ``mode`` one after another: RSS after each, load wall time of each."""
+    from rmt_core.runtime import BaseRegistry, load_classifier
+
+    registry = BaseRegistry(args.bases, "cpu", return_memory=True)
+    return _load_series(args.versions[:args.count], lambda v: load_classifier(v, registry=registry, mode=args.mode))[0]
 
 
 def sub_latency(args) -> dict:
@@ -175,22 +181,13 @@ def sub_int8(args) -> dict:
     from rmt_core.runtime import BaseRegistry, ServedClassifier, load_classifier
 
     registry = BaseRegistry(args.bases, "cpu", return_memory=True)
-    x1 = _x(args.versions[0], 1)
-    start = rss_mb()
-    loaded, points, load_s = [], [], []
-    for v in args.versions[:args.count]:
-        t = time.perf_counter()
-        clf = ServedClassifier(v, registry, precision="int8", check_guard=False)
-        load_s.append(time.perf_counter() - t)
-        clf.run(x1)
-        loaded.append(clf)
-        points.append(rss_mb())
+    out, loaded = _load_series(args.versions[:args.count],
+                               lambda v: ServedClassifier(v, registry, precision="int8", check_guard=False))
     int8 = loaded[0]
     t = time.perf_counter()
     fp32 = load_classifier(args.versions[0], registry=registry)
-    fp32_load = time.perf_counter() - t
-    out = {"start": start, "points": points, "load_s": load_s, "fp32_load_s": fp32_load,
-           "own_bytes": [c.resident_bytes for c in loaded[:3]], "precision": int8.precision}
+    out.update(fp32_load_s=time.perf_counter() - t, precision=int8.precision)
+    x1 = _x(args.versions[0], 1)
     for bs, repeats in ((1, args.repeats), (32, max(3, args.repeats // 8))):
         out[f"bs{bs}"] = _timed({"baked": fp32.run, "int8": int8.run}, _x(args.versions[0], bs), repeats)
     x = np.random.default_rng(1).normal(size=(64, 3, *x1.shape[2:])).astype(np.float32)
