@@ -608,7 +608,7 @@ class ServedClassifier(_Classifier):
         self._shapes: dict[tuple, dict] = {}  # batch shape -> every passed value's (shape, dtype), seen once
         self._bound: dict[tuple, list[_BoundChain]] = {}
         self._bound_lock = threading.Lock()
-        if plan.layout is None and not whole and any(seg.kind == "shared" for seg in plan.segments):
+        if plan.layout is None and not whole and not int8 and any(seg.kind == "shared" for seg in plan.segments):
             from .serving import probe_layout
 
             plan.layout = probe_layout(self) or False  # once per plan, in the loader's thread
@@ -648,8 +648,9 @@ class ServedClassifier(_Classifier):
     @property
     def batch_group(self):
         """Classifiers with equal groups run the same shared sessions (rmt_core/serving.py mixes their requests in
-        one batch); None where nothing is shared (the head runs inside the classifier's one session)."""
-        if self._head_in_session or not any(seg.kind == "shared" for seg, _ in self._chain):
+        one batch); None where nothing is shared (the head runs inside the classifier's one session) and for int8
+        (activations are quantized with one scale per batch: another classifier's rows would change its answers)."""
+        if self._head_in_session or self.precision == "int8" or not any(seg.kind == "shared" for seg, _ in self._chain):
             return None
         if not self._plan.layout:  # values passed between segments that cannot be split by rows
             return None

@@ -56,7 +56,7 @@ def test_int8_answers_agree_with_fp32_on_generated_images(built):
     assert (fp32.precision, int8.precision) == ("fp32", "int8")
     assert int8.mode == "baked"
     assert {p["precision"] for p in registry.stats()["plans"]} == {"fp32", "int8"}  # other sessions, never mixed
-    assert int8.batch_group is None or int8.batch_group != fp32.batch_group
+    assert int8.batch_group is None  # batched with itself only: its activation scales depend on the batch
     batch = _batch(fp32, built["test"])
     p32, p8 = fp32.run(batch), int8.run(batch)
     assert (p32.argmax(1) == p8.argmax(1)).mean() >= MIN_AGREEMENT
