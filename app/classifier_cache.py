@@ -59,16 +59,18 @@ def onnx_loader(providers: str = "auto") -> Loader:
 
 
 def served_loader(bases_dir: Path, providers: str = "auto", shared_min_bytes: int | None = None,
-                  mode: str = "baked") -> Loader:
+                  mode: str = "baked", precision: str = "fp32") -> Loader:
     """The service's loader: base + mask + head versions over one shared BaseRegistry (bases shared between
-    classifiers, released when the last one using them is collected), old model.onnx directories as they are."""
+    classifiers, released when the last one using them is collected), old model.onnx directories as they are.
+    ``precision="int8"``: versions whose int8 guard passed serve int8 (rmt_core/quantize.py)."""
     from rmt_core.runtime import BaseRegistry, load_classifier
 
     registry = BaseRegistry(bases_dir, providers, return_memory=True, shared_min_bytes=shared_min_bytes)
 
     def load(classifier_id: str, version_dir: Path, tier: str | None = None) -> Any:
         # "auto": a classifier starts in the JIT tier; the cache promotes the busy ones (tier="baked")
-        return load_classifier(version_dir, registry=registry, mode=tier or ("jit" if mode == "auto" else mode))
+        return load_classifier(version_dir, registry=registry, mode=tier or ("jit" if mode == "auto" else mode),
+                               precision=precision)
 
     load.registry = registry  # type: ignore[attr-defined]  (for /readyz and tests: what is shared)
     load.promotes = mode == "auto"  # type: ignore[attr-defined]

@@ -67,7 +67,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
                                       batch_max_wait_ms=settings.batch_max_wait_ms, metrics=metrics,
                                       promote_after=settings.serving_promote_after,
                                       loader=served_loader(store.bases_dir, settings.ort_providers,
-                                                           mode=settings.serving_mode))
+                                                           mode=settings.serving_mode,
+                                                           precision=settings.serving_precision))
     install_error_handlers(app)
     install_database_errors(app)
     for router in (health.router, classifiers.router, classify.router, jobs.router, ui.router, versions.router):

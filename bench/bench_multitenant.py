@@ -1,14 +1,19 @@
 """Many classifiers on one base: memory per resident classifier, load time, latency and mixed traffic, per tier.
 
     python bench/bench_multitenant.py [--classifiers 200] [--drop 0.05] [--seconds 30] [--parts memory,latency,traffic]
+    python bench/bench_multitenant.py --classifiers 6 --parts int8       # int8 vs baked fp32 vs eager open_clip
 
 ViT-B-32 with random weights (open_clip, pretrained=None: compute and memory do not depend on weight values),
 r-amt masks dropping ``--drop`` of the attention weights i.i.d. (5%: the median of real builds of the builtin
 backbone in bench/claims_runs.jsonl; the paper's average is 2.56%), one zero-shot head. Tiers
 (rmt_core/runtime.py SERVING_MODES): "baked" = the masked weights multiplied in at load, sessions of their own
 (today's layout); "jit" = the classifier holds the positions its mask drops, the weights are formed per call.
-Every measurement runs in a fresh subprocess without torch. Mixed traffic runs the service's cache and
-micro-batcher in process (no HTTP): 16 clients, each request to a uniformly random classifier.
+Every measurement runs in a fresh subprocess without torch (but the eager open_clip reference of the int8 part).
+Mixed traffic runs the service's cache and micro-batcher in process (no HTTP): 16 clients, each request to a
+uniformly random classifier. int8 (rmt_core/quantize.py) serves the same versions with their guard skipped
+(the synthetic versions have no images to judge on; their int8 agreement with fp32 is reported instead).
+Mask files after the first are written with zlib level 1 (same format; level 9 took ~7 s per dense i.i.d.
+mask, the bench's own overhead). ``--world DIR`` keeps the generated base and versions for another run.
 Writes a section of bench/RESULTS-multitenant.md.
 """
 from __future__ import annotations
@@ -44,13 +49,21 @@ def rss_mb() -> float:
 
 
 def make_world(tmp: Path, n: int, drop: float) -> dict:
-    """A ViT-B-32 base and ``n`` r-amt version dirs with i.i.d. masks dropping ``drop`` of the masked weights."""
-    from rmt_core.artifact import write_version_files
+    """A ViT-B-32 base and ``n`` r-amt version dirs with i.i.d. masks dropping ``drop`` of the masked weights
+    (reused from ``tmp`` when an earlier run left the same world there)."""
+    import shutil
+
+    from rmt_core.artifact import MASK_FILE, save_masks, write_version_files
     from rmt_core.backbones import encode_class_texts, load_backbone
     from rmt_core.base import ensure_base
     from rmt_core.head import Head
     from rmt_core.masking import target_names
 
+    saved = tmp / "world.json"
+    if saved.is_file():
+        world = json.loads(saved.read_text())
+        if world.get("drop") == drop and len(world["versions"]) >= n:
+            return {**world, "versions": world["versions"][:n]}
     t = time.perf_counter()
     backbone = load_backbone(ARCH, None)
     base = ensure_base(backbone, tmp / "bases")
@@ -59,21 +72,28 @@ def make_world(tmp: Path, n: int, drop: float) -> dict:
     head = Head.zero_shot(text, float(backbone.model.logit_scale.detach().exp()))
     params = dict(backbone.model.visual.named_parameters())
     names = target_names(backbone.model.visual, "r-amt")
-    versions = []
+    versions, first = [], None
+    shutil.rmtree(tmp / "versions", ignore_errors=True)
     for i in range(n):
         out = tmp / "versions" / f"v{i}"
         out.mkdir(parents=True)
         rng = np.random.default_rng(i)
         bits = {f"visual.{k}": rng.random(tuple(params[k].shape), dtype=np.float32) >= drop for k in names}
-        fields = write_version_files(out, base_id=base.base_id, head=head, masks=bits, meta={"method": "r-amt"})
+        if first is None:  # the first as the pipeline writes it; the others: its head, their own mask (zlib 1)
+            first = write_version_files(out, base_id=base.base_id, head=head, masks=bits, meta={"method": "r-amt"})
+            fields = first
+        else:
+            shutil.copyfile(tmp / "versions" / "v0" / first["head_file"], out / first["head_file"])
+            fields = {**first, "mask_bytes": save_masks(out / MASK_FILE, bits, {"method": "r-amt"}, level=1)}
         manifest = {"labels": LABELS, "preprocess": backbone.preprocess, "backbone": ARCH, "pretrained": None,
                     "method": "r-amt", **fields}
         (out / "manifest.json").write_text(json.dumps(manifest))
         versions.append(str(out))
     masked = sum(int(np.prod(params[k].shape)) for k in names)
-    return {"bases": str(tmp / "bases"), "versions": versions, "masked_weights": masked,
-            "mask_file_kb": (Path(versions[0]) / json.loads((Path(versions[0]) / "manifest.json").read_text())
-                             ["mask_file"]).stat().st_size / 1024}
+    world = {"bases": str(tmp / "bases"), "versions": versions, "masked_weights": masked, "drop": drop,
+             "mask_file_kb": first["mask_bytes"] / 1024}
+    saved.write_text(json.dumps(world))
+    return world
 
 
 # ---- subprocess parts (no torch) ----------------------------------------------------------------------------
@@ -82,23 +102,29 @@ def _x(version: str, n: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(n, 3, *size)).astype(np.float32)
 
 
-def sub_memory(args) -> dict:
-    """Load ``count`` classifiers in ``mode`` one after another: RSS after each, load wall time of each."""
-    from rmt_core.runtime import BaseRegistry, load_classifier
-
-    registry = BaseRegistry(args.bases, "cpu", return_memory=True)
-    x1 = _x(args.versions[0], 1)
+def _load_series(versions: list[str], load) -> tuple[dict, list]:
+    """``load(version)`` for each version in turn, each run once on one image: process RSS after each and the
+    load wall time of each; returns (that, the loaded classifiers)."""
+    x1 = _x(versions[0], 1)
     start = rss_mb()
     loaded, points, load_s = [], [], []
-    for v in args.versions[:args.count]:
+    for v in versions:
         t = time.perf_counter()
-        clf = load_classifier(v, registry=registry, mode=args.mode)
+        clf = load(v)
         load_s.append(time.perf_counter() - t)
         clf.run(x1)
         loaded.append(clf)
         points.append(rss_mb())
     return {"start": start, "points": points, "load_s": load_s,
-            "own_bytes": [c.resident_bytes for c in loaded[:3]]}
+            "own_bytes": [c.resident_bytes for c in loaded[:3]]}, loaded
+
+
+def sub_memory(args) -> dict:
+    """Load ``count`` classifiers in ``mode`` one after another: RSS after each, load wall time of each."""
+    from rmt_core.runtime import BaseRegistry, load_classifier
+
+    registry = BaseRegistry(args.bases, "cpu", return_memory=True)
+    return _load_series(args.versions[:args.count], lambda v: load_classifier(v, registry=registry, mode=args.mode))[0]
 
 
 def sub_latency(args) -> dict:
@@ -130,6 +156,65 @@ def sub_latency(args) -> dict:
         out[f"bs{bs}"] = {k: {"cpu": statistics.median(cpu[k]), "wall": statistics.median(wall[k])} for k in cpu}
     a, b = clfs["baked"].run(_x(v, 4)), clfs["jit"].run(_x(v, 4))
     out["parity"] = float(np.abs(a - b).max())
+    return out
+
+
+def _timed(fns: dict, x: np.ndarray, repeats: int) -> dict:
+    """Each of ``fns`` (name -> callable on a batch) run on ``x`` ``repeats`` times, interleaved after one warm-up
+    call each: median CPU and wall seconds."""
+    for fn in fns.values():
+        fn(x)
+    cpu = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t, w = time.process_time(), time.perf_counter()
+            fn(x)
+            cpu[name].append(time.process_time() - t)
+            wall[name].append(time.perf_counter() - w)
+    return {k: {"cpu": statistics.median(cpu[k]), "wall": statistics.median(wall[k])} for k in fns}
+
+
+def sub_int8(args) -> dict:
+    """``count`` int8 classifiers loaded one after another (RSS after each, load time), then the first one's
+    bs1/bs32 latency against the same classifier baked in fp32, and their agreement on random images."""
+    from rmt_core.runtime import BaseRegistry, ServedClassifier, load_classifier
+
+    registry = BaseRegistry(args.bases, "cpu", return_memory=True)
+    out, loaded = _load_series(args.versions[:args.count],
+                               lambda v: ServedClassifier(v, registry, precision="int8", check_guard=False))
+    int8 = loaded[0]
+    t = time.perf_counter()
+    fp32 = load_classifier(args.versions[0], registry=registry)
+    out.update(fp32_load_s=time.perf_counter() - t, precision=int8.precision)
+    x1 = _x(args.versions[0], 1)
+    for bs, repeats in ((1, args.repeats), (32, max(3, args.repeats // 8))):
+        out[f"bs{bs}"] = _timed({"baked": fp32.run, "int8": int8.run}, _x(args.versions[0], bs), repeats)
+    x = np.random.default_rng(1).normal(size=(64, 3, *x1.shape[2:])).astype(np.float32)
+    a, b = fp32.run(x), int8.run(x)
+    out["agreement"], out["max_dp"], out["n_agree"] = float((a.argmax(1) == b.argmax(1)).mean()), float(np.abs(a - b).max()), len(x)
+    return out
+
+
+def sub_eager(args) -> dict:
+    """The same encoder in eager open_clip (torch, fp32, inference mode) with a zero-shot-like head: bs1/bs32."""
+    import torch
+
+    from rmt_core.backbones import load_backbone
+
+    backbone = load_backbone(ARCH, None)
+    visual = backbone.model.visual.eval()
+    text = torch.nn.functional.normalize(torch.randn(len(LABELS), visual.output_dim, generator=torch.Generator()
+                                                     .manual_seed(0)), dim=-1)
+
+    @torch.inference_mode()
+    def run(x):
+        f = visual(torch.from_numpy(x))
+        return torch.softmax(100 * torch.nn.functional.normalize(f, dim=-1) @ text.T, dim=-1).numpy()
+
+    out = {"threads": torch.get_num_threads()}
+    for bs, repeats in ((1, args.repeats), (32, max(3, args.repeats // 8))):
+        out[f"bs{bs}"] = _timed({"eager": run}, _x(args.versions[0], bs), repeats)["eager"]
     return out
 
 
@@ -202,10 +287,12 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=0)
     p.add_argument("--classifiers", type=int, default=200)
     p.add_argument("--drop", type=float, default=0.05)
-    p.add_argument("--parts", default="memory,latency,traffic")
+    p.add_argument("--parts", default="memory,latency,traffic", help="any of memory,latency,traffic,int8")
+    p.add_argument("--world", help="Keep the generated base and versions here (reused by a later run).")
     args = p.parse_args()
     if args.sub:
-        print(json.dumps({"memory": sub_memory, "latency": sub_latency, "traffic": sub_traffic}[args.sub](args)))
+        print(json.dumps({"memory": sub_memory, "latency": sub_latency, "traffic": sub_traffic, "int8": sub_int8,
+                          "eager": sub_eager}[args.sub](args)))
         return
 
     started = time.perf_counter()
@@ -213,7 +300,7 @@ def main() -> None:
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory(prefix="rmt-multitenant-") as tmp:
         t = time.perf_counter()
-        world = make_world(Path(tmp), args.classifiers, args.drop)
+        world = make_world(Path(args.world or tmp), args.classifiers, args.drop)
         print(f"world: {args.classifiers} classifiers in {time.perf_counter() - t:.0f} s", flush=True)
         n = args.classifiers
         if "memory" in parts:
@@ -248,7 +335,7 @@ def main() -> None:
                              f"wall {1000 * r['jit']['wall']:.1f} vs {1000 * r['baked']['wall']:.1f} ms; after a "
                              f"switch {1000 * r['jit-switch']['wall']:.1f} ms wall",
                              f"**{r['jit']['cpu'] / r['baked']['cpu']:.3f}**", "<= 1.05 (default mode: baked)"))
-            rows.append(("parity jit vs baked fp32, max |dp|", f"{lat['parity']:.1e}", f"**{lat['parity']:.1e}**",
+            rows.append(("parity jit vs baked fp32, max abs dp", f"{lat['parity']:.1e}", f"**{lat['parity']:.1e}**",
                          "<= 1e-4"))
             print(rows[-3:], flush=True)
         if "traffic" in parts:
@@ -270,15 +357,43 @@ def main() -> None:
                  f"**{today['throughput'] / single['throughput']:.2f}; {today['p99'] / single['p99']:.1f}**", "-"),
             ]
             print(rows[-3:], flush=True)
+        if "int8" in parts:
+            q = run_sub("int8", world, count=min(n, 6), repeats=args.repeats)
+            eager = run_sub("eager", world, repeats=args.repeats)
+            session_mb = 344.0
+            inc = float(np.median(np.diff(q["points"][1:]))) if len(q["points"]) > 2 else float("nan")
+            for bs in ("bs1", "bs32"):
+                r, e = q[bs], eager[bs]
+                rows.append((f"latency {bs}: int8 vs baked fp32 vs eager open_clip (CPU; wall)",
+                             f"int8 {1000 * r['int8']['cpu']:.1f} / fp32 {1000 * r['baked']['cpu']:.1f} / eager "
+                             f"{1000 * e['cpu']:.1f} ms CPU; wall {1000 * r['int8']['wall']:.1f} / "
+                             f"{1000 * r['baked']['wall']:.1f} / {1000 * e['wall']:.1f} ms",
+                             f"**int8 {e['wall'] / r['int8']['wall']:.2f}x eager, {r['baked']['wall'] / r['int8']['wall']:.2f}x "
+                             f"fp32 (wall); CPU {e['cpu'] / r['int8']['cpu']:.2f}x, {r['baked']['cpu'] / r['int8']['cpu']:.2f}x**",
+                             ">= 1.5x eager at bs1" if bs == "bs1" else "-"))
+            rows += [
+                (f"RSS per additional int8 classifier (median increment over {len(q['points']) - 2}) / one whole "
+                 f"session (344 MB)", f"{inc:.1f} MB (own weights {q['own_bytes'][-1] / 1e6:.1f} MB: int8 attention "
+                 f"+ fp32 patch conv); first int8 classifier with the base's int8 shared sessions "
+                 f"{q['points'][0] - q['start']:.0f} MB", f"**{inc / session_mb:.3f}**", "-"),
+                ("load, int8 (quantized at load) vs baked fp32 (median wall)",
+                 f"{statistics.median(q['load_s'][1:] or q['load_s']):.2f} s vs {q['fp32_load_s']:.2f} s (first int8 on "
+                 f"the base: {q['load_s'][0]:.2f} s)", f"**{statistics.median(q['load_s'][1:] or q['load_s']) / q['fp32_load_s']:.1f}**", "-"),
+                ("int8 vs fp32 on random images (random weights: no accuracy to judge)",
+                 f"argmax agreement {q['agreement']:.3f} on {q['n_agree']}, max abs dp {q['max_dp']:.1e}",
+                 f"**{q['agreement']:.3f}**", ">= 0.99 (the guard, at build)"),
+            ]
+            print(rows[-5:], flush=True)
     elapsed = time.perf_counter() - started
     cmd = "python bench/bench_multitenant.py " + " ".join(sys.argv[1:])
     table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
-    section = (f"<!-- run drop={args.drop} -->\n_Measured {dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC on "
+    key = f"drop={args.drop} n={args.classifiers} parts={args.parts}"
+    section = (f"<!-- run {key} -->\n_Measured {dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC on "
                f"{os.uname().machine}, {os.cpu_count()} CPU cores (shared with other jobs), `{cmd}` in {elapsed:.0f} s; "
                f"masks drop {100 * args.drop:.2f}% of {world['masked_weights']:,} masked weights._\n\n"
-               "| what | measured | ratio / value | goal |\n|---|---|---|---|\n" + table + f"\n<!-- /run drop={args.drop} -->\n")
+               "| what | measured | ratio / value | goal |\n|---|---|---|---|\n" + table + f"\n<!-- /run {key} -->\n")
     text = RESULTS.read_text() if RESULTS.exists() else "# Many classifiers on one base\n\n"
-    marker, end = f"<!-- run drop={args.drop} -->", f"<!-- /run drop={args.drop} -->"
+    marker, end = f"<!-- run {key} -->", f"<!-- /run {key} -->"
     if marker in text:
         text = text[:text.index(marker)] + section + text[text.index(end) + len(end) + 1:]
     else:

@@ -44,8 +44,10 @@ def _flatten(masks: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
     return names, flat
 
 
-def encode_masks(masks: dict[str, np.ndarray], meta: dict | None = None) -> bytes:
-    """Encode boolean masks (True = weight kept) into the RMT3 byte format."""
+def encode_masks(masks: dict[str, np.ndarray], meta: dict | None = None, level: int = 9) -> bytes:
+    """Encode boolean masks (True = weight kept) into the RMT3 byte format. ``level``: zlib's (any level
+    decodes the same; 9 takes ~7 s on a dense i.i.d. ViT-B-32 mask where 1 takes 0.1 s, for a file 18% larger:
+    benches that write hundreds of synthetic masks use 1)."""
     names, flat = _flatten(masks)
     header = {
         "version": VERSION,
@@ -53,7 +55,7 @@ def encode_masks(masks: dict[str, np.ndarray], meta: dict | None = None) -> byte
         "n": int(flat.size), "codec": "packbits+zlib", "meta": meta or {},
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    body = MAGIC + zlib.compress(struct.pack("<I", len(head)) + head + np.packbits(flat).tobytes(), 9)
+    body = MAGIC + zlib.compress(struct.pack("<I", len(head)) + head + np.packbits(flat).tobytes(), level)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -178,8 +180,8 @@ def entropy_bound_bytes(masks: dict[str, np.ndarray]) -> float:
     return n * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
 
 
-def save_masks(path: Path | str, masks: dict[str, np.ndarray], meta: dict | None = None) -> int:
-    data = encode_masks(masks, meta)
+def save_masks(path: Path | str, masks: dict[str, np.ndarray], meta: dict | None = None, level: int = 9) -> int:
+    data = encode_masks(masks, meta, level)
     atomic_write_bytes(path, data)
     return len(data)
 

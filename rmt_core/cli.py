@@ -170,6 +170,11 @@ def _print_info(manifest: dict, path: Path) -> None:
           + (f"model.onnx {manifest['onnx_bytes'] / 1e6:.1f} MB" if "onnx_bytes" in manifest
              else f"head {manifest.get('head_bytes', 0) / 1e3:.1f} kB on shared base {manifest.get('base_id')}")
           + f", parity {manifest['parity_max_abs_diff']:.2g}")
+    guard = manifest.get("int8")
+    if isinstance(guard, dict) and guard.get("agreement") is not None:
+        print(f"int8         {'allowed' if guard.get('allowed') else 'not allowed'}: argmax agreement "
+              f"{guard['agreement']:.3f}, accuracy {guard['accuracy_fp32']:.3f} fp32 / {guard['accuracy_int8']:.3f} "
+              f"int8 on {guard['n']} images")
     val = manifest.get("validation")
     if val and val.get("tuned_accuracy") is not None:
         print(f"validation   {val['n_holdout']} held-out images: zero-shot {val['zero_shot_accuracy']:.1%} -> "
@@ -263,9 +268,15 @@ class PredictionWriter:
 def cmd_export(args) -> int:
     from .pipeline import rebuild_onnx
 
-    path = rebuild_onnx(args.classifier, args.onnx)
+    precision = "int8" if args.int8 else "fp32"
+    path = rebuild_onnx(args.classifier, args.onnx, precision=precision)
     os.chmod(path, 0o666 & ~_current_umask())  # written through mkstemp (0600): make it an ordinary file
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), parity checked against torch")
+    guard = json.loads((Path(args.classifier) / "manifest.json").read_text()).get("int8") if args.int8 else None
+    note = "" if not args.int8 else (
+        f", int8: its build's guard {'passed' if (guard or {}).get('allowed') else 'did not pass'}"
+        + (f" (agreement {guard['agreement']:.3f}, accuracy {guard['accuracy_fp32']:.3f} fp32 -> "
+           f"{guard['accuracy_int8']:.3f} int8)" if (guard or {}).get("agreement") is not None else ""))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB){note}")
     return 0
 
 
@@ -315,6 +326,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="Rebuild model.onnx from the base weights and the mask file.")
     p.add_argument("classifier", metavar="OUT")
     p.add_argument("--onnx", help="Write here instead of OUT/model.onnx.")
+    p.add_argument("--int8", action="store_true",
+                   help="Quantize the encoder's MatMul/Gemm weights to int8 (ONNX Runtime dynamic quantization), "
+                        "as RMT_SERVING_PRECISION=int8 serves; says whether the build's int8 guard passed.")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="Show a classifier's manifest.")

@@ -20,10 +20,18 @@ from .runtime import LEGACY_MASK_FILE, MANIFEST, ONNX_FILE
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one self-contained file
 
 
-def materialize_onnx(version_dir: Path | str, bases_dir: Path | str, out_path: Path | str) -> Path:
-    """Write the baked classifier of ``version_dir`` to ``out_path`` (temp file + rename)."""
+def materialize_onnx(version_dir: Path | str, bases_dir: Path | str, out_path: Path | str,
+                     precision: str = "fp32") -> Path:
+    """Write the baked classifier of ``version_dir`` to ``out_path`` (temp file + rename). ``precision="int8"``:
+    the encoder's MatMul/Gemm weights dynamically quantized as int8 serving does (rmt_core/quantize.py; the
+    head stays float), whatever the version's int8 guard said (the manifest in metadata_props carries it)."""
     import onnx
     from onnx import numpy_helper
+
+    from .quantize import PRECISIONS, quantize_model
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
 
     from .artifact import load_masks
     from .base import load_base
@@ -50,6 +58,8 @@ def materialize_onnx(version_dir: Path | str, bases_dir: Path | str, out_path: P
                 tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float32, copy=False), tensor.name))
         if by_init:
             raise ValueError(f"base {base.base_id} lacks initializers {sorted(by_init)[:3]}")
+    if precision == "int8":
+        model = quantize_model(model)
     head = Head.load(version_dir / manifest.get("head_file", HEAD_FILE))
     append_to_graph(model.graph, head, model.graph.output[0].name, output="logits")
     props = {
@@ -61,6 +71,8 @@ def materialize_onnx(version_dir: Path | str, bases_dir: Path | str, out_path: P
         "base_id": base.base_id,
         "method": str(manifest.get("method", "")),
         "candidate": str(manifest.get("candidate", "")),
+        "precision": precision,
+        "int8_guard": json.dumps(manifest.get("int8"), sort_keys=True),
         "outputs": "logits; class probabilities = softmax(logits); labels in the order of 'labels'",
     }
     del model.metadata_props[:]
@@ -91,10 +103,10 @@ def _content_key(version_dir: Path, manifest: dict) -> str:
 
 
 def materialized_model_path(version_dir: Path | str, bases_dir: Path | str, cache_dir: Path | str,
-                            max_cache_bytes: int) -> Path:
+                            max_cache_bytes: int, precision: str = "fp32") -> Path:
     """Path of a self-contained model.onnx for ``version_dir``, materialised on first use into ``cache_dir``.
 
-    Old directories that hold a baked model.onnx return it as it is. The cache keeps the most recently
+    Old directories that hold a baked model.onnx return it as it is (in fp32 only). The cache keeps the most recently
     used files within ``max_cache_bytes`` (the file just asked for is always kept, even if larger).
     """
     version_dir, cache_dir = Path(version_dir), Path(cache_dir)
@@ -103,13 +115,16 @@ def materialized_model_path(version_dir: Path | str, bases_dir: Path | str, cach
         legacy = version_dir / ONNX_FILE
         if not legacy.is_file():
             raise FileNotFoundError(f"{version_dir} has neither a base_id nor a {ONNX_FILE}")
+        if precision != "fp32":
+            raise ValueError(f"{version_dir} predates base+mask+head versions: its model.onnx exists in fp32 only")
         return legacy
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{_content_key(version_dir, manifest)}.onnx"
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    path = cache_dir / f"{_content_key(version_dir, manifest)}{suffix}.onnx"
     if path.is_file():
         os.utime(path)  # most recently used
     else:
-        materialize_onnx(version_dir, bases_dir, path)
+        materialize_onnx(version_dir, bases_dir, path, precision)
     _evict(cache_dir, max_cache_bytes, keep=path)
     return path
 

@@ -30,6 +30,7 @@ from .config import MIN_PER_CLASS_FOR_HOLDOUT, TuneConfig
 from .head import HEAD_FILE, Head
 from .images import open_image_file
 from .preprocess import PreprocessConfig, preprocess_batch
+from .quantize import GUARD_KEY as INT8_GUARD_KEY, int8_guard
 from .runtime import MANIFEST, ONNX_FILE
 from .tuning import Progress, TuningCancelled  # noqa: F401  (re-exported for callers)
 
@@ -320,7 +321,8 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                     validation=(held_batch, held_targets) if held else None, stop_rule=stop_rule,
                     initial_bits=initial_bits or None)
 
-    run = run_candidates(backbone.model, zero_shot, labels, config, preprocess_batch(train_images, preprocess),
+    train_batch = preprocess_batch(train_images, preprocess)
+    run = run_candidates(backbone.model, zero_shot, labels, config, train_batch,
                          train_targets, held_batch, held_targets, tune_masks, on_candidate=announce,
                          train_indices=[position[id(s)] for s in train], held_indices=[position[id(s)] for s in held],
                          extra_warnings=[], started=started)
@@ -370,6 +372,10 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     parity_batch = torch.from_numpy(held_batch[:4]) if held_batch is not None else None
     manifest["parity_max_abs_diff"] = check_served_parity(head, out_dir, bases_dir, parity_batch,
                                                           atol=config.parity_atol, seed=config.seed)
+    # may this version serve int8 (RMT_SERVING_PRECISION=int8)? judged on every image the build has
+    manifest[INT8_GUARD_KEY] = int8_guard(
+        out_dir, bases_dir, np.concatenate([train_batch, held_batch]) if held_batch is not None else train_batch,
+        train_targets + held_targets)
 
     history = result.history if result is not None else []
     validation = run.validation
@@ -395,11 +401,12 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
 
 
 def rebuild_onnx(model_dir: Path | str, out_path: Path | str | None = None, device: str = "cpu",
-                 bases_dir: Path | str | None = None) -> Path:
+                 bases_dir: Path | str | None = None, precision: str = "fp32") -> Path:
     """A self-contained model.onnx from the classifier's source of truth (base + mask + head).
 
     Base+mask+head directories are materialised without torch (materialize.py; ``bases_dir`` defaults to
-    a ``bases`` folder beside the directory); old directories are re-exported from the backbone weights.
+    a ``bases`` folder beside the directory; ``precision="int8"`` quantizes the encoder as int8 serving does);
+    old directories are re-exported from the backbone weights (fp32 only).
     """
     from .backbones import encode_class_texts, load_backbone
     from .export import check_parity, export_onnx
@@ -411,7 +418,10 @@ def rebuild_onnx(model_dir: Path | str, out_path: Path | str | None = None, devi
         from .materialize import materialize_onnx
 
         bases_dir = Path(bases_dir) if bases_dir is not None else model_dir.parent / "bases"
-        return materialize_onnx(model_dir, bases_dir, Path(out_path) if out_path else model_dir / ONNX_FILE)
+        return materialize_onnx(model_dir, bases_dir, Path(out_path) if out_path else model_dir / ONNX_FILE,
+                                precision)
+    if precision != "fp32":
+        raise ValueError(f"{model_dir} predates base+mask+head classifiers: it exports in fp32 only")
     config = TuneConfig.from_dict(manifest["config"])
     backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
                              quick_gelu=manifest.get("quick_gelu", config.quick_gelu_setting))

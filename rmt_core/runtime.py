@@ -260,15 +260,22 @@ class _LoadedBase:
 
     def segment_session(self, registry: "BaseRegistry", segment, values: dict[str, np.ndarray] | None = None,
                         head=None, weight_inputs: frozenset[str] = frozenset()):
+        """See ``build_segment``; the session alone."""
+        return self.build_segment(registry, segment, values, head, weight_inputs)[0]
+
+    def build_segment(self, registry: "BaseRegistry", segment, values: dict[str, np.ndarray] | None = None,
+                      head=None, weight_inputs: frozenset[str] = frozenset(), int8: bool = False):
         """An ORT session for ``segment``; large initializers are handed over as OrtValues (no protobuf
         round trip), taken from ``values`` when given (masked tensors) or from the base's data file. With
         ``head`` (a segment that is the whole base, built for one classifier) the head's nodes are appended:
         the session then answers ``LOGITS`` as well as the features, as today's baked model did.
         ``weight_inputs``: initializers that become inputs of the session (the JIT tier feeds each classifier's
-        masked weights per call)."""
+        masked weights per call). ``int8``: the segment's MatMul/Gemm weights dynamically quantized
+        (rmt_core/quantize.py; the weights then go into the model itself, the head stays float).
+        Returns (session, bytes of the weights it was given: ``values``' or, int8, the quantized model's)."""
         import dataclasses
 
-        from onnx import helper
+        from onnx import helper, numpy_helper
 
         from .head import append_to_graph
         from .segments import external_placeholder, segment_model
@@ -287,10 +294,17 @@ class _LoadedBase:
             if n in values or n in self.layout:
                 if n not in values:
                     values[n] = self.array(n)
-                tensors[n] = external_placeholder(n, values[n])
+                tensors[n] = numpy_helper.from_array(values[n], n) if int8 else external_placeholder(n, values[n])
             else:
                 tensors[n] = next(t for t in self.model.graph.initializer if t.name == n)
         model = segment_model(self.model, segment, tensors, types)
+        if int8:
+            from .quantize import initializer_bytes, quantize_model
+
+            model = quantize_model(model)
+            values, weight_bytes = {}, initializer_bytes(model)
+        else:
+            weight_bytes = sum(v.nbytes for v in values.values())
         if head is not None:
             append_to_graph(model.graph, head, features=self.output_name, output=LOGITS)
             model.graph.output.append(helper.make_value_info(self.output_name, self.types[self.output_name]))
@@ -298,7 +312,7 @@ class _LoadedBase:
         names = [n for n in segment.initializers if n in values]
         if names:
             options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(values[n]) for n in names])
-        return make_session(model.SerializeToString(), registry.providers, options)
+        return make_session(model.SerializeToString(), registry.providers, options), weight_bytes
 
 
 class _Plan:
@@ -362,17 +376,19 @@ class BaseRegistry:
                 self._bases[base_id] = _LoadedBase(load_base(self.bases_dir, base_id))
             return self._bases[base_id]
 
-    def acquire(self, base_id: str, masked: frozenset[str]) -> _Plan:
+    def acquire(self, base_id: str, masked: frozenset[str], precision: str = "fp32") -> _Plan:
+        """The plan for (base, masked tensors, precision): int8 plans have int8 shared sessions of their own."""
         from .segments import partition
 
         with self._lock:
-            key = (base_id, frozenset(masked))
+            key = (base_id, frozenset(masked), precision)
             self._idle.pop(key, None)
             plan = self._plans.get(key)
             if plan is None:
                 base = self.base(base_id)
                 segments = partition(base.model.graph, key[1], self.shared_min_bytes)
-                shared = {i: base.segment_session(self, seg) for i, seg in enumerate(segments) if seg.kind == "shared"}
+                shared = {i: base.build_segment(self, seg, int8=precision == "int8")[0]
+                          for i, seg in enumerate(segments) if seg.kind == "shared"}
                 plan = self._plans[key] = _Plan(segments, shared)
             plan.refs += 1
             return plan
@@ -391,9 +407,9 @@ class BaseRegistry:
                 plan.jit_sessions = sessions
             return plan.jit_sessions
 
-    def release(self, base_id: str, masked: frozenset[str]) -> None:
+    def release(self, base_id: str, masked: frozenset[str], precision: str = "fp32") -> None:
         with self._lock:
-            key = (base_id, frozenset(masked))
+            key = (base_id, frozenset(masked), precision)
             plan = self._plans.get(key)
             if plan is not None:
                 plan.refs -= 1
@@ -409,7 +425,7 @@ class BaseRegistry:
         """What is held: bases, plans and their reference counts, shared sessions."""
         with self._lock:
             return {"bases": sorted(self._bases),
-                    "plans": [{"base_id": k[0], "masked": len(k[1]), "refs": p.refs,
+                    "plans": [{"base_id": k[0], "masked": len(k[1]), "precision": k[2], "refs": p.refs,
                                "shared_sessions": len(p.shared_sessions), "segments": len(p.segments)}
                               for k, p in self._plans.items()]}
 
@@ -487,13 +503,22 @@ class _BoundChain:
 
 
 class ServedClassifier(_Classifier):
-    """A classifier served over a shared base: same interface as OnnxClassifier (labels, run, top_k, ...)."""
+    """A classifier served over a shared base: same interface as OnnxClassifier (labels, run, top_k, ...).
 
-    def __init__(self, version_dir: Path | str, registry: BaseRegistry, mode: str = "baked"):
+    ``precision="int8"`` serves int8 (rmt_core/quantize.py: every segment quantized, the masked ones baked and
+    then quantized; ``mode`` does not apply) when the version's manifest records a passed int8 guard, fp32
+    otherwise; ``check_guard=False`` serves int8 regardless (the guard itself). ``self.precision`` says which."""
+
+    def __init__(self, version_dir: Path | str, registry: BaseRegistry, mode: str = "baked",
+                 precision: str = "fp32", check_guard: bool = True):
         import weakref
+
+        from .quantize import PRECISIONS, guard_allows
 
         if mode not in SERVING_MODES:
             raise ValueError(f"serving mode {mode!r} must be one of {', '.join(SERVING_MODES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
 
         from .artifact import load_packed
         from .head import HEAD_FILE, Head
@@ -525,13 +550,15 @@ class ServedClassifier(_Classifier):
                 flipped[where["initializer"]] = (name, bool(where["transpose"]))
         self.masked = frozenset(flipped)
         self._registry = registry
-        plan = self._plan = registry.acquire(self.base_id, self.masked)
-        self._release = weakref.finalize(self, registry.release, self.base_id, self.masked)
+        int8 = precision == "int8" and (not check_guard or guard_allows(self.manifest))
+        self.precision = "int8" if int8 else "fp32"
+        plan = self._plan = registry.acquire(self.base_id, self.masked, self.precision)
+        self._release = weakref.finalize(self, registry.release, self.base_id, self.masked, self.precision)
 
         # A classifier with one session of its own for the whole base (a small backbone: bench/RESULTS-layout.md)
         # runs its head inside it, as today's baked model does: at ~2 ms a call, the numpy head and the first
         # numpy work after ORT returns were +5-10%.
-        jit = mode == "jit" and any(seg.kind == "own" for seg in plan.segments)
+        jit = mode == "jit" and any(seg.kind == "own" for seg in plan.segments) and not int8
         self.mode = "jit" if jit else "baked"
         whole = len(plan.segments) == 1 and plan.segments[0].kind == "own" and not jit
         self._head_in_session = whole
@@ -549,7 +576,8 @@ class ServedClassifier(_Classifier):
                 value *= keep  # baked at load: the session computes exactly what plain CLIP computes
                 values[n] = value
             head = self.head if whole else None
-            return base.segment_session(registry, seg, values, head), sum(v.nbytes for v in values.values())
+            session, weight_bytes = base.build_segment(registry, seg, values, head, int8=int8)
+            return session, weight_bytes if int8 else sum(v.nbytes for v in values.values())
 
         own = [i for i, seg in enumerate(plan.segments) if seg.kind == "own"]
         if jit:  # what this classifier holds: the positions of the weights its mask drops (int32), nothing else
@@ -580,7 +608,7 @@ class ServedClassifier(_Classifier):
         self._shapes: dict[tuple, dict] = {}  # batch shape -> every passed value's (shape, dtype), seen once
         self._bound: dict[tuple, list[_BoundChain]] = {}
         self._bound_lock = threading.Lock()
-        if plan.layout is None and not whole and any(seg.kind == "shared" for seg in plan.segments):
+        if plan.layout is None and not whole and not int8 and any(seg.kind == "shared" for seg in plan.segments):
             from .serving import probe_layout
 
             plan.layout = probe_layout(self) or False  # once per plan, in the loader's thread
@@ -620,12 +648,13 @@ class ServedClassifier(_Classifier):
     @property
     def batch_group(self):
         """Classifiers with equal groups run the same shared sessions (rmt_core/serving.py mixes their requests in
-        one batch); None where nothing is shared (the head runs inside the classifier's one session)."""
-        if self._head_in_session or not any(seg.kind == "shared" for seg, _ in self._chain):
+        one batch); None where nothing is shared (the head runs inside the classifier's one session) and for int8
+        (activations are quantized with one scale per batch: another classifier's rows would change its answers)."""
+        if self._head_in_session or self.precision == "int8" or not any(seg.kind == "shared" for seg, _ in self._chain):
             return None
         if not self._plan.layout:  # values passed between segments that cannot be split by rows
             return None
-        return (id(self._registry), self.base_id, self.masked)
+        return (id(self._registry), self.base_id, self.masked, self.precision)
 
     @property
     def batch_layout(self) -> dict:
@@ -739,10 +768,12 @@ class ServedClassifier(_Classifier):
 
 
 def load_classifier(version_dir: Path | str, bases_dir: Path | str | None = None,
-                    registry: BaseRegistry | None = None, providers: str = "auto", mode: str = "baked"):
+                    registry: BaseRegistry | None = None, providers: str = "auto", mode: str = "baked",
+                    precision: str = "fp32"):
     """The classifier in ``version_dir``: base + mask + head, or an old baked model.onnx directory.
 
-    Pass one ``registry`` per process so classifiers on the same base share it.
+    Pass one ``registry`` per process so classifiers on the same base share it. ``precision="int8"`` serves
+    int8 where the version's int8 guard passed (``ServedClassifier``), fp32 elsewhere (old model.onnx too).
     """
     version_dir = Path(version_dir)
     manifest = _read_manifest(version_dir)
@@ -756,7 +787,7 @@ def load_classifier(version_dir: Path | str, bases_dir: Path | str | None = None
         registry = BaseRegistry(bases_dir, providers)
     elif bases_dir is not None and Path(bases_dir) != registry.bases_dir:
         raise ValueError(f"bases_dir {bases_dir} is not the registry's {registry.bases_dir}")
-    return ServedClassifier(version_dir, registry, mode)
+    return ServedClassifier(version_dir, registry, mode, precision)
 
 
 def default_bases_dir(version_dir: Path | str) -> Path:

@@ -103,6 +103,12 @@ class Settings(BaseSettings):
                              "| jit (only the positions the mask drops, weights formed per call: ~6 MB each; "
                              "bench/RESULTS-multitenant.md) | auto (jit, and a classifier asked "
                              "serving_promote_after times within a minute is reloaded baked).")
+    serving_precision: str = Field(
+        "fp32", description="fp32 | int8: serve every classifier whose version passed the int8 guard at build "
+                            "(argmax agreement with fp32 >= 99% and accuracy within 0.5 point on its own images, "
+                            "recorded in the manifest's int8 field) in int8 (ONNX Runtime dynamic quantization; "
+                            "the guard's versions only, the others fp32; an int8 classifier is baked whatever "
+                            "serving_mode says).")
     serving_promote_after: int = Field(
         100, ge=1, description="serving_mode=auto: requests within a minute that make a JIT classifier baked.")
     ort_providers: str = Field("auto", description="auto | cpu | cuda")
@@ -114,6 +120,13 @@ class Settings(BaseSettings):
     def _known_mode(cls, value: str) -> str:
         if value not in ("baked", "jit", "auto"):
             raise ValueError(f"serving_mode {value!r} must be baked, jit or auto")
+        return value
+
+    @field_validator("serving_precision")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        if value not in ("fp32", "int8"):
+            raise ValueError(f"serving_precision {value!r} must be fp32 or int8")
         return value
 
     @field_validator("data_dir")

@@ -408,7 +408,9 @@ class VersionsMixin:
                 if file_name not in (MANIFEST, head_file):
                     shutil.copyfile(source_dir / file_name, build_dir / file_name)
             manifest.update(labels=[*labels, name], head=head.summary(), head_bytes=head.save(build_dir / head_file),
-                            change={"added_class_by_name": name, "prompt": prompt}, warm_start=None)
+                            change={"added_class_by_name": name, "prompt": prompt}, warm_start=None,
+                            # the int8 guard judged the old head, not this one: this version serves fp32
+                            int8={"allowed": False, "reason": "a class added by name: the int8 guard did not run"})
             (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
             try:
                 return self.publish_version(classifier_id, build_dir, final=True, serve=True, source="class_by_name",

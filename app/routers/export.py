@@ -12,17 +12,24 @@ import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from rmt_service.store import Store
 
 from ..access import ERRORS as _ERRORS, served_version
+from ..errors import ApiError
 from ..deps import StoreDep, TenantDep
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
+
+Precision = Annotated[Literal["fp32", "int8"], Query(
+    description="fp32 (default), or int8: the encoder's MatMul/Gemm weights dynamically quantized as "
+                "RMT_SERVING_PRECISION=int8 serves them (the manifest's int8 field says whether the build's "
+                "guard passed: agreement with fp32 >= 99%, accuracy within 0.5 point).")]
 
 EXAMPLE = '''\
 import json, sys
@@ -91,14 +98,17 @@ def _single_flight(key: str):
                 _building[key] = (lock, users - 1)
 
 
-def model_onnx_path(store: Store, model_dir: Path) -> Path:
+def model_onnx_path(store: Store, model_dir: Path, precision: str = "fp32") -> Path:
     """The self-contained ONNX model of a published version: materialised from the shared base, the mask and
     the head (labels, preprocessing and head in metadata_props) and cached; older versions' own model.onnx."""
     from rmt_core.materialize import materialized_model_path
 
+    if precision != "fp32" and not json.loads((Path(model_dir) / "manifest.json").read_text()).get("base_id"):
+        raise ApiError(409, "fp32_only", "this version predates base+mask+head classifiers: its model exists in "
+                                         "fp32 only")
     with _single_flight(str(Path(model_dir).resolve())):
         return materialized_model_path(model_dir, store.bases_dir, store.settings.data_dir / "cache" / "onnx",
-                                       MATERIALIZED_CACHE_BYTES)
+                                       MATERIALIZED_CACHE_BYTES, precision)
 
 
 def write_bundle(model_dir: Path, onnx_path: Path, classifier_id: str, name: str, out) -> None:
@@ -133,12 +143,13 @@ def _iter_file(handle, chunk: int = 1 << 20):
 @router.get("/{classifier_id}/export", response_class=StreamingResponse, responses={
     **_ERRORS, 200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
                      "description": "model.onnx, labels.txt, preprocess.json, manifest.json, README.md"}})
-async def export_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep) -> StreamingResponse:
+async def export_classifier(classifier_id: str, store: StoreDep, tenant: TenantDep,
+                            precision: Precision = "fp32") -> StreamingResponse:
     """A zip to run the classifier anywhere: ONNX model, labels, preprocessing and a numpy example."""
     record, version = await run_in_threadpool(served_version, store, classifier_id, tenant)  # not on the loop
     model_dir = store.version_dir(version)
     # built in a temporary file (unlinked already): the model may be hundreds of MB, never held in memory
-    onnx_path = await run_in_threadpool(model_onnx_path, store, model_dir)
+    onnx_path = await run_in_threadpool(model_onnx_path, store, model_dir, precision)
     handle = tempfile.TemporaryFile()
     try:
         await run_in_threadpool(write_bundle, model_dir, onnx_path, classifier_id, record.name, handle)
@@ -152,9 +163,10 @@ async def export_classifier(classifier_id: str, store: StoreDep, tenant: TenantD
 
 
 @router.get("/{classifier_id}/model.onnx", response_class=FileResponse, responses=_ERRORS)
-def download_model(classifier_id: str, store: StoreDep, tenant: TenantDep) -> FileResponse:
+def download_model(classifier_id: str, store: StoreDep, tenant: TenantDep,
+                   precision: Precision = "fp32") -> FileResponse:
     """The baked ONNX model (input: normalized [N,3,H,W] float32; output: class logits; labels and
     preprocessing in its metadata_props)."""
     _, version = served_version(store, classifier_id, tenant)
-    path = model_onnx_path(store, store.version_dir(version))  # materialised from base + mask + head (a sync route: in a thread)
+    path = model_onnx_path(store, store.version_dir(version), precision)  # materialised from base + mask + head (a sync route: in a thread)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{classifier_id}.onnx")

@@ -97,6 +97,15 @@ def test_export_writes_an_ordinary_file(tuned_split, tmp_path, capsys):
     assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["labels"]) == ["blue", "red"]
+    assert meta["precision"] == "fp32"
+    # --int8: the encoder quantized, and the command says what the build's int8 guard decided
+    capsys.readouterr()
+    assert cli.main(["export", str(tuned_split / "runs" / "clf"), "--onnx", str(tmp_path / "q.onnx"), "--int8"]) == 0
+    guard = json.loads((tuned_split / "runs" / "clf" / "manifest.json").read_text())["int8"]
+    assert ("guard passed" if guard["allowed"] else "guard did not pass") in capsys.readouterr().out
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert {p.key: p.value for p in model.metadata_props}["precision"] == "int8"
+    assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
 
 
 def test_tune_split_tree_needs_test_classes_from_train(tmp_path):

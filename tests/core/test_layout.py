@@ -148,7 +148,7 @@ def test_nothing_masked_builds_no_encoder_tensors_of_its_own(world):
         assert clf.masked == frozenset() and clf.own_sessions == 0 and clf.own_tensor_bytes == 0
         assert len(clf._chain) == 1  # the whole base, one session
     assert zero._chain[0][1] is unflipped._chain[0][1]  # the same base session
-    assert registry.stats()["plans"] == [{"base_id": world["base"].base_id, "masked": 0, "refs": 2,
+    assert registry.stats()["plans"] == [{"base_id": world["base"].base_id, "masked": 0, "precision": "fp32", "refs": 2,
                                           "shared_sessions": 1, "segments": 1}]
     ref = make_session(_baked_reference(None, world["tmp"] / "ref-zero.onnx"), "cpu")
     np.testing.assert_allclose(zero.logits(world["x"]), ref.run(None, {"image": world["x"]})[0], rtol=1e-4, atol=1e-4)

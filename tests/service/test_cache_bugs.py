@@ -453,7 +453,7 @@ def test_concurrent_exports_materialise_model_onnx_once(tmp_path, monkeypatch):
 
     builds = []
 
-    def slow_build(version_dir, bases_dir, out_path):
+    def slow_build(version_dir, bases_dir, out_path, precision="fp32"):
         builds.append(out_path)
         time.sleep(0.2)
         Path(out_path).write_bytes(b"onnx")

@@ -316,6 +316,13 @@ def test_a_class_added_by_name_serves_at_once(built, settings):
                          files={"file": ("x.png", image_bytes(COLORS["blue"]), "image/png")}).json()
     assert answer["version_id"] == version["version_id"]
     assert sorted(p["label"] for p in answer["predictions"]) == ["blue", "green", "red"]
+    # the parent's int8 guard judged the old head: the new version must not inherit its verdict
+    store = Store(settings)
+    try:
+        manifests = {v: store.get_version(cid, v).manifest for v in (parent, version["version_id"])}
+    finally:
+        store.close()
+    assert "allowed" in manifests[parent]["int8"] and manifests[version["version_id"]]["int8"]["allowed"] is False
 
     _error(client.post(f"/v1/classifiers/{cid}/classes", json={"name": "blue"}), 409, "class_exists")
     _error(client.post(f"/v1/classifiers/{cid}/classes", json={"name": " "}), 400, "invalid_label")
