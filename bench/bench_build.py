@@ -176,7 +176,8 @@ def cmd_build(args) -> None:
     # variants of this tree, to measure one lever alone: (code, apply the thread policy?, config overrides)
     variants = {"this": (str(ROOT), True, {}), "this-spinning": (str(ROOT), False, {}),
                 "this-no-early-stop": (str(ROOT), True, {"early_stop": False}),
-                "this-fp32": (str(ROOT), True, {"precision": "fp32"}), "this-bf16": (str(ROOT), True, {"precision": "bf16"})}
+                "this-fp32": (str(ROOT), True, {"precision": "fp32"}), "this-bf16": (str(ROOT), True, {"precision": "bf16"}),
+                "this-1thread": (str(ROOT), 1, {})}
     codes = {name: variants[name] for name in args.variants.split(",")}
     if args.code:
         codes["main"] = (args.code, False, {})
@@ -192,8 +193,9 @@ def cmd_build(args) -> None:
                         env["PYTHONPATH"] = code
                         snippet = BUILD_SNIPPET.format(code=code, n_classes=n_classes, shots=shots, seed=seed,
                                                        config=repr({**json.loads(args.config), **config}))
-                        if policy:  # what `rmt tune` / the worker do at process start
-                            snippet = ("from rmt_core.threads import apply_process_policy; apply_process_policy()\n"
+                        if policy:  # what `rmt tune` / the worker do at process start (an int: that many CPUs)
+                            cpus = "" if policy is True else f"cpus={int(policy)}"
+                            snippet = (f"from rmt_core.threads import apply_process_policy; apply_process_policy({cpus})\n"
                                        + snippet)
 
                         c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -230,6 +232,8 @@ def cmd_precision(args) -> None:
                                   zero_shot_logits)
     from bench.bench_claims import ALL_SHAPES
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bb = load_backbone(args.backbone, None if args.backbone != "rmt-world-vit" else "builtin", seed=0)
     images, labels = _world_task(4, 0)
     cfg = TuneConfig(recipe="paper")
@@ -339,12 +343,13 @@ def main(argv=None) -> int:
     a.add_argument("--sizes", default="5x8,10x16", help="classes x shots")
     a.add_argument("--seeds", default="0")
     a.add_argument("--busy", action="store_true", help="also beside one busy-loop process per core")
-    a.add_argument("--variants", default="this", help="this,this-spinning,this-no-early-stop,this-fp32,this-bf16")
+    a.add_argument("--variants", default="this", help="this,this-spinning,this-no-early-stop,this-fp32,this-bf16,this-1thread")
     a.add_argument("--config", default="{}", help='TuneConfig overrides for every code, e.g. '
                    '\'{"backbone": "ViT-B-32", "pretrained": null}\' (random weights)')
     a.add_argument("--log", default="/tmp/i17/build.jsonl")
     a = sub.add_parser("precision")
     a.add_argument("--backbone", default="rmt-world-vit")
+    a.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     a.add_argument("--repeats", type=int, default=5)
     a = sub.add_parser("gpu")
     a.add_argument("--backbone", default="ViT-B-16")

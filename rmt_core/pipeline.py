@@ -251,6 +251,31 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                      on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None,
                      on_base: Callable[[dict], None] | None = None,
                      base_staging: Callable[[], Path] | None = None, initial_bits: dict | None = None) -> dict:
+    """Tune a classifier (``_build_classifier`` has the whole story). On a CPU, a narrow vision tower builds
+    on one intra-op thread (threads.build_threads: a second one only burned CPU there); the process's thread
+    count is back as it was afterwards."""
+    import torch
+
+    from .backbones import model_config
+    from .threads import build_threads, torch_threads
+
+    device = resolve_device(device)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        width = (model_config(config.backbone).get("vision_cfg") or {}).get("width")
+        threads = build_threads(width if isinstance(width, int) else None, threads)
+    with torch_threads(threads):
+        return _build_classifier(samples, config, out_dir, progress=progress, should_stop=should_stop,
+                                 device=device, on_candidate=on_candidate, bases_dir=bases_dir, on_base=on_base,
+                                 base_staging=base_staging, initial_bits=initial_bits)
+
+
+def _build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path | str,
+                      progress: Callable[[Progress], None] | None = None,
+                      should_stop: Callable[[], bool] | None = None, device: str = "auto",
+                      on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None,
+                      on_base: Callable[[dict], None] | None = None,
+                      base_staging: Callable[[], Path] | None = None, initial_bits: dict | None = None) -> dict:
     """Tune a classifier from ``samples`` = [(image path or PIL image, label), ...] into ``out_dir``.
 
     Candidates (zero-shot, a head fitted on frozen features, the mask-tuned encoder, a head on it) are

@@ -91,12 +91,14 @@ class TuneResult:
     checks: list[dict] = field(default_factory=list)  # holdout accuracy of the mask candidate per check
     views_made: int = 0
     teacher_forwards: int = 0  # images the teacher ran on (each cached view once)
+    threads: int = 0  # torch intra-op threads the loop ran on
 
     def summary(self) -> dict:
         """What the manifest records about the tuning run."""
         return {"steps": self.steps, "planned_steps": self.planned_steps, "stop_reason": self.stop_reason,
                 "precision": self.precision, "checks": self.checks, "views_made": self.views_made,
-                "teacher_forwards": self.teacher_forwards, "seconds": round(self.elapsed_s, 2)}
+                "teacher_forwards": self.teacher_forwards, "threads": self.threads,
+                "seconds": round(self.elapsed_s, 2)}
 
 
 def train_transform(preprocess: dict, augment: bool = True) -> Callable[[Image.Image], torch.Tensor]:
@@ -507,4 +509,5 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
     return TuneResult(masks=masks, steps=step, epochs=epoch, sparsity=final, history=history,
                       warnings=warnings, elapsed_s=time.monotonic() - started, planned_steps=total,
                       stop_reason=stop_reason, precision=precision, checks=checks,
-                      views_made=pool.views_made, teacher_forwards=pool.teacher_computed)
+                      views_made=pool.views_made, teacher_forwards=pool.teacher_computed,
+                      threads=torch.get_num_threads())
