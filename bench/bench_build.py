@@ -176,7 +176,8 @@ def cmd_build(args) -> None:
     # variants of this tree, to measure one lever alone: (code, apply the thread policy?, config overrides)
     variants = {"this": (str(ROOT), True, {}), "this-spinning": (str(ROOT), False, {}),
                 "this-no-early-stop": (str(ROOT), True, {"early_stop": False}),
-                "this-fp32": (str(ROOT), True, {"precision": "fp32"}), "this-bf16": (str(ROOT), True, {"precision": "bf16"}),
+                "this-fp32": (str(ROOT), True, {"precision": "fp32"}),
+                "this-bf16": (str(ROOT), True, {"precision": "bf16"}),
                 "this-1thread": (str(ROOT), 1, {}), "this-2threads": (str(ROOT), True, {})}
     codes = {name: variants[name] for name in args.variants.split(",")}
     if args.code:
@@ -197,8 +198,8 @@ def cmd_build(args) -> None:
                             snippet = "import rmt_core.threads as t; t.PARALLEL_MIN_WIDTH = 0\n" + snippet
                         if policy:  # what `rmt tune` / the worker do at process start (an int: that many CPUs)
                             cpus = "" if policy is True else f"cpus={int(policy)}"
-                            snippet = (f"from rmt_core.threads import apply_process_policy; apply_process_policy({cpus})\n"
-                                       + snippet)
+                            snippet = ("from rmt_core.threads import apply_process_policy; "
+                                       f"apply_process_policy({cpus})\n" + snippet)
 
                         c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                         t0 = time.monotonic()
@@ -345,7 +346,8 @@ def main(argv=None) -> int:
     a.add_argument("--sizes", default="5x8,10x16", help="classes x shots")
     a.add_argument("--seeds", default="0")
     a.add_argument("--busy", action="store_true", help="also beside one busy-loop process per core")
-    a.add_argument("--variants", default="this", help="this,this-spinning,this-no-early-stop,this-fp32,this-bf16,this-1thread,this-2threads")
+    a.add_argument("--variants", default="this", help="this,this-spinning,this-no-early-stop,this-fp32,this-bf16,"
+                   "this-1thread,this-2threads")
     a.add_argument("--config", default="{}", help='TuneConfig overrides for every code, e.g. '
                    '\'{"backbone": "ViT-B-32", "pretrained": null}\' (random weights)')
     a.add_argument("--log", default="/tmp/i17/build.jsonl")
