@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -174,7 +175,10 @@ def _busy(n: int) -> list[subprocess.Popen]:
 def cmd_build(args) -> None:
     # variants of this tree, to measure one lever alone: (code, apply the thread policy?, config overrides)
     variants = {"this": (str(ROOT), True, {}), "this-spinning": (str(ROOT), False, {}),
-                "this-no-early-stop": (str(ROOT), True, {"early_stop": False})}
+                "this-no-early-stop": (str(ROOT), True, {"early_stop": False}),
+                "this-fp32": (str(ROOT), True, {"precision": "fp32"}),
+                "this-bf16": (str(ROOT), True, {"precision": "bf16"}),
+                "this-1thread": (str(ROOT), 1, {}), "this-2threads": (str(ROOT), True, {})}
     codes = {name: variants[name] for name in args.variants.split(",")}
     if args.code:
         codes["main"] = (args.code, False, {})
@@ -189,10 +193,13 @@ def cmd_build(args) -> None:
                         env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
                         env["PYTHONPATH"] = code
                         snippet = BUILD_SNIPPET.format(code=code, n_classes=n_classes, shots=shots, seed=seed,
-                                                       config=repr(config))
-                        if policy:  # what `rmt tune` / the worker do at process start
-                            snippet = ("from rmt_core.threads import apply_process_policy; apply_process_policy()\n"
-                                       + snippet)
+                                                       config=repr({**json.loads(args.config), **config}))
+                        if name == "this-2threads":  # every CPU whatever the tower's width (the rule before)
+                            snippet = "import rmt_core.threads as t; t.PARALLEL_MIN_WIDTH = 0\n" + snippet
+                        if policy:  # what `rmt tune` / the worker do at process start (an int: that many CPUs)
+                            cpus = "" if policy is True else f"cpus={int(policy)}"
+                            snippet = ("from rmt_core.threads import apply_process_policy; "
+                                       f"apply_process_policy({cpus})\n" + snippet)
 
                         c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                         t0 = time.monotonic()
@@ -224,9 +231,12 @@ def cmd_precision(args) -> None:
     from rmt_core.backbones import encode_class_texts, load_backbone
     from rmt_core.config import TuneConfig
     from rmt_core.masking import attach_masks
-    from rmt_core.tuning import autocast, bf16_supported, class_logits, mask_gradients, train_transform
+    from rmt_core.tuning import (autocast, bf16_supported, class_logits, mask_gradients, train_transform,
+                                  zero_shot_logits)
     from bench.bench_claims import ALL_SHAPES
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bb = load_backbone(args.backbone, None if args.backbone != "rmt-world-vit" else "builtin", seed=0)
     images, labels = _world_task(4, 0)
     cfg = TuneConfig(recipe="paper")
@@ -237,17 +247,34 @@ def cmd_precision(args) -> None:
     batch = torch.stack([tf(im.resize(bb.image_size)) for im in images[:32]])
     y = torch.tensor(labels[:32])
     bb.model.train()
-    print(f"native bf16 here: {bf16_supported('cpu')}")
-    for precision in ("fp32", "bf16"):
-        def step():
-            with autocast(precision, "cpu"):
-                logits = class_logits(bb.model, batch, text)
-            mask_gradients(logits.float(), y, None, scores, cfg)
-        step()
-        start = time.perf_counter()
+    print(f"# {args.backbone}, batch 32, {torch.get_num_threads()} threads, native bf16 here: {bf16_supported('cpu')}, "
+          f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, ms (median of {args.repeats})")
+
+    def step(precision):
+        with autocast(precision, "cpu"):
+            logits = class_logits(bb.model, batch, text)
+        mask_gradients(logits.float(), y, None, scores, cfg)
+
+    def teacher(precision):  # what tune() runs once per cached view: eval, inference mode, masks off
+        with autocast(precision, "cpu"):
+            zero_shot_logits(bb.model, batch, text)
+
+    parts = {"student fwd + VJP": step, "teacher forward": teacher}
+    # fp32 and bf16 interleaved, median per call: a shared machine's load shifts under a run, and
+    # interleaving puts both precisions under the same load
+    times: dict[tuple[str, str], list[float]] = {}
+    for part, f in parts.items():
+        for precision in ("fp32", "bf16"):
+            f(precision)  # warm-up (oneDNN primitive creation, weight casts)
         for _ in range(args.repeats):
-            step()
-        print(f"| {args.backbone} | {precision} | {1000 * (time.perf_counter() - start) / args.repeats:.0f} ms/step |")
+            for precision in ("fp32", "bf16"):
+                start = time.perf_counter()
+                f(precision)
+                times.setdefault((part, precision), []).append(1000 * (time.perf_counter() - start))
+    print("| backbone | part | fp32 ms | bf16 ms | bf16 / fp32 |")
+    for part in parts:
+        a, b = (statistics.median(times[(part, p)]) for p in ("fp32", "bf16"))
+        print(f"| {args.backbone} | {part} | {a:.0f} | {b:.0f} | {b / a:.2f} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------------- gpu
@@ -319,10 +346,14 @@ def main(argv=None) -> int:
     a.add_argument("--sizes", default="5x8,10x16", help="classes x shots")
     a.add_argument("--seeds", default="0")
     a.add_argument("--busy", action="store_true", help="also beside one busy-loop process per core")
-    a.add_argument("--variants", default="this", help="this,this-spinning,this-no-early-stop")
+    a.add_argument("--variants", default="this", help="this,this-spinning,this-no-early-stop,this-fp32,this-bf16,"
+                   "this-1thread,this-2threads")
+    a.add_argument("--config", default="{}", help='TuneConfig overrides for every code, e.g. '
+                   '\'{"backbone": "ViT-B-32", "pretrained": null}\' (random weights)')
     a.add_argument("--log", default="/tmp/i17/build.jsonl")
     a = sub.add_parser("precision")
     a.add_argument("--backbone", default="rmt-world-vit")
+    a.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     a.add_argument("--repeats", type=int, default=5)
     a = sub.add_parser("gpu")
     a.add_argument("--backbone", default="ViT-B-16")

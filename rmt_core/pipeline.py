@@ -13,6 +13,8 @@ exported once per backbone weights. A self-contained model.onnx is materialised 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import inspect
 import json
 import logging
 import random
@@ -246,6 +248,34 @@ def write_preview(out_dir: Path | str, shared: dict, name: str, head: Head, accu
     return manifest
 
 
+def _threads_for_the_tower(build: Callable[..., dict]) -> Callable[..., dict]:
+    """On a CPU, a build on a narrow vision tower runs on one torch intra-op thread (threads.build_threads: a
+    second one only burned CPU there); the process's thread count is back as it was afterwards."""
+
+    @functools.wraps(build)
+    def run(*args, **kwargs) -> dict:
+        import torch
+
+        from .backbones import model_config
+        from .threads import build_threads, torch_threads
+
+        bound = inspect.signature(build).bind(*args, **kwargs)
+        bound.apply_defaults()
+        device = bound.arguments["device"] = resolve_device(bound.arguments["device"])
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            try:
+                width = (model_config(bound.arguments["config"].backbone).get("vision_cfg") or {}).get("width")
+            except ValueError:  # an unknown backbone: the build itself says so, after checking the samples
+                width = None
+            threads = build_threads(width if isinstance(width, int) else None, threads)
+        with torch_threads(threads):
+            return build(*bound.args, **bound.kwargs)
+
+    return run
+
+
+@_threads_for_the_tower
 def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path | str,
                      progress: Callable[[Progress], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, device: str = "auto",

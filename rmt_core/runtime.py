@@ -224,6 +224,15 @@ def _register_env_allocator() -> bool:
     return bool(_env_allocator["registered"])
 
 
+def import_loading_modules() -> None:
+    """Import what loading the first classifier needs beyond ONNX Runtime: the ``onnx`` package (a base's graph
+    is read with it), whose import took 0.76 s of a fresh process's 0.85 s first load here (ml_dtypes' extension).
+    The API calls this at start so the first classify after a create on a fresh install does not wait for it
+    (bench/RESULTS-build.md)."""
+    import onnx  # noqa: F401
+    from onnx import numpy_helper  # noqa: F401
+
+
 class _LoadedBase:
     """A base's graph (no weights) and a read-only map of its data file."""
 

@@ -14,12 +14,13 @@ Values the user set in the environment win: these are documented process-level k
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import MutableMapping
+from typing import Iterator, MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +109,32 @@ def apply_torch_threads(plan: ThreadPlan) -> None:
         torch.set_num_interop_threads(plan.torch_interop_threads)
     except RuntimeError:  # the pool already started: torch sizes it once per process, the first size stays
         log.debug("torch inter-op pool already started; keeping its size")
+
+
+# A second intra-op thread pays only for a wide enough vision tower. On 2 cores (batch 32, student fwd + VJP;
+# bench/RESULTS-build.md) the builtin rmt-world-vit (width 128) stepped as fast on one thread as on two
+# (84 vs 87 ms: the second thread only doubled the CPU), and a whole 5x8 build on one thread took less CPU
+# *and* less wall time; ViT-S-32 (width 384) stepped 1.5x faster on two. Narrower towers build on one thread.
+PARALLEL_MIN_WIDTH = 384
+
+
+def build_threads(width: int | None, threads: int) -> int:
+    """Intra-op threads for a CPU build on a vision tower ``width`` wide when the process may use ``threads``:
+    one below ``PARALLEL_MIN_WIDTH``, all of them from there on (and for a tower of unknown width)."""
+    threads = max(1, int(threads))
+    return 1 if width is not None and width < PARALLEL_MIN_WIDTH else threads
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[int]:
+    """torch's intra-op pool at ``n`` threads inside the block, the size it had before after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

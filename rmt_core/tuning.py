@@ -91,12 +91,14 @@ class TuneResult:
     checks: list[dict] = field(default_factory=list)  # holdout accuracy of the mask candidate per check
     views_made: int = 0
     teacher_forwards: int = 0  # images the teacher ran on (each cached view once)
+    threads: int = 0  # torch intra-op threads the loop ran on
 
     def summary(self) -> dict:
         """What the manifest records about the tuning run."""
         return {"steps": self.steps, "planned_steps": self.planned_steps, "stop_reason": self.stop_reason,
                 "precision": self.precision, "checks": self.checks, "views_made": self.views_made,
-                "teacher_forwards": self.teacher_forwards, "seconds": round(self.elapsed_s, 2)}
+                "teacher_forwards": self.teacher_forwards, "threads": self.threads,
+                "seconds": round(self.elapsed_s, 2)}
 
 
 def train_transform(preprocess: dict, augment: bool = True) -> Callable[[Image.Image], torch.Tensor]:
@@ -331,15 +333,36 @@ def bf16_supported(device: str | torch.device, flags: set[str] | None = None) ->
     return False
 
 
-def resolve_precision(requested: str, device: str | torch.device, flags: set[str] | None = None) -> str:
-    """'fp32' | 'bf16' for a config's ``precision`` on ``device``; ValueError for bf16 the hardware lacks."""
+# bf16 autocast on a CPU pays only where the matrix products are large enough to beat the casts autocast adds
+# around them: on an AVX512-BF16 CPU (2 cores, batch 32, fwd + VJP; bench/RESULTS-build.md) it was 1.2-1.5x
+# *slower* than fp32 for the builtin rmt-world-vit (width 128) and 2.2x faster from ViT-S-32 (width 384) up.
+# So 'auto' picks bf16 on a CPU only from this vision width, the smallest measured faster.
+BF16_CPU_MIN_WIDTH = 384
+
+
+def vision_width(model) -> int | None:
+    """The vision transformer's width (open_clip VisionTransformer), or None for other towers."""
+    transformer = getattr(getattr(model, "visual", None), "transformer", None)
+    width = getattr(transformer, "width", None)
+    return int(width) if isinstance(width, int) else None
+
+
+def resolve_precision(requested: str, device: str | torch.device, flags: set[str] | None = None,
+                      width: int | None = None) -> str:
+    """'fp32' | 'bf16' for a config's ``precision`` on ``device``; ValueError for bf16 the hardware lacks.
+
+    'auto' is bf16 on CUDA with bf16, and on a CPU with native bf16 only for a vision tower at least
+    ``BF16_CPU_MIN_WIDTH`` wide (``width``; None = unknown, fp32), where it was measured faster. 'bf16' by name
+    runs wherever the hardware has it."""
     supported = bf16_supported(device, flags)
     if requested == "bf16" and not supported:
         raise ValueError(f"precision='bf16' asked for, but {torch.device(device).type} here has no native bf16 "
                          f"(CPU needs one of {', '.join(sorted(BF16_CPU_FLAGS))}); use 'auto' or 'fp32'")
-    if requested == "fp32":
+    if requested == "fp32" or not supported:
         return "fp32"
-    return "bf16" if supported else "fp32"
+    if requested == "auto" and torch.device(device).type == "cpu" and (width or 0) < BF16_CPU_MIN_WIDTH:
+        return "fp32"
+    return "bf16"
 
 
 def autocast(precision: str, device: str | torch.device):
@@ -391,7 +414,7 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
     """
     if len(images) != len(targets) or not images:
         raise ValueError(f"need as many targets as images (got {len(images)} images, {len(targets)} targets)")
-    precision = resolve_precision(config.precision, device, cpu_flag_set)
+    precision = resolve_precision(config.precision, device, cpu_flag_set, vision_width(backbone.model))
     model = backbone.model.to(device)
     text_features = text_features.to(device)
     masks = attach_masks(model, config.method, config.mask_init, config.threshold, config.mask_conv1)
@@ -486,4 +509,5 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
     return TuneResult(masks=masks, steps=step, epochs=epoch, sparsity=final, history=history,
                       warnings=warnings, elapsed_s=time.monotonic() - started, planned_steps=total,
                       stop_reason=stop_reason, precision=precision, checks=checks,
-                      views_made=pool.views_made, teacher_forwards=pool.teacher_computed)
+                      views_made=pool.views_made, teacher_forwards=pool.teacher_computed,
+                      threads=torch.get_num_threads())

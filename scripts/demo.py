@@ -68,6 +68,7 @@ def main() -> int:
 
     port = free_port()
     env = {**os.environ, "RMT_DATA_DIR": args.data_dir, "RMT_BROKER_URL": ""}
+    server_started = time.monotonic()
     server = subprocess.Popen([sys.executable, "-m", "rmt_cli", "serve", "--host", "127.0.0.1",
                                "--port", str(port), "--data-dir", args.data_dir, "--log-level", "warning"],
                               env=env, start_new_session=True)
@@ -94,6 +95,10 @@ def main() -> int:
         print()
         if job["status"] != "succeeded":
             raise SystemExit(f"job {job['status']}: {job.get('error')}")
+        last = job.get("progress") or {}
+        print(f"      final classifier {time.monotonic() - server_started:.1f} s after the server started "
+              f"(step {last.get('step')} of {last.get('total_steps')}"
+              f"{': ' + last['stop_reason'] if last.get('stop_reason') else ''})")
 
         clf = rmt.get(created.classifier_id)
         results = rmt.classify(created.classifier_id, [p for paths in test.values() for p in paths], top_k=2)

@@ -3,7 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rmt_core.threads import apply_process_policy, available_cpus, cgroup_cpu_quota, plan_threads
+from rmt_core.threads import (PARALLEL_MIN_WIDTH, apply_process_policy, available_cpus, build_threads, cgroup_cpu_quota,
+                              plan_threads, torch_threads)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,3 +55,41 @@ def test_torch_in_a_policed_process_uses_the_planned_threads():
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "PASSIVE"]
+
+
+def test_narrow_towers_build_on_one_thread_wide_ones_on_all():
+    assert build_threads(128, 2) == 1 and build_threads(64, 16) == 1  # the builtin / test towers
+    assert build_threads(PARALLEL_MIN_WIDTH - 1, 8) == 1
+    assert build_threads(PARALLEL_MIN_WIDTH, 8) == 8 and build_threads(768, 2) == 2
+    assert build_threads(None, 4) == 4  # a tower of unknown width keeps what the process has
+    assert build_threads(768, 0) == 1
+
+
+def test_torch_threads_restores_the_pool_size():
+    import torch
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    try:
+        with torch_threads(1):
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    assert torch.get_num_threads() == before
+
+
+def test_a_narrow_build_tunes_on_one_thread_and_records_it(tmp_path):
+    import torch
+
+    from rmt_core.config import TuneConfig
+    from rmt_core.pipeline import build_classifier
+    from tests.core.toys import colour_task
+
+    before = torch.get_num_threads()
+    config = TuneConfig(backbone="rmt-tiny-vit", pretrained=None, epochs=1, min_steps=4, batch_size=8,
+                        learning_rate=1e-3, warmup_steps=0, seed=0)
+    manifest = build_classifier(colour_task(n_per_class=6), config, tmp_path / "v", device="cpu")
+    assert manifest["tuning"]["threads"] == 1  # rmt-tiny-vit is 64 wide
+    assert torch.get_num_threads() == before

@@ -7,8 +7,8 @@ from rmt_core.backbones import encode_class_texts
 from rmt_core.config import TuneConfig
 from rmt_core.masking import mask_bits
 from rmt_core.preprocess import PreprocessConfig, preprocess_batch
-from rmt_core.tuning import (PlateauStop, ViewPool, bf16_supported, lr_factor, resolve_precision, train_transform,
-                             tune, zero_shot_logits)
+from rmt_core.tuning import (BF16_CPU_MIN_WIDTH, PlateauStop, ViewPool, bf16_supported, lr_factor, resolve_precision,
+                             train_transform, tune, vision_width, zero_shot_logits)
 from tests.core.toys import colour_task, tiny
 
 LABELS = ["blue", "green", "red"]
@@ -111,17 +111,37 @@ def test_bf16_only_where_the_hardware_has_it_and_the_run_records_precision():
     assert bf16_supported("cpu", {"avx2", "avx512f"}) is False
     assert bf16_supported("cpu", {"avx512f", "avx512_bf16"}) is True
     assert bf16_supported("cpu", {"amx_bf16", "amx_tile"}) is True
-    assert resolve_precision("auto", "cpu", {"avx2"}) == "fp32"
-    assert resolve_precision("auto", "cpu", {"avx512_bf16"}) == "bf16"
-    assert resolve_precision("fp32", "cpu", {"avx512_bf16"}) == "fp32"
+    wide = BF16_CPU_MIN_WIDTH
+    assert resolve_precision("auto", "cpu", {"avx2"}, width=768) == "fp32"
+    assert resolve_precision("auto", "cpu", {"avx512_bf16"}, width=wide) == "bf16"
+    assert resolve_precision("fp32", "cpu", {"avx512_bf16"}, width=768) == "fp32"
     with pytest.raises(ValueError, match="bf16"):
         resolve_precision("bf16", "cpu", {"avx2"})
     images, targets = _task(n_per_class=2)
-    for flags, expected in (({"avx2"}, "fp32"), ({"avx512_bf16"}, "bf16")):
+    # 'bf16' by name runs on any CPU with native bf16, the tiny test tower included
+    for flags, precision, expected in (({"avx2"}, "auto", "fp32"), ({"avx512_bf16"}, "bf16", "bf16")):
         backbone = tiny(seed=3)
         text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
-        result = tune(backbone, images, targets, text, _config(min_steps=3), cpu_flag_set=flags)
+        result = tune(backbone, images, targets, text, _config(min_steps=3, precision=precision), cpu_flag_set=flags)
         assert result.precision == expected == result.summary()["precision"]
+
+
+def test_auto_keeps_small_towers_in_fp32_on_a_bf16_cpu():
+    """bf16 autocast on an AVX512-BF16 CPU was measured slower than fp32 for narrow towers (the builtin
+    backbone, width 128) and faster from width 384: 'auto' follows the measurement, so the same build runs in
+    the same precision on CPUs with and without bf16, and CUDA keeps bf16 whatever the width."""
+    backbone = tiny(seed=3)
+    assert vision_width(backbone.model) == 64 < BF16_CPU_MIN_WIDTH
+    for flags in ({"avx2"}, {"avx512_bf16"}, {"amx_bf16", "avx512_bf16"}):
+        assert resolve_precision("auto", "cpu", flags, width=vision_width(backbone.model)) == "fp32"
+        assert resolve_precision("auto", "cpu", flags, width=None) == "fp32"  # unknown tower: as measured, fp32
+    assert resolve_precision("auto", "cpu", {"avx512_bf16"}, width=BF16_CPU_MIN_WIDTH - 1) == "fp32"
+    assert resolve_precision("auto", "cpu", {"avx512_bf16"}, width=768) == "bf16"
+    assert resolve_precision("bf16", "cpu", {"avx512_bf16"}, width=64) == "bf16"  # by name: as asked
+    images, targets = _task(n_per_class=2)
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+    result = tune(backbone, images, targets, text, _config(min_steps=3), cpu_flag_set={"avx512_bf16"})
+    assert result.precision == "fp32"
 
 
 def test_warmup_then_cosine():
@@ -145,15 +165,18 @@ def test_progress_shows_planned_steps_and_an_eta_that_shrinks():
 
 
 def test_bf16_matches_fp32_within_noise():
-    """The guard for bf16 autocast: the same build in bf16 (emulated here when the CPU lacks it: the flags are
-    injected) flips nearly the same weights and scores the same on held-out images as fp32."""
+    """The guard for bf16 autocast: the same build in bf16 (native on an AVX512-BF16 CPU, emulated on one
+    without: the flags are injected) flips nearly the same weights and scores the same on held-out images as
+    fp32."""
     images, targets = _task()
     x, y = _validation()
     results = {}
     for flags in ({"avx2"}, {"avx512_bf16"}):
         backbone = tiny(seed=3)
         text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
-        result = tune(backbone, images, targets, text, _config(min_steps=30, early_stop=False), cpu_flag_set=flags)
+        precision = "bf16" if "avx512_bf16" in flags else "fp32"
+        result = tune(backbone, images, targets, text, _config(min_steps=30, early_stop=False, precision=precision),
+                      cpu_flag_set=flags)
         from rmt_core.tuning import holdout_accuracy
         results[result.precision] = (mask_bits(backbone.model), holdout_accuracy(backbone.model, x, torch.tensor(y), text),
                                      result.sparsity)

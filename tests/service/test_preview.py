@@ -195,3 +195,20 @@ def test_after_a_failed_or_cancelled_job_the_preview_answers_only_if_kept(client
         assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready", pretty(r)
         assert view["final"] is None and view["preview"] is None and view["artifacts"] is None
         assert "keep_preview" in r.json()["error"]["message"]
+
+
+def test_the_api_imports_what_the_first_classifier_load_needs_at_start(tmp_path):
+    """On a fresh install the first classify after a create used to import ``onnx`` inside the request (most of
+    its first load); the app imports it when it starts. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; from app.main import create_app; from tests.service.helpers import make_settings; "
+            "before = 'onnx' in sys.modules; "
+            f"create_app(make_settings({str(tmp_path / 'data')!r})); "
+            "print(before, 'onnx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"]
