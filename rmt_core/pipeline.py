@@ -32,7 +32,8 @@ from .config import MIN_PER_CLASS_FOR_HOLDOUT, TuneConfig
 from .head import HEAD_FILE, Head
 from .images import open_image_file
 from .preprocess import PreprocessConfig, preprocess_batch
-from .quantize import GUARD_KEY as INT8_GUARD_KEY, int8_guard
+from .int8_guard import int8_guard
+from .quantize import GUARD_KEY as INT8_GUARD_KEY
 from .runtime import MANIFEST, ONNX_FILE
 from .tuning import Progress, TuningCancelled  # noqa: F401  (re-exported for callers)
 

@@ -11,7 +11,8 @@ from rmt_core.head import Head
 from rmt_core.materialize import materialize_onnx
 from rmt_core.pipeline import build_classifier
 from rmt_core.preprocess import PreprocessConfig, preprocess_batch
-from rmt_core.quantize import MAX_ACCURACY_DROP, MIN_AGREEMENT, int8_guard
+from rmt_core.int8_guard import int8_guard
+from rmt_core.quantize import MAX_ACCURACY_DROP, MIN_AGREEMENT
 from rmt_core.runtime import BaseRegistry, ServedClassifier, load_classifier, make_session
 from rmt_core.world import sample_class
 
