@@ -11,6 +11,12 @@ from .schemas import ErrorBody
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
 
 
+def too_many_jobs(active: int, limit: int) -> ApiError:
+    """The 429 of every route that queues a job (create, new version) when the tenant is at its job limit."""
+    return ApiError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is {limit}. "
+                                          "Wait for one to finish.", headers={"Retry-After": "30"})
+
+
 def owned_classifier(store: Store, classifier_id: str, tenant: str) -> ClassifierRecord:
     record = store.get_classifier(classifier_id, tenant)
     if record is None:

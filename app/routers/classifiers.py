@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse
 
 from rmt_service.store import CURSOR_PATTERN, ClassifierView, QuotaExceeded
 
-from ..access import ERRORS as _ERRORS, served_version
+from ..access import ERRORS as _ERRORS, served_version, too_many_jobs
 from ..deps import CacheDep, MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..openapi import TUNE_CONFIG_REF
@@ -35,11 +35,6 @@ def public(view: ClassifierView) -> ClassifierPublic:
     return ClassifierPublic.from_view(view.classifier, view.job, view.version)
 
 
-def _too_many(active: int, limit: int) -> ApiError:
-    return ApiError(429, "too_many_jobs", f"{active} jobs are queued or running; the limit is {limit}. "
-                                          "Wait for one to finish.", headers={"Retry-After": "30"})
-
-
 @router.post("", status_code=202, response_model=ClassifierCreated, openapi_extra=_CREATE_BODY,
              responses=_ERRORS)
 async def create_classifier(request: Request, response: Response, settings: SettingsDep, store: StoreDep,
@@ -47,13 +42,13 @@ async def create_classifier(request: Request, response: Response, settings: Sett
     """Upload example images and queue the tuning job that turns them into a classifier."""
     active, limit = await run_in_threadpool(store.quota_state, tenant)  # early answer, before the upload
     if active >= limit:
-        raise _too_many(active, limit)
+        raise too_many_jobs(active, limit)
     parsed = await parse_create(request, settings)
     try:  # the authoritative check: quota and create in one transaction
         record, job = await run_in_threadpool(store.create_classifier, tenant, parsed.name, parsed.samples,
                                               parsed.config, None, {"schedule": parsed.schedule})
     except QuotaExceeded as exc:
-        raise _too_many(exc.active, exc.limit) from None
+        raise too_many_jobs(exc.active, exc.limit) from None
     try:
         await run_in_threadpool(queue.enqueue, job.job_id)
     except BrokerUnavailable:

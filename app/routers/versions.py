@@ -12,7 +12,7 @@ from rmt_core.config import TuneConfig
 from rmt_service.store import QuotaExceeded, Sample
 from rmt_service.versions import VersionError, VersionInfo, published_accuracy
 
-from ..access import ERRORS
+from ..access import ERRORS, too_many_jobs
 from ..deps import MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..queue import BrokerUnavailable
@@ -152,8 +152,7 @@ async def create_version(classifier_id: str, request: Request, response: Respons
     except VersionError as exc:
         raise _error(exc) from None
     except QuotaExceeded as exc:
-        raise ApiError(429, "too_many_jobs", f"{exc.active} jobs are queued or running; the limit is {exc.limit}. "
-                                             "Wait for one to finish.", headers={"Retry-After": "30"}) from None
+        raise too_many_jobs(exc.active, exc.limit) from None
     try:
         await run_in_threadpool(queue.enqueue, job.job_id)
     except BrokerUnavailable:  # the job stays queued; the recovery sweep sends it again

@@ -242,6 +242,22 @@ def test_bad_updates_are_refused_and_store_nothing(built, settings):
     assert count_rows(settings, "jobs") == jobs_before + 1 and count_rows(settings, "uploads") == uploads_before
 
 
+def test_an_update_beyond_the_tenants_job_limit_answers_429_and_stores_nothing(built, settings):
+    client, cid = built
+    url = f"/v1/classifiers/{cid}/versions"
+    for _ in range(settings.max_queued_jobs):  # queued, never run: each holds one of the tenant's job slots
+        assert client.post(url, files=_multipart({"config": json.dumps({"epochs": 2})})).status_code == 202
+    jobs_before, uploads_before = count_rows(settings, "jobs"), count_rows(settings, "uploads")
+    versions_before = client.get(url).json()["versions"]
+    response = client.post(url, files=[_png("blue", 7), _png("blue", 8)] + _multipart({"labels": ["blue", "blue"]}))
+    message = _error(response, 429, "too_many_jobs")
+    assert f"the limit is {settings.max_queued_jobs}" in message and response.headers["retry-after"]
+    assert count_rows(settings, "jobs") == jobs_before and count_rows(settings, "uploads") == uploads_before
+    assert client.get(url).json()["versions"] == versions_before
+    serving = next(v["version_id"] for v in versions_before if v["serving"])
+    assert _classify(client, cid)["version_id"] == serving  # the serving version keeps answering
+
+
 def test_retrain_with_feedback_stores_each_image_once(built, settings):
     client, cid = built
     image = image_bytes(COLORS["green"], seed=0)  # the same bytes as the first green training image
