@@ -20,6 +20,10 @@ from .runtime import LEGACY_MASK_FILE, MANIFEST, ONNX_FILE
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one self-contained file
 
 
+class Fp32Only(ValueError):
+    """A precision other than fp32 was asked of a version that predates base+mask+head (its model is fp32)."""
+
+
 def materialize_onnx(version_dir: Path | str, bases_dir: Path | str, out_path: Path | str,
                      precision: str = "fp32") -> Path:
     """Write the baked classifier of ``version_dir`` to ``out_path`` (temp file + rename). ``precision="int8"``:
@@ -116,7 +120,7 @@ def materialized_model_path(version_dir: Path | str, bases_dir: Path | str, cach
         if not legacy.is_file():
             raise FileNotFoundError(f"{version_dir} has neither a base_id nor a {ONNX_FILE}")
         if precision != "fp32":
-            raise ValueError(f"{version_dir} predates base+mask+head versions: its model.onnx exists in fp32 only")
+            raise Fp32Only(f"{version_dir} predates base+mask+head versions: its model.onnx exists in fp32 only")
         return legacy
     cache_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if precision == "fp32" else f"-{precision}"

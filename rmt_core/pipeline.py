@@ -452,7 +452,9 @@ def rebuild_onnx(model_dir: Path | str, out_path: Path | str | None = None, devi
         return materialize_onnx(model_dir, bases_dir, Path(out_path) if out_path else model_dir / ONNX_FILE,
                                 precision)
     if precision != "fp32":
-        raise ValueError(f"{model_dir} predates base+mask+head classifiers: it exports in fp32 only")
+        from .materialize import Fp32Only
+
+        raise Fp32Only(f"{model_dir} predates base+mask+head classifiers: it exports in fp32 only")
     config = TuneConfig.from_dict(manifest["config"])
     backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
                              quick_gelu=manifest.get("quick_gelu", config.quick_gelu_setting))

@@ -101,14 +101,15 @@ def _single_flight(key: str):
 def model_onnx_path(store: Store, model_dir: Path, precision: str = "fp32") -> Path:
     """The self-contained ONNX model of a published version: materialised from the shared base, the mask and
     the head (labels, preprocessing and head in metadata_props) and cached; older versions' own model.onnx."""
-    from rmt_core.materialize import materialized_model_path
+    from rmt_core.materialize import Fp32Only, materialized_model_path
 
-    if precision != "fp32" and not json.loads((Path(model_dir) / "manifest.json").read_text()).get("base_id"):
+    try:
+        with _single_flight(str(Path(model_dir).resolve())):
+            return materialized_model_path(model_dir, store.bases_dir, store.settings.data_dir / "cache" / "onnx",
+                                           MATERIALIZED_CACHE_BYTES, precision)
+    except Fp32Only:
         raise ApiError(409, "fp32_only", "this version predates base+mask+head classifiers: its model exists in "
-                                         "fp32 only")
-    with _single_flight(str(Path(model_dir).resolve())):
-        return materialized_model_path(model_dir, store.bases_dir, store.settings.data_dir / "cache" / "onnx",
-                                       MATERIALIZED_CACHE_BYTES, precision)
+                                         "fp32 only") from None
 
 
 def write_bundle(model_dir: Path, onnx_path: Path, classifier_id: str, name: str, out) -> None:
