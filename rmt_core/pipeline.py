@@ -34,7 +34,7 @@ from .images import open_image_file
 from .preprocess import PreprocessConfig, preprocess_batch
 from .int8_guard import int8_guard
 from .quantize import GUARD_KEY as INT8_GUARD_KEY
-from .runtime import MANIFEST, ONNX_FILE
+from .runtime import JIT_PARITY_KEY, MANIFEST, ONNX_FILE, check_mode_parity
 from .tuning import Progress, TuningCancelled  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
@@ -403,6 +403,9 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     parity_batch = torch.from_numpy(held_batch[:4]) if held_batch is not None else None
     manifest["parity_max_abs_diff"] = check_served_parity(head, out_dir, bases_dir, parity_batch,
                                                           atol=config.parity_atol, seed=config.seed)
+    # may the jit tier (RMT_SERVING_MODE=jit|auto) serve it? its probabilities against baked fp32, real images
+    manifest[JIT_PARITY_KEY] = check_mode_parity(out_dir, bases_dir, (held_batch if held_batch is not None
+                                                                      else train_batch)[:4])
     # may this version serve int8 (RMT_SERVING_PRECISION=int8)? judged on every image the build has
     manifest[INT8_GUARD_KEY] = int8_guard(
         out_dir, bases_dir, np.concatenate([train_batch, held_batch]) if held_batch is not None else train_batch,

@@ -516,7 +516,9 @@ class ServedClassifier(_Classifier):
 
     ``precision="int8"`` serves int8 (rmt_core/quantize.py: every segment quantized, the masked ones baked and
     then quantized; ``mode`` does not apply) when the version's manifest records a passed int8 guard, fp32
-    otherwise; ``check_guard=False`` serves int8 regardless (the guard itself). ``self.precision`` says which."""
+    otherwise; ``mode="jit"`` serves jit unless the build's mode parity check (``check_mode_parity``) refused it.
+    ``check_guard=False`` ignores both verdicts (the checks themselves). ``self.precision`` and ``self.mode``
+    say what is served."""
 
     def __init__(self, version_dir: Path | str, registry: BaseRegistry, mode: str = "baked",
                  precision: str = "fp32", check_guard: bool = True):
@@ -567,7 +569,8 @@ class ServedClassifier(_Classifier):
         # A classifier with one session of its own for the whole base (a small backbone: bench/RESULTS-layout.md)
         # runs its head inside it, as today's baked model does: at ~2 ms a call, the numpy head and the first
         # numpy work after ORT returns were +5-10%.
-        jit = mode == "jit" and any(seg.kind == "own" for seg in plan.segments) and not int8
+        jit = (mode == "jit" and any(seg.kind == "own" for seg in plan.segments) and not int8
+               and (not check_guard or (self.manifest.get(JIT_PARITY_KEY) or {}).get("allowed", True)))
         self.mode = "jit" if jit else "baked"
         whole = len(plan.segments) == 1 and plan.segments[0].kind == "own" and not jit
         self._head_in_session = whole
@@ -774,6 +777,36 @@ class ServedClassifier(_Classifier):
         with self._bound_lock:
             self._bound.clear()
         self._release()
+
+
+JIT_PARITY_KEY = "jit_parity"  # manifest: the build's check that the jit tier answers what baked answers
+JIT_PARITY_ATOL = 1e-4  # every fp32 mode's class probabilities vs the baked fp32 classifier's (issue 18)
+
+
+def check_mode_parity(version_dir: Path | str, bases_dir: Path | str, images: np.ndarray,
+                      atol: float = JIT_PARITY_ATOL) -> dict | None:
+    """Serve ``version_dir`` baked and jit (both fp32) on ``images`` (preprocessed [N,3,H,W]), one image
+    alone (the bound small-batch chain) and all of them at once, and say whether the jit tier may serve it:
+    {"max_abs_dp", "atol", "n", "allowed"}, the record the build stores (``JIT_PARITY_KEY``); a version
+    whose record says not allowed is served baked in every mode. None when the version masks nothing (jit
+    then serves the shared base exactly as baked does)."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"mode parity needs images [N,3,H,W] with N >= 1; got shape {images.shape}")
+    registry = BaseRegistry(bases_dir, "cpu", shared_arena=False)
+    baked = ServedClassifier(version_dir, registry, "baked")
+    try:
+        if not baked.masked:
+            return None
+        jit = ServedClassifier(version_dir, registry, "jit", check_guard=False)
+        try:
+            dp = max(float(np.abs(jit.run(images[:1]) - baked.run(images[:1])).max()),
+                     float(np.abs(jit.run(images) - baked.run(images)).max()))
+        finally:
+            jit.close()
+    finally:
+        baked.close()
+    return {"max_abs_dp": dp, "atol": atol, "n": int(len(images)), "allowed": bool(dp <= atol)}
 
 
 def load_classifier(version_dir: Path | str, bases_dir: Path | str | None = None,

@@ -82,6 +82,10 @@ def test_build_classifier_writes_base_mask_and_head_and_the_download_matches_wha
     assert manifest["mask_bytes"] == (tmp_path / "clf" / "mask.rmt").stat().st_size
     assert (tmp_path / "bases" / manifest["base_id"] / "base.onnx").is_file()
     assert manifest["parity_max_abs_diff"] <= config.parity_atol
+    # the jit tier checked against baked fp32 on real images (None only when no weight was dropped)
+    assert (manifest["jit_parity"] is None) == (manifest["sparsity"] == 0)
+    assert manifest["jit_parity"] is None or (manifest["jit_parity"]["allowed"]
+                                              and manifest["jit_parity"]["max_abs_dp"] <= 1e-4)
 
     clf = load_classifier(tmp_path / "clf", tmp_path / "bases", BaseRegistry(tmp_path / "bases", "cpu"))
     images = [img for img, _ in samples[:5]]

@@ -398,3 +398,40 @@ def test_predict_answers_outlier_scores_from_the_features_the_head_receives(worl
         np.testing.assert_allclose(probs, served.run(x), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(outlier, head.outlier_scores(served.features(x)), atol=1e-4)
         assert outlier[:2].max() < 0.1  # the images it was built from are not outliers
+
+
+def test_the_build_time_mode_check_passes_jit_and_catches_a_jit_that_answers_otherwise(world, monkeypatch):
+    """check_mode_parity (run by every build) compares the jit tier with baked fp32 on one image and a batch;
+    a jit path that forms the wrong weights is refused, a version masking nothing needs no check."""
+    from rmt_core.runtime import JIT_PARITY_ATOL, check_mode_parity
+
+    ok = check_mode_parity(world["a"], world["bases"], world["x"])
+    assert ok["allowed"] and ok["max_abs_dp"] <= JIT_PARITY_ATOL and ok["n"] == 3
+    assert check_mode_parity(world["zero"], world["bases"], world["x"]) is None
+    with pytest.raises(ValueError, match="images"):
+        check_mode_parity(world["a"], world["bases"], world["x"][0])
+
+    real = ServedClassifier._weights
+
+    def wrong(self, seg):  # the jit tier forming the base's unmasked weights: what a broken scatter would do
+        return {n: self._plan.base_values[n] for n in real(self, seg)}
+
+    monkeypatch.setattr(ServedClassifier, "_weights", wrong)
+    bad = check_mode_parity(world["a"], world["bases"], world["x"])
+    assert not bad["allowed"] and bad["max_abs_dp"] > JIT_PARITY_ATOL
+
+
+def test_a_version_whose_jit_check_failed_is_served_baked_in_jit_mode(world, tmp_path):
+    from rmt_core.runtime import JIT_PARITY_KEY
+
+    version = tmp_path / "refused"
+    shutil.copytree(world["a"], version)
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest[JIT_PARITY_KEY] = {"max_abs_dp": 0.3, "atol": 1e-4, "n": 3, "allowed": False}
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    registry = BaseRegistry(world["bases"], "cpu")
+    refused = load_classifier(version, world["bases"], registry, mode="jit")
+    assert refused.mode == "baked"
+    baked = load_classifier(world["a"], world["bases"], registry)
+    np.testing.assert_array_equal(refused.run(world["x"]), baked.run(world["x"]))
+    assert load_classifier(world["a"], world["bases"], registry, mode="jit").mode == "jit"
