@@ -339,6 +339,8 @@ def preload_tuning(then: Callable[[], Any] | None = None) -> None:
     if then is not None:
         try:
             then()
+        except (FileNotFoundError, ValueError) as exc:  # e.g. default weights not on this machine: the job says so
+            log.warning("nothing prepared ahead of the first job: %s", exc)
         except Exception:  # a job on that backbone exports the base itself, and says what is wrong
             log.exception("preparing ahead of the first job failed")
 
