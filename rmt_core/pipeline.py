@@ -17,6 +17,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import random
 import time
 from collections import defaultdict
@@ -249,6 +250,29 @@ def write_preview(out_dir: Path | str, shared: dict, name: str, head: Head, accu
     return manifest
 
 
+def load_build_backbone(config: TuneConfig, device: str = "cpu"):
+    """The backbone a build with ``config`` starts from (untouched weights): one place, so a base prepared ahead
+    (``prepare_base``) has the fingerprint the build will compute."""
+    from .backbones import load_backbone
+
+    return load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
+                         quick_gelu=config.quick_gelu_setting)
+
+
+def prepare_base(config: TuneConfig, bases_dir: Path | str, staging: Callable[[], Path] | None = None,
+                 device: str = "cpu"):
+    """The shared base a build with ``config`` will tune on, exported now if ``bases_dir`` lacks it (what
+    ``build_classifier`` does first, without any samples): a service calls it before the first create, so that
+    create's preview does not wait for the export. Returns (BaseInfo, whether it was exported by this call)."""
+    from .base import ensure_base
+
+    backbone = load_build_backbone(config, resolve_device(device))
+    bases_dir = Path(bases_dir)
+    before = set(os.listdir(bases_dir)) if bases_dir.is_dir() else set()
+    base = ensure_base(backbone, bases_dir, staging=staging)
+    return base, base.base_id not in before
+
+
 def _threads_for_the_tower(build: Callable[..., dict]) -> Callable[..., dict]:
     """On a CPU, a build on a narrow vision tower runs on one torch intra-op thread (threads.build_threads: a
     second one only burned CPU there); the process's thread count is back as it was afterwards."""
@@ -298,7 +322,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     """
     import torch
 
-    from .backbones import encode_class_texts, load_backbone
+    from .backbones import encode_class_texts
     from .base import ensure_base
     from .export import check_served_parity
     from .masking import bake_masks, mask_bits
@@ -317,8 +341,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     device = resolve_device(device)
     torch.manual_seed(config.seed)
 
-    backbone = load_backbone(config.backbone, config.pretrained, device=device, seed=config.seed,
-                             quick_gelu=config.quick_gelu_setting)
+    backbone = load_build_backbone(config, device)
     preprocess = PreprocessConfig.from_dict(backbone.preprocess)
     base = ensure_base(backbone, bases_dir, staging=base_staging)  # before tuning: the base is the untouched encoder
     if on_base is not None:

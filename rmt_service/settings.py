@@ -67,6 +67,9 @@ class Settings(BaseSettings):
         "builtin,none", description="Comma-separated pretrained values a create request may choose ('none' = "
                                     "random init; default_pretrained is always allowed). Checkpoint paths belong "
                                     "here only if the operator trusts them: the worker loads them.")
+    prepare_default_base: bool = Field(
+        True, description="A worker starting on a data directory that lacks the default backbone's shared base "
+                          "exports it in the background, so the first create's preview does not wait for it.")
     device: str = Field("auto", description="Worker torch device: auto | cpu | cuda | cuda:N.")
     worker_threads: int = Field(
         0, ge=0, description="Threads one tuning job may use; 0 = the CPUs the worker process gets (affinity and "

@@ -331,6 +331,14 @@ class Store(VersionsMixin):
         if not self.blobs.path(key).is_dir():
             raise StoreError(f"base {base_id} is no longer stored (collected while this job ran); retry the job")
 
+    def register_base(self, base_id: str, backbone: str, pretrained: str | None) -> None:
+        """Record a base exported before any version uses it (the worker prepares the default backbone's base at
+        start). Idempotent; StoreError if its blob is not stored. Collection treats it like any unused base: kept
+        while younger than the base grace or while a queued or running job tunes on its backbone."""
+        with self.db.write() as conn:
+            now = float(conn.execute(select(db_now())).scalar_one())
+            self._register_base(conn, base_id, {"backbone": backbone, "pretrained": pretrained or ""}, now)
+
     def _insert_base_row(self, conn: Connection, base_id: str, backbone: str, pretrained: str, key: str,
                          now: float) -> None:
         values = dict(base_id=base_id, backbone=backbone, pretrained=pretrained, blob_key=key, created_at=now)

@@ -17,7 +17,7 @@ from rmt_service.settings import Settings
 from rmt_service.store import Store
 
 from .recovery import RecoveryThread
-from .tasks import register_tasks, start_preload
+from .tasks import prepare_default_base, register_tasks, start_preload
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     @signals.worker_process_init.connect(weak=False)
     def _fresh_connections(**_: object) -> None:
         store.db.engine.dispose(close=False)  # never share the parent's pooled connections after fork
-        start_preload()  # torch & co. import in the background: the first job's preview comes seconds sooner
+        # torch & co. import in the background, then the default backbone's base is exported if the data
+        # directory lacks it: the first job's preview comes seconds sooner, also on a fresh install
+        start_preload(then=lambda: prepare_default_base(store, settings))
 
     @signals.worker_shutdown.connect(weak=False)
     def _stop_sweep(**_: object) -> None:

@@ -321,10 +321,11 @@ PRELOAD_MODULES = ("torch", "rmt_core.backbones", "rmt_core.base", "rmt_core.can
                    "rmt_core.export", "rmt_core.masking", "rmt_core.pipeline")
 
 
-def preload_tuning() -> None:
+def preload_tuning(then: Callable[[], Any] | None = None) -> None:
     """Import torch and the tuning modules ahead of the first job (about 6 s on a small CPU), so the first
-    create's zero-shot preview waits only for its own work. Run in a thread of each pool process: a job that
-    arrives meanwhile waits on the same imports, never on a second copy."""
+    create's zero-shot preview waits only for its own work; then run ``then`` (the worker prepares the default
+    base). Run in a thread of each pool process: a job that arrives meanwhile waits for all of it, never runs a
+    second copy beside it."""
     import importlib
 
     started = time.monotonic()
@@ -335,13 +336,42 @@ def preload_tuning() -> None:
         log.exception("preloading the tuning modules failed")
         return
     log.debug("tuning modules preloaded in %.1fs", time.monotonic() - started)
+    if then is not None:
+        try:
+            then()
+        except (FileNotFoundError, ValueError) as exc:  # e.g. default weights not on this machine: the job says so
+            log.warning("nothing prepared ahead of the first job: %s", exc)
+        except Exception:  # a job on that backbone exports the base itself, and says what is wrong
+            log.exception("preparing ahead of the first job failed")
+
+
+def prepare_default_base(store: Store, settings: Settings) -> str | None:
+    """Export the default backbone's shared base if the data directory lacks it, and record it.
+
+    A create with the default config then finds its base and publishes its zero-shot preview without the export
+    (about a second for the builtin backbone on a small CPU, seconds for a ViT-B). Safe beside anything else:
+    the export is staged in the blob store and renamed into place (a concurrent export of the same base by
+    another worker or job leaves one), the row is an idempotent insert, and collection may remove the base again
+    only when no version and no queued or running job uses it and it is older than the base grace. Returns the
+    base id (None when switched off: ``RMT_PREPARE_DEFAULT_BASE=0``)."""
+    if not settings.prepare_default_base:
+        return None
+    from rmt_core.pipeline import prepare_base
+
+    started = time.monotonic()
+    config = TuneConfig.from_dict({"backbone": settings.default_backbone, "pretrained": settings.default_pretrained})
+    base, exported = prepare_base(config, store.bases_dir, staging=store.blobs.base_staging)
+    store.register_base(base.base_id, config.backbone, config.pretrained)
+    log.info("default base %s (%s, pretrained %s) %s in %.1fs", base.base_id, config.backbone, config.pretrained,
+             "exported" if exported else "already stored", time.monotonic() - started)
+    return base.base_id
 
 
 _preload: dict[str, threading.Thread | None] = {"thread": None}
 
 
-def start_preload() -> threading.Thread:
-    thread = threading.Thread(target=preload_tuning, name="preload-tuning", daemon=True)
+def start_preload(then: Callable[[], Any] | None = None) -> threading.Thread:
+    thread = threading.Thread(target=preload_tuning, args=(then,), name="preload-tuning", daemon=True)
     _preload["thread"] = thread
     thread.start()
     return thread

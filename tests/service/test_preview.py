@@ -212,3 +212,78 @@ def test_the_api_imports_what_the_first_classifier_load_needs_at_start(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["False", "True"]
+
+
+def _base_rows(store):
+    from sqlalchemy import select
+
+    from rmt_service.db import bases
+
+    with store.db.read() as conn:
+        return [tuple(r) for r in conn.execute(select(bases.c.base_id, bases.c.backbone, bases.c.pretrained))]
+
+
+def test_the_worker_prepares_the_default_base_and_a_create_then_does_not_export_it(client, settings, monkeypatch):
+    """On a fresh data directory the first create's preview waited for the default backbone's base export; a
+    worker now exports and records it when it starts (worker.tasks.prepare_default_base, run after the preload).
+    Idempotent, kept by collection while young, and the create that follows tunes on it without exporting."""
+    import rmt_core.base as base_module
+    from worker.tasks import prepare_default_base
+
+    exports: list[str] = []
+    real_export = base_module._export
+
+    def counted(backbone, base_id, out, opset):
+        exports.append(base_id)
+        return real_export(backbone, base_id, out, opset)
+
+    monkeypatch.setattr(base_module, "_export", counted)
+    store = Store(settings)
+    try:
+        assert prepare_default_base(store, settings.model_copy(update={"prepare_default_base": False})) is None
+        assert exports == [] and _base_rows(store) == []
+
+        base_id = prepare_default_base(store, settings)
+        assert exports == [base_id]
+        assert (store.bases_dir / base_id / "base.json").is_file()
+        assert _base_rows(store) == [(base_id, settings.default_backbone, settings.default_pretrained)]
+        assert not [p.name for p in store.blobs.tmp.iterdir() if p.name.startswith("base-")]  # staging renamed away
+
+        assert prepare_default_base(store, settings) == base_id  # a second worker start: found, not exported
+        assert exports == [base_id] and len(_base_rows(store)) == 1
+        assert store.collect_garbage(grace_s=0)["bases"] == 0  # unused but young: kept (base grace)
+    finally:
+        store.close()
+
+    created = _create(client, per_class=3, backbone=settings.default_backbone, pretrained=settings.default_pretrained)
+    thread, out = _start_worker(settings, created["job_id"])
+    thread.join(180)
+    assert out.get("outcome") == "succeeded", out
+    assert exports == [base_id]  # the job found the base: no second export
+    manifest = client.get(f"/v1/classifiers/{created['classifier_id']}/artifacts/manifest.json").json()
+    assert manifest["base_id"] == base_id
+
+
+def test_a_fresh_worker_exports_the_default_base_before_any_create(tmp_path):
+    """The wiring: a real `rmt worker` started on an empty data directory (embedded broker) records the default
+    base with no create sent; a second start finds it."""
+    from rmt_service.migrate import prepare
+    from tests.service.helpers import make_settings
+    from tests.service.procs import start_worker
+
+    settings = make_settings(tmp_path / "data")
+    prepare(settings)
+    store = Store(settings)
+    try:
+        for start, said in enumerate(("exported", "already stored")):
+            worker = start_worker(settings.data_dir, "", tmp_path / f"worker{start}.log")
+            try:
+                worker.wait_log(f"pretrained builtin) {said} in", 180)
+                rows = _base_rows(store)
+                assert len(rows) == 1 and rows[0][1:] == (settings.default_backbone, settings.default_pretrained)
+                assert (store.bases_dir / rows[0][0] / "base.json").is_file()
+            finally:
+                worker.stop()
+        assert len(list(store.bases_dir.iterdir())) == 1
+    finally:
+        store.close()
