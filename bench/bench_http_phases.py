@@ -8,7 +8,8 @@ route is timed on its own on the same request, interleaved, median wall and CPU 
 the records lookup, multipart parsing, JPEG decoding, preprocessing, the micro-batched model run (cache get +
 the batch group's batcher) against the same loaded classifier called directly, the response (top-k,
 pydantic model, JSON). The reference of bench_http's ratios (the baked model.onnx in raw ONNX Runtime, bs1)
-is timed beside. Prints a table (markdown) to paste into a RESULTS file.
+is timed beside; every other round runs the steps in reverse order (a step right after a model run finds the
+CPU caches cold). Prints a table (markdown) to paste into a RESULTS file.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_http import BOUNDARY, jpeg_224, multipart  # noqa: E402
 
 
-def scope_for(path: str, body: bytes) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+def scope_for(path: str, body: bytes, method: str = "POST") -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
             "path": path, "raw_path": path.encode(), "query_string": b"top_k=1", "root_path": "",
             "headers": [(b"host", b"bench"), (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
                         (b"content-length", str(len(body)).encode())],
@@ -51,13 +52,13 @@ def receiver(body: bytes):
     return receive
 
 
-async def call_app(app, path: str, body: bytes) -> bytes:
+async def call_app(app, path: str, body: bytes, method: str = "POST") -> bytes:
     out = []
 
     async def send(message):
         out.append(message)
 
-    await app(scope_for(path, body), receiver(body), send)
+    await app(scope_for(path, body, method), receiver(body), send)
     if out[0]["status"] != 200:
         raise RuntimeError(f"HTTP {out[0]['status']}: {out[1].get('body', b'')[:300]!r}")
     return b"".join(m.get("body", b"") for m in out[1:])
@@ -76,24 +77,6 @@ def preprocess_before(img, cfg) -> np.ndarray:
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     arr = (arr - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
-def sync_dependencies() -> dict:
-    """app.deps' dependencies as plain functions, as they were before 2026-12-03 (FastAPI runs each in the
-    threadpool): for app.dependency_overrides."""
-    from app import deps
-
-    def reader(attr: str):
-        def call(request: Request):
-            return getattr(request.app.state, attr)
-        return call
-
-    out = {getattr(deps, f"get_{attr}"): reader(attr) for attr in ("settings", "store", "cache", "metrics", "queue")}
-
-    def tenant(request: Request) -> str:  # no API keys in the bench's store: everyone is the default tenant
-        return deps.DEFAULT_TENANT
-    out[deps.get_tenant] = tenant
-    return out
 
 
 def main() -> None:
@@ -144,16 +127,14 @@ def main() -> None:
         async def whole():
             await call_app(app, path, body)
 
-        before_deps = sync_dependencies()
-
-        async def whole_sync_deps():
-            app.dependency_overrides.update(before_deps)
-            try:
-                await call_app(app, path, body)
-            finally:
-                app.dependency_overrides.clear()
+        async def read_classifier():  # GET /v1/classifiers/{id}: the store and tenant dependencies, no model
+            await call_app(app, path.rsplit("/", 1)[0], b"", "GET")
 
         async def records():
+            served_version(store, classifier_id, "default")
+
+        async def records_old():
+            store._view_select = None  # the select built again, as on every call before 2026-12-03
             served_version(store, classifier_id, "default")
 
         async def form():
@@ -207,20 +188,20 @@ def main() -> None:
                        separators=(",", ":")).encode()
 
         fns = {"whole request (ASGI, in process)": whole,
-               "whole request, dependencies sync as before (5 threadpool hops)": whole_sync_deps,
                "reference: raw ORT baked model.onnx bs1": reference,
                "model: served classifier's predict, direct": direct,
                "model: cache get + micro-batcher (thread hop)": batcher,
                "model: cache get + micro-batcher, wait rule before": batcher_old,
-               "records lookup (SQLite)": records,
+               "GET /v1/classifiers/{id} (ASGI; store + tenant dependencies, no model)": read_classifier,
+               "records lookup (SQLite)": records, "records lookup, select built per call as before": records_old,
                "multipart parse + read part": form, "JPEG decode (224x224)": decode, "preprocess": preprocess,
                "preprocess as before": preprocess_old, "response: top-k, pydantic, JSON": respond}
         for fn in fns.values():
             await fn()
         cpu = {k: [] for k in fns}
         wall = {k: [] for k in fns}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
+        for i in range(args.repeats):  # every other round in reverse order: a step right after a model run
+            for name, fn in (reversed(fns.items()) if i % 2 else fns.items()):  # finds cold caches
                 t, w = time.process_time(), time.perf_counter()
                 await fn()
                 cpu[name].append(time.process_time() - t)
