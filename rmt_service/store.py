@@ -129,7 +129,7 @@ class Store(VersionsMixin):
 
     def _view_query(self):
         """The classifier + job + version select (immutable: ``.where`` returns a new one), built once: its ~60
-        labelled columns cost ~0.3 ms per classify request to build again."""
+        labelled columns were a third of each classify request's records lookup (0.345 -> 0.235 ms)."""
         query = getattr(self, "_view_select", None)
         if query is None:
             from .db import jobs as jobs_t
