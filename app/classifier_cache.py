@@ -10,7 +10,9 @@ Concurrent requests are gathered into one call per batch group (rmt_core/serving
 and mask set share the runs of their shared segments; a classifier without a group is its own group): while a
 batch runs, new requests queue up, and the next batch takes all of them (up to batch_max_size), waiting at
 most batch_max_wait_ms for more. Under load this approaches batched throughput; a request that arrives alone
-(none other in the last 0.25 s) does not wait at all. Each request is answered ``(probs, outlier or None)``.
+(none other in the last 0.25 s) does not wait at all, and neither does one client's stream of requests (each
+sent after the last was answered): once a wait gathered nobody, the batcher waits again only after a request
+arrived while others were in flight. Each request is answered ``(probs, outlier or None)``.
 
 Threading: every mutation of the LRU and of a batcher's queue happens on the event loop. ``evict`` may be
 called from any thread (a sync route runs in the threadpool); off the loop it hands the work to the loop and
@@ -132,6 +134,11 @@ class MicroBatcher:
         self._closed = False
         self._last_submit = float("-inf")
         self._traffic = False  # did the newest request arrive soon after the one before it?
+        self._in_flight = 0  # requests submitted and not yet answered
+        # Does waiting for company pay? Off once a wait gathered nobody (one client sending request after request
+        # paid the whole wait on each: bench/RESULTS-multitenant.md); on again when a request arrives while others
+        # are in flight (more than one client).
+        self._company = True
 
     def _call(self, items: list) -> list:
         """Per item (batch, owner): its answer. Runs in the executor."""
@@ -159,9 +166,15 @@ class MicroBatcher:
         now = time.monotonic()
         self._traffic = now - self._last_submit < TRAFFIC_WINDOW_S
         self._last_submit = now
+        if self._in_flight:
+            self._company = True
         future = loop.create_future()
         self._queue.put_nowait((batch, owner, future))
-        return await future
+        self._in_flight += 1
+        try:
+            return await future
+        finally:
+            self._in_flight -= 1
 
     def _drain(self, items: list, count: int) -> int:
         while count < self.max_batch and not self._queue.empty():
@@ -182,9 +195,11 @@ class MicroBatcher:
             try:
                 count = self._drain(items, len(first[0]))
                 # Wait for company only when requests are coming in close together; a lone request runs at once.
-                if count < self.max_batch and self.max_wait_s > 0 and self._traffic:
+                if count < self.max_batch and self.max_wait_s > 0 and self._traffic and self._company:
                     await asyncio.sleep(self.max_wait_s)
+                    alone = count
                     count = self._drain(items, count)
+                    self._company = count > alone
                 await self._serve_batch(items)
             except asyncio.CancelledError:
                 self._fail(items, RuntimeError("the classifier was unloaded while this request waited"))

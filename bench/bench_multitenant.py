@@ -2,6 +2,7 @@
 
     python bench/bench_multitenant.py [--classifiers 200] [--drop 0.05] [--seconds 30] [--parts memory,latency,traffic]
     python bench/bench_multitenant.py --classifiers 6 --parts int8       # int8 vs baked fp32 vs eager open_clip
+    python bench/bench_multitenant.py --classifiers 1 --parts default --builtin  # the service path vs baked fp32
 
 ViT-B-32 with random weights (open_clip, pretrained=None: compute and memory do not depend on weight values),
 r-amt masks dropping ``--drop`` of the attention weights i.i.d. (5%: the median of real builds of the builtin
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ARCH = "ViT-B-32"
+BUILTIN_ARCH = "rmt-world-vit"
 LABELS = ["cat", "dog", "car", "tree", "boat"]
 RESULTS = Path(__file__).with_name("RESULTS-multitenant.md")
 
@@ -48,9 +50,9 @@ def rss_mb() -> float:
     return 0.0
 
 
-def make_world(tmp: Path, n: int, drop: float) -> dict:
-    """A ViT-B-32 base and ``n`` r-amt version dirs with i.i.d. masks dropping ``drop`` of the masked weights
-    (reused from ``tmp`` when an earlier run left the same world there)."""
+def make_world(tmp: Path, n: int, drop: float, arch: str = ARCH, pretrained: str | None = None) -> dict:
+    """A base (ViT-B-32 random weights unless said) and ``n`` r-amt version dirs with i.i.d. masks dropping
+    ``drop`` of the masked weights (reused from ``tmp`` when an earlier run left the same world there)."""
     import shutil
 
     from rmt_core.artifact import MASK_FILE, save_masks, write_version_files
@@ -62,10 +64,10 @@ def make_world(tmp: Path, n: int, drop: float) -> dict:
     saved = tmp / "world.json"
     if saved.is_file():
         world = json.loads(saved.read_text())
-        if world.get("drop") == drop and len(world["versions"]) >= n:
+        if world.get("drop") == drop and len(world["versions"]) >= n and world.get("arch", ARCH) == arch:
             return {**world, "versions": world["versions"][:n]}
     t = time.perf_counter()
-    backbone = load_backbone(ARCH, None)
+    backbone = load_backbone(arch, pretrained)
     base = ensure_base(backbone, tmp / "bases")
     print(f"base in {time.perf_counter() - t:.0f} s", flush=True)
     text = encode_class_texts(backbone, LABELS, "a photo of a {}.").numpy()
@@ -85,12 +87,12 @@ def make_world(tmp: Path, n: int, drop: float) -> dict:
         else:
             shutil.copyfile(tmp / "versions" / "v0" / first["head_file"], out / first["head_file"])
             fields = {**first, "mask_bytes": save_masks(out / MASK_FILE, bits, {"method": "r-amt"}, level=1)}
-        manifest = {"labels": LABELS, "preprocess": backbone.preprocess, "backbone": ARCH, "pretrained": None,
+        manifest = {"labels": LABELS, "preprocess": backbone.preprocess, "backbone": arch, "pretrained": pretrained,
                     "method": "r-amt", **fields}
         (out / "manifest.json").write_text(json.dumps(manifest))
         versions.append(str(out))
     masked = sum(int(np.prod(params[k].shape)) for k in names)
-    world = {"bases": str(tmp / "bases"), "versions": versions, "masked_weights": masked, "drop": drop,
+    world = {"bases": str(tmp / "bases"), "versions": versions, "masked_weights": masked, "drop": drop, "arch": arch,
              "mask_file_kb": first["mask_bytes"] / 1024}
     saved.write_text(json.dumps(world))
     return world
@@ -218,6 +220,82 @@ def sub_eager(args) -> dict:
     return out
 
 
+def sub_default(args) -> dict:
+    """One classifier, one client, bs1 and bs32 single requests, interleaved (median CPU and wall per request):
+    "service" = the path the classify route takes after preprocessing (the cache's get, then the batch group's
+    micro-batcher, in the service's default settings: serving mode, precision, batch size and wait); "direct" =
+    the same loaded classifier's predict called in this thread (today's baked fp32, no batcher: the lower bound);
+    "service-old-wait" = the service path with the batcher's wait rule before 2026-12-03 (a request soon after
+    another waited for company even from one client); "per-classifier" = a plain batcher over the classifier's
+    run with that rule, as every classifier had before issue 18."""
+    from app.classifier_cache import ClassifierCache, MicroBatcher, served_loader
+    from rmt_core.serving import predict_mixed
+    from rmt_service.settings import Settings
+
+    default = {k: f.default for k, f in Settings.model_fields.items()}
+    version = Path(args.versions[0])
+    loader = served_loader(Path(args.bases), "cpu", mode=default["serving_mode"],
+                           precision=default["serving_precision"])
+    cache = ClassifierCache(default["classifier_cache_size"], max_bytes=default["classifier_cache_bytes"],
+                            providers="cpu", batch_max_size=default["batch_max_size"],
+                            batch_max_wait_ms=default["batch_max_wait_ms"], loader=loader)
+    out: dict = {"mode": default["serving_mode"], "precision": default["serving_precision"],
+                 "wait_ms": default["batch_max_wait_ms"]}
+
+    async def main():
+        entry = await cache.get("c0", version)
+        clf = entry.classifier
+        out.update(group=batch_group_name(clf), tier=getattr(clf, "mode", "?"))
+        size, wait = default["batch_max_size"], default["batch_max_wait_ms"] / 1000
+
+        class WaitsOnTraffic(MicroBatcher):  # the wait rule before 2026-12-03: soon after another request, wait
+            _company = property(lambda self: True, lambda self, value: None)
+
+        old = WaitsOnTraffic(clf.run, cache.executor, size, wait)
+        old_group = WaitsOnTraffic(None, cache.executor, size, wait, run_mixed=predict_mixed)
+
+        async def service(x):
+            return (await (await cache.get("c0", version)).predict(x))[0]
+
+        async def service_old_wait(x):
+            await cache.get("c0", version)
+            return (await old_group.submit(x, clf))[0]
+
+        async def direct(x):
+            return clf.predict(x)[0]
+
+        async def per_classifier(x):
+            return await old.submit(x)
+
+        fns = {"service": service, "service-old-wait": service_old_wait, "direct": direct,
+               "per-classifier": per_classifier}
+        for bs, repeats in ((1, args.repeats), (32, max(3, args.repeats // 8))):
+            x = _x(args.versions[0], bs)
+            answers = {k: await fn(x) for k, fn in fns.items()}  # warm-up, and the answers must agree
+            out[f"bs{bs}_max_dp"] = max(float(np.abs(a - answers["direct"]).max()) for a in answers.values())
+            cpu = {k: [] for k in fns}
+            wall = {k: [] for k in fns}
+            for _ in range(repeats):
+                for name, fn in fns.items():
+                    t, w = time.process_time(), time.perf_counter()
+                    await fn(x)
+                    cpu[name].append(time.process_time() - t)
+                    wall[name].append(time.perf_counter() - w)
+            out[f"bs{bs}"] = {k: {"cpu": statistics.median(cpu[k]), "wall": statistics.median(wall[k])} for k in fns}
+        old.close()
+        old_group.close()
+
+    asyncio.run(main())
+    cache.close()
+    return out
+
+
+def batch_group_name(clf) -> str:
+    from rmt_core.serving import batch_group
+
+    return "own batcher (no group)" if batch_group(clf) is None else "base group"
+
+
 def sub_traffic(args) -> dict:
     """16 clients for ``seconds``: each request to a uniformly random classifier of the first ``count`` (or
     always the first), through the service's cache and micro-batcher."""
@@ -287,12 +365,13 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=0)
     p.add_argument("--classifiers", type=int, default=200)
     p.add_argument("--drop", type=float, default=0.05)
-    p.add_argument("--parts", default="memory,latency,traffic", help="any of memory,latency,traffic,int8")
+    p.add_argument("--parts", default="memory,latency,traffic", help="any of memory,latency,traffic,int8,default")
+    p.add_argument("--builtin", action="store_true", help="--parts default: the builtin small backbone too.")
     p.add_argument("--world", help="Keep the generated base and versions here (reused by a later run).")
     args = p.parse_args()
     if args.sub:
         print(json.dumps({"memory": sub_memory, "latency": sub_latency, "traffic": sub_traffic, "int8": sub_int8,
-                          "eager": sub_eager}[args.sub](args)))
+                          "eager": sub_eager, "default": sub_default}[args.sub](args)))
         return
 
     started = time.perf_counter()
@@ -357,6 +436,32 @@ def main() -> None:
                  f"**{today['throughput'] / single['throughput']:.2f}; {today['p99'] / single['p99']:.1f}**", "-"),
             ]
             print(rows[-3:], flush=True)
+        if "default" in parts:
+            worlds = [(ARCH + " random weights", world, 1)]
+            if args.builtin:
+                from rmt_core.backbones import resolve_pretrained
+
+                try:
+                    resolve_pretrained(BUILTIN_ARCH, "builtin")
+                    worlds.append((f"{BUILTIN_ARCH} (builtin)", make_world(Path(args.world or tmp) / "builtin", 1,
+                                                                          args.drop, BUILTIN_ARCH, "builtin"), 10))
+                except FileNotFoundError as exc:
+                    print(f"builtin backbone skipped: {exc}", flush=True)
+            for label, w, more in worlds:  # a ~1 ms model: 10x the repeats, for the same noise
+                d = run_sub("default", w, repeats=args.repeats * more)
+                for bs in ("bs1", "bs32"):
+                    r = d[bs]
+                    s_, b_, o_, w_ = r["service"], r["direct"], r["per-classifier"], r["service-old-wait"]
+                    rows.append((f"{label}: default path ({d['mode']} {d['precision']}, {d['group']}, wait "
+                                 f"{d['wait_ms']:g} ms) / baked fp32 called directly, {bs}, one client (CPU; wall)",
+                                 f"{1000 * s_['cpu']:.2f} vs {1000 * b_['cpu']:.2f} ms CPU; wall {1000 * s_['wall']:.2f} vs "
+                                 f"{1000 * b_['wall']:.2f} ms. Before (wait rule before 2026-12-03): {1000 * w_['cpu']:.2f} "
+                                 f"ms CPU, {1000 * w_['wall']:.2f} ms wall (CPU {w_['cpu'] / b_['cpu']:.3f}, wall "
+                                 f"{w_['wall'] / b_['wall']:.3f}); pre-#18 per-classifier batcher {1000 * o_['cpu']:.2f} "
+                                 f"ms CPU, {1000 * o_['wall']:.2f} ms wall ({o_['cpu'] / b_['cpu']:.3f}; "
+                                 f"{o_['wall'] / b_['wall']:.3f}); max abs dp {d[bs + '_max_dp']:.0e}",
+                                 f"**CPU {s_['cpu'] / b_['cpu']:.3f}; wall {s_['wall'] / b_['wall']:.3f}**", "<= 1.05"))
+            print(rows[-2 * len(worlds):], flush=True)
         if "int8" in parts:
             q = run_sub("int8", world, count=min(n, 6), repeats=args.repeats)
             eager = run_sub("eager", world, repeats=args.repeats)

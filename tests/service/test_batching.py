@@ -67,6 +67,35 @@ def test_a_lone_request_does_not_wait_but_a_stream_of_requests_is_gathered():
     assert len(model.calls) < 4
 
 
+def test_one_clients_stream_stops_waiting_for_company_until_requests_overlap(monkeypatch):
+    """A client that sends each request after the last was answered has nobody to wait for: after one wait that
+    gathered nobody the batcher stops waiting, and waits again once requests arrive while others are in flight."""
+    model = _SlowModel(delay=0.0)
+    batcher = MicroBatcher(model.run, ThreadPoolExecutor(1), max_batch=8, max_wait_s=0.01)
+    waits = []
+    real_sleep = asyncio.sleep
+
+    async def counted_sleep(seconds, *a, **kw):
+        if seconds == batcher.max_wait_s:
+            waits.append(seconds)
+        return await real_sleep(seconds, *a, **kw)
+
+    monkeypatch.setattr(asyncio, "sleep", counted_sleep)
+
+    async def main():
+        stream = [await batcher.submit(np.full((1, 3, 2, 2), i, np.float32)) for i in range(6)]
+        waited_in_stream = len(waits)
+        burst = await asyncio.gather(*(batcher.submit(np.full((1, 3, 2, 2), i, np.float32)) for i in range(4)))
+        return stream, waited_in_stream, burst
+
+    stream, waited_in_stream, burst = asyncio.run(main())
+    assert [float(y[0, 0]) for y in stream] == [2.0 * i for i in range(6)]
+    assert [float(y[0, 0]) for y in burst] == [0.0, 2.0, 4.0, 6.0]
+    assert waited_in_stream == 1  # the second request waited (it came soon after the first), nobody joined
+    assert model.calls[:6] == [1] * 6 and model.calls[6:] == [4]
+    assert len(waits) == 2  # the overlapping burst waits for company again
+
+
 def test_a_failing_batch_fails_its_requests_only():
     calls = []
 
