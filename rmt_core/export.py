@@ -90,16 +90,20 @@ def check_parity(head: ClassifierHead, onnx_path: Path | str, batch: torch.Tenso
 
 @torch.no_grad()
 def check_served_parity(model: nn.Module, version_dir: Path | str, bases_dir: Path | str,
-                        batch: torch.Tensor | None = None, atol: float = 1e-3, seed: int = 0) -> float:
+                        batch: torch.Tensor | None = None, atol: float = 1e-3, seed: int = 0, served=None) -> float:
     """Serve ``version_dir`` the way the service will (shared base sessions, mask baked at load, numpy head)
     and compare its class probabilities with ``model`` (image -> logits, masks baked) on one batch.
+    ``served``: the version already loaded that way (the caller keeps and closes it); otherwise loaded here.
 
     Returns max |dp|; raises ExportParityError when it exceeds ``atol``.
     """
     from .runtime import BaseRegistry, load_classifier
 
-    served = load_classifier(version_dir, bases_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False))
+    own = served is None
+    if own:
+        served = load_classifier(version_dir, bases_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False))
     try:
         return _compare_with_torch(model, served.run, "the served classifier", batch, atol, seed)
     finally:
-        served.close()
+        if own:
+            served.close()

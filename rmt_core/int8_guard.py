@@ -20,13 +20,15 @@ def _predict(clf, batch: np.ndarray, chunk: int) -> np.ndarray:
 
 
 def int8_guard(version_dir: Path | str, bases_dir: Path | str, batch: np.ndarray, targets: Sequence[int],
-               min_agreement: float = MIN_AGREEMENT, max_accuracy_drop: float = MAX_ACCURACY_DROP) -> dict:
+               min_agreement: float = MIN_AGREEMENT, max_accuracy_drop: float = MAX_ACCURACY_DROP,
+               fp32: ServedClassifier | None = None) -> dict:
     """Serve ``version_dir`` in fp32 and in int8 on ``batch`` (preprocessed images [N,3,H,W] with their
     class indices ``targets``) and decide whether int8 may serve it: the record to store in the manifest,
     {"allowed", "agreement", "accuracy_fp32", "accuracy_int8", "max_abs_dp", "n", "min_agreement",
     "max_accuracy_drop"}. int8 runs once image by image and once in batches of ``GUARD_BATCH``; agreement and
     int8 accuracy are the worse of the two. A failure to quantize is recorded (``"error"``), never raised:
-    the version then serves fp32."""
+    the version then serves fp32. ``fp32``: the version already served in fp32 (the caller keeps and closes it);
+    otherwise loaded here."""
     batch = np.asarray(batch, dtype=np.float32)
     targets = np.asarray(targets, dtype=np.int64)
     if batch.ndim != 4 or len(batch) == 0 or len(batch) != len(targets):
@@ -34,12 +36,15 @@ def int8_guard(version_dir: Path | str, bases_dir: Path | str, batch: np.ndarray
                          f"{targets.shape[0]} targets")
     record: dict = {"allowed": False, "n": int(len(batch)), "min_agreement": min_agreement,
                     "max_accuracy_drop": max_accuracy_drop}
-    registry = BaseRegistry(bases_dir, "cpu", shared_arena=False)
-    fp32 = ServedClassifier(version_dir, registry, precision="fp32")
+    own = fp32 is None
+    if own:
+        fp32 = ServedClassifier(version_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False), precision="fp32")
+    registry = fp32.registry
     try:
         reference = _predict(fp32, batch, GUARD_BATCH)
     finally:
-        fp32.close()
+        if own:
+            fp32.close()
     try:
         int8 = ServedClassifier(version_dir, registry, precision="int8", check_guard=False)
     except Exception as exc:  # noqa: BLE001 - recorded: the version serves fp32

@@ -35,7 +35,7 @@ from .images import open_image_file
 from .preprocess import PreprocessConfig, preprocess_batch
 from .int8_guard import int8_guard
 from .quantize import GUARD_KEY as INT8_GUARD_KEY
-from .runtime import JIT_PARITY_KEY, MANIFEST, ONNX_FILE, check_mode_parity
+from .runtime import JIT_PARITY_KEY, MANIFEST, ONNX_FILE, BaseRegistry, ServedClassifier, check_mode_parity
 from .tuning import Progress, TuningCancelled  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
@@ -423,16 +423,21 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     }
     write_json(out_dir / MANIFEST, manifest)  # the runtime reads it; parity and validation are added below
     # what will be served (base sessions + mask baked at load + numpy head) against the tuned torch model
+    # (loaded once for the three checks below: each load builds the classifier's own sessions again)
     parity_batch = torch.from_numpy(held_batch[:4]) if held_batch is not None else None
-    manifest["parity_max_abs_diff"] = check_served_parity(head, out_dir, bases_dir, parity_batch,
-                                                          atol=config.parity_atol, seed=config.seed)
-    # may the jit tier (RMT_SERVING_MODE=jit|auto) serve it? its probabilities against baked fp32, real images
-    manifest[JIT_PARITY_KEY] = check_mode_parity(out_dir, bases_dir, (held_batch if held_batch is not None
-                                                                      else train_batch)[:4])
-    # may this version serve int8 (RMT_SERVING_PRECISION=int8)? judged on every image the build has
-    manifest[INT8_GUARD_KEY] = int8_guard(
-        out_dir, bases_dir, np.concatenate([train_batch, held_batch]) if held_batch is not None else train_batch,
-        train_targets + held_targets)
+    served = ServedClassifier(out_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False))
+    try:
+        manifest["parity_max_abs_diff"] = check_served_parity(head, out_dir, bases_dir, parity_batch,
+                                                              atol=config.parity_atol, seed=config.seed, served=served)
+        # may the jit tier (RMT_SERVING_MODE=jit|auto) serve it? its probabilities against baked fp32, real images
+        manifest[JIT_PARITY_KEY] = check_mode_parity(
+            out_dir, bases_dir, (held_batch if held_batch is not None else train_batch)[:4], baked=served)
+        # may this version serve int8 (RMT_SERVING_PRECISION=int8)? judged on every image the build has
+        manifest[INT8_GUARD_KEY] = int8_guard(
+            out_dir, bases_dir, np.concatenate([train_batch, held_batch]) if held_batch is not None else train_batch,
+            train_targets + held_targets, fp32=served)
+    finally:
+        served.close()
 
     history = result.history if result is not None else []
     validation = run.validation

@@ -771,6 +771,12 @@ class ServedClassifier(_Classifier):
             return self._chain[0][1].run([LOGITS], {self._input: self._checked_batch(batch)})[0]
         return self.head.logits(self.features(batch))
 
+    @property
+    def registry(self) -> BaseRegistry:
+        """The registry this classifier's base sessions come from (another mode or precision of the same version
+        loads on it without loading the base again)."""
+        return self._registry
+
     def close(self) -> None:
         """Give the shared sessions back to the registry now (otherwise when this object is collected)."""
         self._chain = []
@@ -784,28 +790,31 @@ JIT_PARITY_ATOL = 1e-4  # every fp32 mode's class probabilities vs the baked fp3
 
 
 def check_mode_parity(version_dir: Path | str, bases_dir: Path | str, images: np.ndarray,
-                      atol: float = JIT_PARITY_ATOL) -> dict | None:
+                      atol: float = JIT_PARITY_ATOL, baked: ServedClassifier | None = None) -> dict | None:
     """Serve ``version_dir`` baked and jit (both fp32) on ``images`` (preprocessed [N,3,H,W]), one image
     alone (the bound small-batch chain) and all of them at once, and say whether the jit tier may serve it:
     {"max_abs_dp", "atol", "n", "allowed"}, the record the build stores (``JIT_PARITY_KEY``); a version
     whose record says not allowed is served baked in every mode. None when the version masks nothing (jit
-    then serves the shared base exactly as baked does)."""
+    then serves the shared base exactly as baked does). ``baked``: the version already loaded baked (the caller
+    keeps and closes it); otherwise it is loaded here."""
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"mode parity needs images [N,3,H,W] with N >= 1; got shape {images.shape}")
-    registry = BaseRegistry(bases_dir, "cpu", shared_arena=False)
-    baked = ServedClassifier(version_dir, registry, "baked")
+    own = baked is None
+    if own:
+        baked = ServedClassifier(version_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False), "baked")
     try:
         if not baked.masked:
             return None
-        jit = ServedClassifier(version_dir, registry, "jit", check_guard=False)
+        jit = ServedClassifier(version_dir, baked.registry, "jit", check_guard=False)
         try:
             dp = max(float(np.abs(jit.run(images[:1]) - baked.run(images[:1])).max()),
                      float(np.abs(jit.run(images) - baked.run(images)).max()))
         finally:
             jit.close()
     finally:
-        baked.close()
+        if own:
+            baked.close()
     return {"max_abs_dp": dp, "atol": atol, "n": int(len(images)), "allowed": bool(dp <= atol)}
 
 
