@@ -37,6 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import cpu_model  # noqa: E402
+
 ARCH = "ViT-B-32"
 BUILTIN_ARCH = "rmt-world-vit"
 LABELS = ["cat", "dog", "car", "tree", "boat"]
@@ -494,7 +496,7 @@ def main() -> None:
     table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
     key = f"drop={args.drop} n={args.classifiers} parts={args.parts}"
     section = (f"<!-- run {key} -->\n_Measured {dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC on "
-               f"{os.uname().machine}, {os.cpu_count()} CPU cores (shared with other jobs), `{cmd}` in {elapsed:.0f} s; "
+               f"{os.uname().machine} {cpu_model()}, {os.cpu_count()} CPU cores (shared with other jobs), `{cmd}` in {elapsed:.0f} s; "
                f"masks drop {100 * args.drop:.2f}% of {world['masked_weights']:,} masked weights._\n\n"
                "| what | measured | ratio / value | goal |\n|---|---|---|---|\n" + table + f"\n<!-- /run {key} -->\n")
     text = RESULTS.read_text() if RESULTS.exists() else "# Many classifiers on one base\n\n"

@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench.results import cpu_model  # noqa: E402
 from bench_claims import ALL_SHAPES, TEMPLATE, TEST_SEED, TRAIN_SEED_OFFSET, images_of  # noqa: E402
 
 from rmt_core import world  # noqa: E402
@@ -209,16 +210,6 @@ def run_one(task: str, shots: int, seed: int, backbone_name: str = "rmt-world-vi
         "mean_top_score_test": float(probs.max(1).mean()), "ece_validation": v.get("ece_after"),
         "ece_n": v.get("ece_n"), "open_set": open_set, "refit": refit, "min_steps": config.min_steps,
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def report(runs: list[dict]) -> str:

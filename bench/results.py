@@ -26,8 +26,20 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (the same session may land on different VMs: tables must say which)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_implementation()} {platform.python_version()}"
+    return (f"{platform.machine()} {cpu_model()}, {os.cpu_count()} CPU cores, {platform.python_implementation()} "
+            f"{platform.python_version()}")
 
 
 def write_section(name: str, markdown: str) -> None:
