@@ -162,7 +162,16 @@ try:
         eta_error = round(predicted / actual - 1, 3)
 except (OSError, KeyError, StopIteration):
     pass
-print(json.dumps({{"wall_s": round(wall, 2), "eta_error_at_20pct": eta_error, "cpu_s": round(cpu, 2), "candidate": manifest["candidate"],
+step_s = {{"pre": [], "post": []}}  # seconds per step before / after the first flip (each step's own time)
+try:
+    prev_t, prev_sp = 0.0, 0.0
+    for h in hist:
+        step_s["post" if prev_sp > 0 else "pre"].append(h["elapsed_s"] - prev_t)
+        prev_t, prev_sp = h["elapsed_s"], h["sparsity"]
+except NameError:
+    pass
+step_means = {{k: round(sum(v) / len(v), 4) if v else None for k, v in step_s.items()}}
+print(json.dumps({{"wall_s": round(wall, 2), "eta_error_at_20pct": eta_error, "step_s_pre_post_flip": step_means, "cpu_s": round(cpu, 2), "candidate": manifest["candidate"],
     "steps": manifest["steps"], "tuning": manifest.get("tuning"), "test_acc": acc,
     "published_accuracy": (manifest.get("validation") or {{}}).get("published_accuracy")}}))
 """

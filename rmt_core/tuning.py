@@ -51,8 +51,11 @@ class StepTimer:
 
     Before any mask flips, GDR has no teacher to run and steps are cheaper; averaging them in made early ETAs
     far too low. Once a mask has flipped, the ETA is the mean of the last ``window`` post-flip steps times the
-    steps left. Before that it is the pre-flip mean times ``PRE_FLIP_FACTOR`` for GDR methods (the teacher
-    forward pass they will add), labelled as an estimate.
+    steps left. Before that it is the pre-flip mean times ``PRE_FLIP_FACTOR`` for GDR methods, labelled as an
+    estimate: after the flip a step adds the KL's second vector to the VJP, the holdout checks and the teacher
+    pass over views first drawn after the flip (few: the pre-flip steps' own logits are kept as the teacher's).
+    Measured post/pre-flip step time ratio with that reuse: 1.27-1.42 builtin, 1.54 ViT-B-32 (5x8,
+    bench/RESULTS-build.md "ETA").
     """
 
     PRE_FLIP_FACTOR = 1.4
@@ -91,13 +94,15 @@ class TuneResult:
     checks: list[dict] = field(default_factory=list)  # holdout accuracy of the mask candidate per check
     views_made: int = 0
     teacher_forwards: int = 0  # images the teacher ran on (each cached view once)
+    teacher_reused: int = 0  # views whose teacher logits were the student's own before any mask flipped
     threads: int = 0  # torch intra-op threads the loop ran on
 
     def summary(self) -> dict:
         """What the manifest records about the tuning run."""
         return {"steps": self.steps, "planned_steps": self.planned_steps, "stop_reason": self.stop_reason,
                 "precision": self.precision, "checks": self.checks, "views_made": self.views_made,
-                "teacher_forwards": self.teacher_forwards, "threads": self.threads,
+                "teacher_forwards": self.teacher_forwards, "teacher_reused": self.teacher_reused,
+                "threads": self.threads,
                 "seconds": round(self.elapsed_s, 2)}
 
 
@@ -240,6 +245,7 @@ class ViewPool:
         self._teacher: dict[tuple[int, int], torch.Tensor] = {}
         self.views_made = 0
         self.teacher_computed = 0
+        self.teacher_reused = 0  # views whose teacher logits came from a pre-flip student pass
 
     def view(self, i: int, v: int) -> torch.Tensor:
         key = (i, v)
@@ -252,6 +258,20 @@ class ViewPool:
 
     def batch(self, idx: Sequence[int], view_ids: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.view(i, v) for i, v in zip(idx, view_ids)])
+
+    def remember_teacher(self, idx: Sequence[int], view_ids: Sequence[int], logits: torch.Tensor) -> None:
+        """Keep ``logits`` [len(idx), C] as the teacher's logits of these views, for views not yet held.
+
+        Only valid for logits of the zero-shot model: tune() passes the student's own logits from steps before
+        any mask flipped, when every mask bit is 1 and the student computes exactly the zero-shot weights
+        (BinaryMask: W * 1, up to the kernel path: the teacher's inference-mode attention). Each view drawn
+        before the first flip then never needs a teacher forward pass after it.
+        """
+        out = logits.detach().float().cpu()
+        for row, key in enumerate(zip(idx, view_ids)):
+            if key not in self._teacher:
+                self._teacher[key] = out[row]
+                self.teacher_reused += 1
 
     def teacher_logits(self, idx: Sequence[int], view_ids: Sequence[int],
                        compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -469,6 +489,8 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
             with autocast(precision, device):
                 logits = class_logits(model, batch, text_features)
             logits = logits.float()
+            if config.uses_gdr and not flipped_before:  # the student is still the zero-shot model
+                pool.remember_teacher(idx, view_ids, logits)
             loss_ce = update_scores(logits, y, teacher_logits, scores, optimizer, config, gdr_generator)
             scheduler.step()
             step += 1
@@ -510,4 +532,5 @@ def tune(backbone: Backbone, images: Sequence[Image.Image], targets: Sequence[in
                       warnings=warnings, elapsed_s=time.monotonic() - started, planned_steps=total,
                       stop_reason=stop_reason, precision=precision, checks=checks,
                       views_made=pool.views_made, teacher_forwards=pool.teacher_computed,
+                      teacher_reused=pool.teacher_reused,
                       threads=torch.get_num_threads())

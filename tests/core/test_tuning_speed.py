@@ -59,6 +59,32 @@ def test_gdr_runs_the_teacher_once_per_view_not_once_per_step():
     assert result.teacher_forwards < flipped_steps * 8  # what a forward per step would have cost
 
 
+def test_views_drawn_before_the_first_flip_reuse_the_students_logits_as_the_teachers(monkeypatch):
+    import rmt_core.tuning as tuning
+
+    pools = []
+
+    class Recording(tuning.ViewPool):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            pools.append(self)
+
+    monkeypatch.setattr(tuning, "ViewPool", Recording)
+    backbone = tiny(seed=3)
+    images, targets = _task()
+    text = encode_class_texts(backbone, LABELS, "a photo of a {}.")
+    result = tune(backbone, images, targets, text, _config(method="r-amt", min_steps=60))
+    (pool,) = pools
+    assert result.sparsity > 0 and result.teacher_reused > 0  # steps ran both before and after the first flip
+    assert result.teacher_reused + result.teacher_forwards == len(pool._teacher) <= result.views_made
+    # every stored teacher row, reused or computed, is the zero-shot model's logits of that view
+    keys = sorted(pool._teacher)
+    stored = torch.stack([pool._teacher[k] for k in keys])
+    fresh = zero_shot_logits(backbone.model, pool.batch([i for i, _ in keys], [v for _, v in keys]), text)
+    torch.testing.assert_close(stored, fresh, rtol=1e-4, atol=1e-4)
+    assert result.summary()["teacher_reused"] == result.teacher_reused
+
+
 def _validation(n_per_class=5, seed=7):
     samples = colour_task(n_per_class=n_per_class, seed=seed)
     backbone = tiny(seed=3)
