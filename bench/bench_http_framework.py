@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 
 
-def measure(work: Path, repeats: int, profile: str | None) -> dict:
+def measure(work: Path, repeats: int, profile: str | None, only: str | None = None) -> dict:
     sys.path.insert(0, str(HERE))
     from bench.bench_http import jpeg_224, multipart
     from bench.bench_http_phases import call_app
@@ -71,6 +71,8 @@ def measure(work: Path, repeats: int, profile: str | None) -> dict:
 
     ops = {"classify, 1 at a time": (classify, 1), "classify, 16 concurrent": (classify16, 16),
            "GET /v1/classifiers/{id}": (get, 1)}
+    if only:
+        ops = {k: v for k, v in ops.items() if only in k}
 
     async def run() -> dict:
         for fn, _ in ops.values():
@@ -112,10 +114,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--trees", nargs="+", type=Path, help="checkouts to compare (default: this one)")
     p.add_argument("--profile", choices=["classify", "classify16", "get"])
+    p.add_argument("--only", help="measure only the ops whose name contains this (e.g. to run one under py-spy)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child or args.profile:
-        print(json.dumps(measure(args.work, args.repeats, args.profile)))
+        print(json.dumps(measure(args.work, args.repeats, args.profile, args.only)))
         return
     trees = [t.resolve() for t in (args.trees or [HERE])]
     runs: dict[Path, list[dict]] = {t: [] for t in trees}
