@@ -19,24 +19,27 @@ from .queue import JobQueue
 
 DEFAULT_TENANT = "default"
 
+# The dependencies are async: none blocks (app.state reads, a header and an in-memory key table), and FastAPI
+# runs a plain ``def`` dependency in the threadpool, a thread hop each (five per classify request).
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
-def get_cache(request: Request) -> ClassifierCache:
+async def get_cache(request: Request) -> ClassifierCache:
     return request.app.state.cache
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -44,8 +47,8 @@ def get_metrics(request: Request) -> Metrics:
 _BEARER = HTTPBearer(auto_error=False, description="An API key from RMT_API_KEYS; not needed when none are set.")
 
 
-def get_tenant(request: Request,
-               _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None) -> str:
+async def get_tenant(request: Request,
+                     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None) -> str:
     """The caller's tenant from ``Authorization: Bearer <key>``; everyone is one tenant when no keys are set."""
     keys: dict[str, str] = request.app.state.tenant_keys
     if not keys:

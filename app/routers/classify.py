@@ -1,14 +1,18 @@
 """POST /v1/classifiers/{id}/classify: one image or a batch, through the cache and the micro-batcher."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 
 import numpy as np
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from rmt_core.runtime import OnnxClassifier
+from rmt_core.threads import available_cpus
 from rmt_service.settings import Settings
 
 from ..access import ERRORS as _ERRORS, served_version
@@ -25,6 +29,20 @@ _CLASSIFY_BODY = multipart_body({
     "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
               "description": "Instead of file: a batch of images."},
 }, one_of_required=[("file",), ("files",)])
+
+
+_PREPARE_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter] = weakref.WeakKeyDictionary()
+
+
+def _prepare_slots() -> CapacityLimiter:
+    """At most one decode + preprocess per CPU at a time (per event loop: a test client runs its own).
+    It is CPU work under the GIL for the most part: 16 requests decoding in 16 threads of the request
+    threadpool only traded the GIL and the cores back and forth (bench/RESULTS-multitenant.md)."""
+    loop = asyncio.get_running_loop()
+    slots = _PREPARE_SLOTS.get(loop)
+    if slots is None:
+        slots = _PREPARE_SLOTS[loop] = CapacityLimiter(available_cpus())
+    return slots
 
 
 def _prepare(blobs: list[tuple[bytes, str]], classifier: OnnxClassifier, settings: Settings) -> np.ndarray:
@@ -111,7 +129,7 @@ async def classify(classifier_id: str, request: Request, settings: SettingsDep, 
         version = entry.version
         min_score = _threshold("min_score", min_score_asked, record.config, version.manifest or {})
         max_outlier = _threshold("max_outlier", max_outlier_asked, record.config, version.manifest or {})
-    arrays = await run_in_threadpool(_prepare, blobs, entry.classifier, settings)
+    arrays = await to_thread.run_sync(_prepare, blobs, entry.classifier, settings, limiter=_prepare_slots())
     probs, outlier = await entry.predict(arrays)  # through the micro-batcher of its base, mixed with others
     metrics.classified.inc(len(blobs))
     predictions = entry.classifier.top_k(probs, top_k)
