@@ -83,3 +83,16 @@ def test_sigterm_drains_keep_alive_connections(tmp_path):
         assert child.proc.wait(30) == 0
     finally:
         child.stop()
+
+
+def test_uvicorn_parses_http_with_httptools():
+    """pyproject installs httptools so uvicorn's "auto" picks it over pure-Python h11 (the HTTP goals of
+    bench/RESULTS-multitenant.md were met with it and missed without it); dropping it must not go unnoticed."""
+    import uvicorn
+
+    async def app(scope, receive, send):  # pragma: no cover - never called
+        pass
+
+    config = uvicorn.Config(app)
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
