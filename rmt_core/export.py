@@ -97,13 +97,8 @@ def check_served_parity(model: nn.Module, version_dir: Path | str, bases_dir: Pa
 
     Returns max |dp|; raises ExportParityError when it exceeds ``atol``.
     """
-    from .runtime import BaseRegistry, load_classifier
+    from .runtime import BaseRegistry, given_or_loaded, load_classifier
 
-    own = served is None
-    if own:
-        served = load_classifier(version_dir, bases_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False))
-    try:
+    with given_or_loaded(served, lambda: load_classifier(
+            version_dir, bases_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False))) as served:
         return _compare_with_torch(model, served.run, "the served classifier", batch, atol, seed)
-    finally:
-        if own:
-            served.close()

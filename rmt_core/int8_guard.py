@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from .quantize import GUARD_BATCH, MAX_ACCURACY_DROP, MIN_AGREEMENT
-from .runtime import BaseRegistry, ServedClassifier
+from .runtime import BaseRegistry, ServedClassifier, given_or_loaded
 
 
 def _predict(clf, batch: np.ndarray, chunk: int) -> np.ndarray:
@@ -36,15 +36,10 @@ def int8_guard(version_dir: Path | str, bases_dir: Path | str, batch: np.ndarray
                          f"{targets.shape[0]} targets")
     record: dict = {"allowed": False, "n": int(len(batch)), "min_agreement": min_agreement,
                     "max_accuracy_drop": max_accuracy_drop}
-    own = fp32 is None
-    if own:
-        fp32 = ServedClassifier(version_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False), precision="fp32")
-    registry = fp32.registry
-    try:
+    with given_or_loaded(fp32, lambda: ServedClassifier(
+            version_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False), precision="fp32")) as fp32:
+        registry = fp32.registry
         reference = _predict(fp32, batch, GUARD_BATCH)
-    finally:
-        if own:
-            fp32.close()
     try:
         int8 = ServedClassifier(version_dir, registry, precision="int8", check_guard=False)
     except Exception as exc:  # noqa: BLE001 - recorded: the version serves fp32

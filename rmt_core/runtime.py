@@ -789,6 +789,20 @@ JIT_PARITY_KEY = "jit_parity"  # manifest: the build's check that the jit tier a
 JIT_PARITY_ATOL = 1e-4  # every fp32 mode's class probabilities vs the baked fp32 classifier's (issue 18)
 
 
+@contextlib.contextmanager
+def given_or_loaded(given, load):
+    """``given`` as it is (its caller keeps and closes it), or ``load()``'s classifier, closed on exit: a check
+    called alone loads what it serves; a build running several checks loads the version once and passes it in."""
+    if given is not None:
+        yield given
+        return
+    loaded = load()
+    try:
+        yield loaded
+    finally:
+        loaded.close()
+
+
 def check_mode_parity(version_dir: Path | str, bases_dir: Path | str, images: np.ndarray,
                       atol: float = JIT_PARITY_ATOL, baked: ServedClassifier | None = None) -> dict | None:
     """Serve ``version_dir`` baked and jit (both fp32) on ``images`` (preprocessed [N,3,H,W]), one image
@@ -800,10 +814,8 @@ def check_mode_parity(version_dir: Path | str, bases_dir: Path | str, images: np
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"mode parity needs images [N,3,H,W] with N >= 1; got shape {images.shape}")
-    own = baked is None
-    if own:
-        baked = ServedClassifier(version_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False), "baked")
-    try:
+    with given_or_loaded(baked, lambda: ServedClassifier(
+            version_dir, BaseRegistry(bases_dir, "cpu", shared_arena=False), "baked")) as baked:
         if not baked.masked:
             return None
         jit = ServedClassifier(version_dir, baked.registry, "jit", check_guard=False)
@@ -812,9 +824,6 @@ def check_mode_parity(version_dir: Path | str, bases_dir: Path | str, images: np
                      float(np.abs(jit.run(images) - baked.run(images)).max()))
         finally:
             jit.close()
-    finally:
-        if own:
-            baked.close()
     return {"max_abs_dp": dp, "atol": atol, "n": int(len(images)), "allowed": bool(dp <= atol)}
 
 
