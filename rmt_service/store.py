@@ -10,6 +10,7 @@ Ids are generated here; a record carries its tenant and lookups with another ten
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -127,20 +128,17 @@ class Store(VersionsMixin):
             row = conn.execute(query).first()
         return None if row is None else _classifier(row._mapping)
 
-    def _view_query(self):
-        """The classifier + job + version select (immutable: ``.where`` returns a new one), built once: its ~60
-        labelled columns were a third of each classify request's records lookup (0.345 -> 0.235 ms)."""
-        query = getattr(self, "_view_select", None)
-        if query is None:
-            from .db import jobs as jobs_t
-
-            ver = [c.label("v_" + c.name) for c in _VER_COLS]
-            job = [c.label("j_" + c.name) for c in jobsm._COLUMNS]
-            query = self._view_select = (
-                select(*_CLF_COLS, *job, *ver)
-                .select_from(classifiers.outerjoin(jobs_t, jobs_t.c.id == classifiers.c.job_id)
+    @staticmethod
+    @functools.cache
+    def _view_query():
+        """The classifier + job + version select (immutable: ``.where`` returns a new one), built once per
+        process: its ~60 labelled columns were a third of each classify request's records lookup (0.345 ->
+        0.235 ms). It reads only the module's tables, so every Store shares it."""
+        ver = [c.label("v_" + c.name) for c in _VER_COLS]
+        job = [c.label("j_" + c.name) for c in jobsm._COLUMNS]
+        return (select(*_CLF_COLS, *job, *ver)
+                .select_from(classifiers.outerjoin(jobs, jobs.c.id == classifiers.c.job_id)
                              .outerjoin(versions, versions.c.version_id == classifiers.c.current_version_id)))
-        return query
 
     @staticmethod
     def _view(row) -> ClassifierView:
