@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import delete, insert, select, text, tuple_, update
+from sqlalchemy import bindparam, delete, insert, select, text, tuple_, update
 from sqlalchemy.engine import Connection
 
 from . import jobs as jobsm
@@ -31,6 +31,21 @@ from .settings import Settings
 from .versions import VersionsMixin, content_address
 
 log = logging.getLogger(__name__)
+
+
+def _by_id(query, with_tenant: bool):
+    """``query`` for the classifier whose id (and tenant) is bound at execution: see ``_id_params``."""
+    query = query.where(classifiers.c.id == bindparam("classifier_id"))
+    return query.where(classifiers.c.tenant == bindparam("tenant")) if with_tenant else query
+
+
+@functools.cache
+def _record_by_id(with_tenant: bool):
+    return _by_id(select(*_CLF_COLS), with_tenant)
+
+
+def _id_params(classifier_id: str, tenant: str | None) -> dict:
+    return {"classifier_id": classifier_id} if tenant is None else {"classifier_id": classifier_id, "tenant": tenant}
 
 
 class Store(VersionsMixin):
@@ -121,11 +136,8 @@ class Store(VersionsMixin):
         """The record, or None if the id is unknown, malformed, or belongs to another tenant."""
         if not is_classifier_id(classifier_id):
             return None
-        query = select(*_CLF_COLS).where(classifiers.c.id == classifier_id)
-        if tenant is not None:
-            query = query.where(classifiers.c.tenant == tenant)
         with self.db.read() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(_record_by_id(tenant is not None), _id_params(classifier_id, tenant)).first()
         return None if row is None else _classifier(row._mapping)
 
     @staticmethod
@@ -141,6 +153,14 @@ class Store(VersionsMixin):
                              .outerjoin(versions, versions.c.version_id == classifiers.c.current_version_id)))
 
     @staticmethod
+    @functools.cache
+    def _view_by_id(with_tenant: bool):
+        """The view select for one id (and tenant), its values bound per call: one statement object, so
+        SQLAlchemy neither copies it (``.where``) nor walks its ~60 columns for a cache key on each request
+        (classify's records lookup: 297 -> 136 us here, bench/RESULTS-multitenant.md)."""
+        return _by_id(Store._view_query(), with_tenant)
+
+    @staticmethod
     def _view(row) -> ClassifierView:
         m = row._mapping
         job = None
@@ -153,11 +173,8 @@ class Store(VersionsMixin):
         """Classifier + job + current version in one query (what GET /v1/classifiers/{id} shows)."""
         if not is_classifier_id(classifier_id):
             return None
-        query = self._view_query().where(classifiers.c.id == classifier_id)
-        if tenant is not None:
-            query = query.where(classifiers.c.tenant == tenant)
         with self.db.read() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(self._view_by_id(tenant is not None), _id_params(classifier_id, tenant)).first()
         return None if row is None else self._view(row)
 
     def list_classifiers(self, tenant: str, limit: int = 50, cursor: str | None = None, offset: int = 0
