@@ -27,7 +27,7 @@ def owned_classifier(store: Store, classifier_id: str, tenant: str) -> Classifie
 def served_version(store: Store, classifier_id: str, tenant: str) -> tuple[ClassifierRecord, VersionRecord]:
     """The caller's classifier and the version classify answers with, in one query (rmt_service.versions.decide).
     404 for another tenant's id; 409 not_ready otherwise (retryable while the build job is active)."""
-    view = store.view(classifier_id, tenant)
+    view = store.served_view(classifier_id, tenant)
     if view is None:
         raise ApiError(404, "not_found", f"no classifier {classifier_id!r}")
     serving = decide(view.classifier, view.job, view.version)

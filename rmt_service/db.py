@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -198,6 +200,34 @@ class Database:
         self.url = url
         self.engine = make_engine(url, echo=echo, pool_size=pool_size, lock_timeout_s=lock_timeout_s)
         self.dialect = self.engine.dialect.name
+        self._stamp_lock = threading.Lock()
+        self._stamp_conn: sqlite3.Connection | None = None
+        path = url.split("///", 1)[1] if self.is_sqlite and "///" in url else ""
+        self._stamp_path = path if path and path != ":memory:" and not path.startswith("file:") else None
+
+    def change_stamp(self) -> int | None:
+        """A number that differs from the one before whenever any connection, of this process or another,
+        has committed to the database since: SQLite's ``PRAGMA data_version``, read on a connection of its own
+        that never writes (a few microseconds). None where there is no such number (PostgreSQL, an in-memory
+        SQLite): callers then read the records. Read it *before* the records it vouches for: a commit between
+        the two makes the next stamp differ, so nothing older than a commit is ever taken as current."""
+        if self._stamp_path is None:
+            return None
+        with self._stamp_lock:
+            try:
+                if self._stamp_conn is None:
+                    self._stamp_conn = sqlite3.connect(self._stamp_path, check_same_thread=False,
+                                                       isolation_level=None)
+                return int(self._stamp_conn.execute("PRAGMA data_version").fetchone()[0])
+            except sqlite3.Error:  # the file went away or cannot be read: no stamp, so nobody trusts a copy
+                log.warning("SQLite change stamp unavailable", exc_info=True)
+                self._close_stamp()
+                return None
+
+    def _close_stamp(self) -> None:
+        conn, self._stamp_conn = self._stamp_conn, None
+        if conn is not None:
+            conn.close()
 
     @property
     def is_sqlite(self) -> bool:
@@ -221,6 +251,8 @@ class Database:
             return float(conn.execute(db_now().select()).scalar_one())
 
     def dispose(self) -> None:
+        with self._stamp_lock:
+            self._close_stamp()
         self.engine.dispose()
 
 

@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import json
 import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -55,6 +57,8 @@ class Store(VersionsMixin):
         self.settings = settings
         self.db = db or Database(settings.effective_database_url, lock_timeout_s=settings.database_lock_timeout_seconds)
         self.blobs = BlobStore(settings.data_dir)
+        self._served: OrderedDict[tuple[str, str | None], tuple[int, ClassifierView]] = OrderedDict()
+        self._served_lock = threading.Lock()
 
     def close(self) -> None:
         self.db.dispose()
@@ -176,6 +180,33 @@ class Store(VersionsMixin):
         with self.db.read() as conn:
             row = conn.execute(self._view_by_id(tenant is not None), _id_params(classifier_id, tenant)).first()
         return None if row is None else self._view(row)
+
+    SERVED_VIEWS = 4096  # views kept by served_view (a few kB each)
+
+    def served_view(self, classifier_id: str, tenant: str | None = None) -> ClassifierView | None:
+        """``view``, for the request path that reads it on every call (classify): the view read last for this id
+        is answered again while the database's change stamp says nothing was committed since it was read (any
+        commit by any process changes the stamp: a publish, a job's progress, a delete), so a publish is still
+        seen by the next request. Without a stamp (PostgreSQL) every call reads the records. The view is shared
+        between callers: read it, do not change it."""
+        stamp = self.db.change_stamp()
+        if stamp is None:
+            return self.view(classifier_id, tenant)
+        key = (classifier_id, tenant)
+        with self._served_lock:
+            hit = self._served.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        view = self.view(classifier_id, tenant)
+        with self._served_lock:
+            if view is None:
+                self._served.pop(key, None)
+            else:
+                self._served[key] = (stamp, view)
+                self._served.move_to_end(key)
+                while len(self._served) > self.SERVED_VIEWS:
+                    self._served.popitem(last=False)
+        return view
 
     def list_classifiers(self, tenant: str, limit: int = 50, cursor: str | None = None, offset: int = 0
                          ) -> tuple[list[ClassifierView], int, str | None]:

@@ -149,6 +149,39 @@ def test_preview_then_final(store):
     assert late.version_id != final.version_id
 
 
+def test_the_served_view_follows_every_commit_of_another_process_at_once(store, settings):
+    """classify reads its classifier through served_view on every request; on SQLite it answers from the last
+    read while nothing was committed, so the test counts the statements it runs."""
+    other = Store(settings)  # another process (a worker) writing to the same database
+    statements = []
+    from sqlalchemy import event
+
+    event.listen(store.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    try:
+        record, job = other.create_classifier("t", "", _samples(), {})
+        cid = record.classifier_id
+        first = store.served_view(cid, "t")
+        assert first.version is None and first.job.status == "queued"
+        assert store.served_view(cid, "other-tenant") is None
+        statements.clear()
+        again = store.served_view(cid, "t")
+        assert again.job.status == "queued" and again.version is None
+        if store.db.is_sqlite:
+            assert statements == []  # nothing was committed since: no query
+        other.claim(job.job_id, "w")
+        assert store.served_view(cid, "t").job.status == "running"
+        preview = other.publish_version(cid, _build(other, cid, {"labels": []}), final=False, candidate="head")
+        assert store.served_view(cid, "t").version.version_id == preview.version_id
+        final = other.publish_version(cid, _build(other, cid, {"labels": []}), job_id=job.job_id, owner="w")
+        view = store.served_view(cid, "t")
+        assert view.version.version_id == final.version_id and view.job.status == "succeeded"
+        assert view == store.view(cid, "t")
+        assert other.delete_classifier(cid)
+        assert store.served_view(cid, "t") is None
+    finally:
+        other.close()
+
+
 def test_publish_after_delete_fails_cleanly(store):
     record, job = store.create_classifier("t", "", _samples(), {})
     store.claim(job.job_id, "w")
