@@ -241,7 +241,23 @@ def http_throughput(port: int, classifier_id: str, body: bytes, clients: int, se
         raise RuntimeError(f"{len(errors)} client errors, first: {errors[0]}")
     in_window = sorted(lat for lst in done for t, lat in lst if window_start <= t <= window_end)
     return {"throughput": len(in_window) / (window_end - window_start), "requests": len(in_window),
+            "throughput_aligned": burst_aligned_rate(sorted(t for lst in done for t, _ in lst
+                                                            if window_start <= t <= window_end)),
             "p50_ms": 1000 * in_window[len(in_window) // 2], "p99_ms": 1000 * in_window[int(len(in_window) * 0.99)]}
+
+
+def burst_aligned_rate(finished: list[float], gap_s: float = 0.02) -> float:
+    """Completions per second between the end of the first burst and the end of the last one in the window.
+
+    A micro-batch's requests complete together (8 at a time here, ~0.3 s apart), so counting completions in a
+    fixed window moves by a whole batch with the window's phase: +-8 of ~260 requests, about +-0.03 on the
+    ratio. Completions closer than ``gap_s`` form a burst; the rate is taken from the end of the first burst
+    to the end of the last, which holds whole batches only."""
+    ends = [t for t, nxt in zip(finished, finished[1:] + [float("inf")]) if nxt - t > gap_s]
+    if len(ends) < 2:
+        return float("nan")
+    after_first = sum(1 for t in finished if ends[0] < t <= ends[-1])
+    return after_first / (ends[-1] - ends[0])
 
 
 def latencies(port: int, classifier_id: str, body: bytes, raw: RawOrt, n: int) -> tuple[float, float]:
@@ -326,11 +342,20 @@ def main(argv: list[str] | None = None) -> int:
 
     onnx_mb = (model_dir / "model.onnx").stat().st_size / 2**20
     ratio_tp = loaded["throughput"] / raw["throughput"]
+    aligned = statistics.median(x["throughput_aligned"] for x in http_runs)
+    # each HTTP round against the raw round just before it: the machine's speed drifts between rounds (raw
+    # rounds of one run differed by up to 8% here), and a ratio of medians mixes rounds minutes apart
+    paired = [x["throughput_aligned"] / r for x, r in zip(http_runs, raw_tp)]
+    ratio_aligned = statistics.median(paired)
     ratio_lat = single / raw["bs1_p50_ms"]
     rows = [
         ("HTTP classify throughput, 16 clients (img/s)", f"{loaded['throughput']:.1f}",
          f"raw ORT batched (bs 32): {raw['throughput']:.1f}", f"{ratio_tp:.2f}", ">= 0.90",
          "pass" if ratio_tp >= 0.90 else "MISS"),
+        ("the same, each round's completions counted from its first batch's end to its last's, against the raw "
+         "round before it (median of the rounds' ratios)", f"{aligned:.1f}",
+         f"raw rounds {', '.join(f'{x:.1f}' for x in raw_tp)}", f"{ratio_aligned:.2f} "
+         f"({', '.join(f'{x:.2f}' for x in paired)})", ">= 0.90", "pass" if ratio_aligned >= 0.90 else "MISS"),
         ("single request p50 (ms)", f"{single:.1f}", f"raw ORT bs1 p50: {raw['bs1_p50_ms']:.1f}",
          f"{ratio_lat:.2f}", "<= 1.15", "pass" if ratio_lat <= 1.15 else "MISS"),
         (f"server RSS after serving {len(ids)} classifiers (MiB)", f"{rss_now:.0f} (peak {rss_peak:.0f})",
@@ -359,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| {' | '.join(row)} |" for row in rows],
         "",
         f"Raw ORT rounds {', '.join(f'{x:.2f}' for x in raw_tp)} img/s; HTTP rounds "
-        f"{', '.join(f'{run_tp:.2f}' for run_tp in (x['throughput'] for x in http_runs))} img/s. "
+        f"{', '.join(f'{run_tp:.2f}' for run_tp in (x['throughput'] for x in http_runs))} img/s (burst-aligned: "
+        f"{', '.join(f'{x:.2f}' for x in (r['throughput_aligned'] for r in http_runs))}). "
         f"Median HTTP round (steady-state window, last 3/4 of it): {loaded['requests']} requests, latency p50 {loaded['p50_ms']:.0f} ms / p99 "
         f"{loaded['p99_ms']:.0f} ms, mean ORT batch {mean_batch} images (micro-batching). Server RSS idle "
         f"{rss_idle:.0f} MiB.",
@@ -376,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(text)
     print(text)
     (args.work / "results.json").write_text(json.dumps({"raw": raw, "http": loaded, "single_p50_ms": single,
+                                                        "ratio_paired_aligned": ratio_aligned, "paired": paired,
                                                         "rss_mb": rss_now, "rss_peak_mb": rss_peak}, indent=1))
     return 0
 
