@@ -202,8 +202,8 @@ class Database:
         self.dialect = self.engine.dialect.name
         self._stamp_lock = threading.Lock()
         self._stamp_conn: sqlite3.Connection | None = None
-        path = url.split("///", 1)[1] if self.is_sqlite and "///" in url else ""
-        self._stamp_path = path if path and path != ":memory:" and not path.startswith("file:") else None
+        path = sqlite_file(url)
+        self._stamp_path = path if path and not path.startswith("file:") else None
 
     def change_stamp(self) -> int | None:
         """A number that differs from the one before whenever any connection, of this process or another,
@@ -256,14 +256,22 @@ class Database:
         self.engine.dispose()
 
 
+def sqlite_file(url: str) -> str | None:
+    """The database file of a SQLite URL (as written after ``///``), None for in-memory or non-SQLite URLs."""
+    if not url.startswith("sqlite") or "///" not in url:
+        return None
+    path = url.split("///", 1)[1]
+    return path if path and path != ":memory:" else None
+
+
 def make_engine(url: str, echo: bool = False, pool_size: int = 5, lock_timeout_s: float = 5.0) -> Engine:
     """An engine on which no statement waits for a lock longer than ``lock_timeout_s``: a process frozen
     while holding one (SIGSTOP, a hung host) delays the others that long at most, then they get an error
     (the API answers 503, retryable) instead of hanging a thread."""
     lock_ms = max(1, int(lock_timeout_s * 1000))
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
+        path = sqlite_file(url)
+        if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # Every connection the pool opens is kept (the same cap of pool_size + 20 at once): an overflow connection
         # was closed at check-in, so a burst of more than pool_size concurrent reads (16 classify requests

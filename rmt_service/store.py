@@ -161,7 +161,7 @@ class Store(VersionsMixin):
     def _view_by_id(with_tenant: bool):
         """The view select for one id (and tenant), its values bound per call: one statement object, so
         SQLAlchemy neither copies it (``.where``) nor walks its ~60 columns for a cache key on each request
-        (classify's records lookup: 297 -> 136 us here, bench/RESULTS-multitenant.md)."""
+        (``view``: 297 -> 160 us here, bench/RESULTS-multitenant.md)."""
         return _by_id(Store._view_query(), with_tenant)
 
     @staticmethod
