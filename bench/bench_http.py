@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from rmt_core.runtime import OnnxClassifier  # noqa: E402
 from rmt_core.artifact import atomic_write_bytes  # noqa: E402
+from bench.results import cpu_model  # noqa: E402
 from rmt_service.migrate import prepare  # noqa: E402
 from rmt_service.settings import Settings  # noqa: E402
 from rmt_service.store import Sample, Store  # noqa: E402
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "base + mask + head each (r-amt, 5% masked)"), "", "<= 4096",
          "pass" if rss_peak <= 4096 else "MISS"),
     ]
-    cpu = platform.processor() or platform.machine()
+    cpu = f"{platform.machine()}, {cpu_model()}"
     lines = [
         "# Service benchmark (bench/bench_http.py)",
         "",
