@@ -287,6 +287,45 @@ def cmd_precision(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------- gpu
+class _timed_build_phases:
+    """Seconds spent in each top-level phase of build_classifier, by wrapping the functions it calls (undone by
+    restore()). Candidates include the mask tuning; the checks (parity, jit parity, int8 guard) run on the CPU."""
+
+    def __init__(self):
+        import rmt_core.base as base_mod
+        import rmt_core.export as export_mod
+        import rmt_core.pipeline as pipeline
+        import rmt_core.tuning as tuning_mod
+
+        self.seconds: dict[str, float] = {}
+        self._undo = []
+        for label, module, name in (("load backbone", pipeline, "load_build_backbone"),
+                                    ("base export", base_mod, "ensure_base"),
+                                    ("candidates", pipeline, "run_candidates"),
+                                    ("of which tuning", tuning_mod, "tune"),
+                                    ("served parity", export_mod, "check_served_parity"),
+                                    ("jit parity", pipeline, "check_mode_parity"),
+                                    ("int8 guard", pipeline, "int8_guard")):
+            self._wrap(label, module, name)
+
+    def _wrap(self, label, module, name):
+        original = getattr(module, name)
+
+        def timed(*a, **k):
+            t0 = time.monotonic()
+            try:
+                return original(*a, **k)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.monotonic() - t0
+
+        setattr(module, name, timed)
+        self._undo.append((module, name, original))
+
+    def restore(self):
+        for module, name, original in self._undo:
+            setattr(module, name, original)
+
+
 def cmd_gpu(args) -> None:
     """create -> final on CUDA for a random-weights backbone, tuning images/s, served latency bs1/bs32."""
     import tempfile
@@ -309,10 +348,12 @@ def cmd_gpu(args) -> None:
         samples += [(img, name) for img, _ in world.sample_class(name, args.shots, 1, size=224)]
     config = TuneConfig(backbone=args.backbone, pretrained=None, seed=0, early_stop=not args.no_early_stop)
     out = Path(tempfile.mkdtemp(prefix="rmt-gpu-check-"))
+    phases = _timed_build_phases()
     sync()
     started = time.monotonic()
     manifest = build_classifier(samples, config, out / "v", device=device)
     create_to_final = time.monotonic() - started
+    phases.restore()
     tuning = manifest.get("tuning") or {}
     n_train = manifest["n_train"]
     steps = tuning.get("steps") or 0
@@ -322,6 +363,9 @@ def cmd_gpu(args) -> None:
           f"| {create_to_final:.1f} s | {steps} of {tuning.get('planned_steps')} steps ({tuning.get('stop_reason')}), "
           f"{tuning.get('precision')}, published {manifest['candidate']} |")
     print(f"| tuning throughput | {img_s:.1f} img/s | paper: 14.3 img/s (ratio {img_s / 14.3:.1f}x) |")
+    inside = sum(v for k, v in phases.seconds.items() if k != "of which tuning")  # tuning is inside candidates
+    print("| where the build's time went | " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.seconds.items())
+          + f", rest {create_to_final - inside:.1f} s | tuning is inside candidates |")
     clf = load_classifier(out / "v", out / "bases", providers=device)
     # ORT falls back to the CPU where its CUDA provider is missing (CPU onnxruntime wheel): say what served.
     served_on = ",".join(p.replace("ExecutionProvider", "") for p in clf.providers)
