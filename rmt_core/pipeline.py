@@ -35,6 +35,7 @@ from .images import open_image_file
 from .preprocess import PreprocessConfig, preprocess_batch
 from .int8_guard import int8_guard
 from .quantize import GUARD_KEY as INT8_GUARD_KEY
+from .quantize import GUARD_SKIPPED as INT8_GUARD_SKIPPED
 from .runtime import JIT_PARITY_KEY, MANIFEST, ONNX_FILE, BaseRegistry, ServedClassifier, check_mode_parity
 from .tuning import Progress, TuningCancelled  # noqa: F401  (re-exported for callers)
 
@@ -306,7 +307,8 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
                      should_stop: Callable[[], bool] | None = None, device: str = "auto",
                      on_candidate: OnCandidate | None = None, bases_dir: Path | str | None = None,
                      on_base: Callable[[dict], None] | None = None,
-                     base_staging: Callable[[], Path] | None = None, initial_bits: dict | None = None) -> dict:
+                     base_staging: Callable[[], Path] | None = None, initial_bits: dict | None = None,
+                     run_int8_guard: bool = True) -> dict:
     """Tune a classifier from ``samples`` = [(image path or PIL image, label), ...] into ``out_dir``.
 
     Candidates (zero-shot, a head fitted on frozen features, the mask-tuned encoder, a head on it) are
@@ -319,6 +321,9 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     new base is exported into (see base.ensure_base). Returns the manifest. Raises
     TuningCancelled, ValueError (bad input), ExportParityError (the served path disagrees with torch).
     ``initial_bits`` warm-starts mask tuning from an earlier version's mask (tuning.tune).
+    ``run_int8_guard=False`` skips the int8 guard (the version then records why and serves fp32 only): it
+    serves the CPU three times over every image, the largest part of a build on a GPU worker
+    (bench/RESULTS-build.md), and only int8 serving needs it.
     """
     import torch
 
@@ -435,7 +440,7 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         # may this version serve int8 (RMT_SERVING_PRECISION=int8)? judged on every image the build has
         manifest[INT8_GUARD_KEY] = int8_guard(
             out_dir, bases_dir, np.concatenate([train_batch, held_batch]) if held_batch is not None else train_batch,
-            train_targets + held_targets, fp32=served)
+            train_targets + held_targets, fp32=served) if run_int8_guard else dict(INT8_GUARD_SKIPPED)
     finally:
         served.close()
 

@@ -26,6 +26,9 @@ MIN_AGREEMENT = 0.99         # argmax agreement with fp32 on the classifier's ow
 MAX_ACCURACY_DROP = 0.005    # int8 accuracy may trail fp32's by at most half a point
 GUARD_BATCH = 32             # the batched half of the guard runs chunks of this size (the service's batch size)
 QUANTIZED_OPS = ("MatMul", "Gemm")
+# what a version built without the guard records (a worker with RMT_INT8_GUARD=false): it serves fp32 only
+GUARD_SKIPPED = {"allowed": False, "reason": "the int8 guard did not run: the build was made with it turned off "
+                                             "(RMT_INT8_GUARD=false); this version serves fp32"}
 
 
 class _NoPreprocessAdvice(logging.Filter):

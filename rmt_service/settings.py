@@ -112,6 +112,11 @@ class Settings(BaseSettings):
                             "recorded in the manifest's int8 field) in int8 (ONNX Runtime dynamic quantization; "
                             "the guard's versions only, the others fp32; an int8 classifier is baked whatever "
                             "serving_mode says).")
+    int8_guard: bool = Field(
+        True, description="Workers: run the int8 guard at the end of every build (the version may then serve "
+                          "int8 where serving_precision=int8). It serves the new version on the CPU three times "
+                          "over every image: on a GPU worker the largest part of a build (bench/RESULTS-build.md). "
+                          "false: builds skip it, and their versions serve fp32 only.")
     serving_promote_after: int = Field(
         100, ge=1, description="serving_mode=auto: requests within a minute that make a JIT classifier baked.")
     ort_providers: str = Field("auto", description="auto | cpu | cuda")

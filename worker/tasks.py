@@ -201,6 +201,8 @@ def _build_kwargs(build_classifier: Callable, store: Store, previews: _Previews 
         kwargs["base_staging"] = store.blobs.base_staging
     if previews is not None and "on_base" in params and "on_candidate" in params:
         kwargs.update(on_base=previews.on_base, on_candidate=previews)
+    if "run_int8_guard" in params:  # RMT_INT8_GUARD=false: versions serve fp32 only, builds skip the guard's passes
+        kwargs["run_int8_guard"] = store.settings.int8_guard
     return kwargs
 
 

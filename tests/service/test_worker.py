@@ -141,3 +141,35 @@ def test_sweep_leaves_live_jobs_and_requeues_expired_ones(store, settings):
     assert counts["requeued"] == 1 and counts["resent"] == 0 and sent == [dead.job_id]
     assert store.get_job(live.job_id).lease_owner == "elsewhere:123:x"
     assert run_tune_job(store, settings, dead.job_id) == "succeeded"
+
+
+def test_a_worker_with_the_int8_guard_off_skips_it_and_its_versions_serve_fp32(store, settings, monkeypatch):
+    """RMT_INT8_GUARD=false: the build never runs the guard (on a GPU worker its CPU passes are the largest part
+    of a build), and the version says why it serves fp32 only; with the default the guard runs."""
+    import json
+
+    import rmt_core.pipeline as pipeline
+    from rmt_core.quantize import GUARD_SKIPPED
+    from rmt_core.runtime import load_classifier
+
+    ran = []
+    real_guard = pipeline.int8_guard
+
+    def counted_guard(*args, **kwargs):
+        ran.append(args[0])
+        return real_guard(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "int8_guard", counted_guard)
+    store.settings = store.settings.model_copy(update={"int8_guard": False})
+    record, job = _create(store)
+    assert run_tune_job(store, settings, job.job_id) == "succeeded"
+    model_dir = store.model_dir(record.classifier_id)
+    assert json.loads((model_dir / "manifest.json").read_text())["int8"] == GUARD_SKIPPED
+    assert ran == []
+    assert load_classifier(model_dir, store.bases_dir, providers="cpu", precision="int8").precision == "fp32"
+
+    store.settings = store.settings.model_copy(update={"int8_guard": True})
+    record, job = _create(store)
+    assert run_tune_job(store, settings, job.job_id) == "succeeded"
+    assert len(ran) == 1 and "agreement" in json.loads((store.model_dir(record.classifier_id) / "manifest.json")
+                                                       .read_text())["int8"]
