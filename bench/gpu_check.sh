@@ -6,6 +6,9 @@
 # provider check), create -> final classifier time for ViT-B-16 (random weights) at 10 classes x 16 shots,
 # tuning images/s against the paper's 14.3 img/s, and served latency at batch 1 and 32.
 # Without a GPU it stops at once with exit status 2 and says why. Copy its table into bench/RESULTS-build.md.
+# On a bare GPU machine with its own torch (the lent H200 of 2026-12-04), the other dependencies can travel as
+# wheels put on PYTHONPATH; onnxruntime-gpu is needed for the ORT CUDA lines (without it serving falls back to
+# the CPU, and the latency rows say so).
 set -uo pipefail
 PY=${PY:-python}
 cd "$(dirname "$0")/.."
@@ -29,10 +32,16 @@ echo "== GPU API image's provider check (what docker/Dockerfile.api runs at buil
 "$PY" -I -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() and hasattr(o, 'preload_dlls') else 'onnxruntime-gpu lacks CUDA or preload_dlls')" \
   && echo "provider check: ok" || status=1
 
+echo "== step time fp32 vs bf16 on the GPU (batch 32)"
+for backbone in ViT-B-16 ViT-B-32; do
+  timeout 60 "$PY" bench/bench_build.py precision --device cuda --backbone "$backbone" --repeats 10 || status=1
+done
+
 echo "== 2-4. create -> final (ViT-B-16 random weights, 10 classes x 16 shots), tuning img/s, served latency"
 echo "| measure | value | note |"
 echo "|---|---|---|"
-timeout 200 "$PY" bench/bench_build.py gpu --backbone ViT-B-16 --classes 10 --shots 16 || status=1
+# two builds in one process: the first exports the base, the second is a warm worker's
+timeout 240 "$PY" bench/bench_build.py gpu --backbone ViT-B-16 --classes 10 --shots 16 --builds 2 --repeats 5 || status=1
 # The default build may stop early on its holdout; all 300 planned steps give the throughput the paper's
 # 14.3 img/s (a full-length run) compares with. Skipped when the script has already used 200 s.
 if (( SECONDS < 200 )); then
