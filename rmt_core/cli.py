@@ -175,6 +175,8 @@ def _print_info(manifest: dict, path: Path) -> None:
         print(f"int8         {'allowed' if guard.get('allowed') else 'not allowed'}: argmax agreement "
               f"{guard['agreement']:.3f}, accuracy {guard['accuracy_fp32']:.3f} fp32 / {guard['accuracy_int8']:.3f} "
               f"int8 on {guard['n']} images")
+    elif isinstance(guard, dict) and guard.get("reason"):
+        print(f"int8         not allowed: {guard['reason']}")
     val = manifest.get("validation")
     if val and val.get("tuned_accuracy") is not None:
         print(f"validation   {val['n_holdout']} held-out images: zero-shot {val['zero_shot_accuracy']:.1%} -> "
