@@ -321,9 +321,9 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
     new base is exported into (see base.ensure_base). Returns the manifest. Raises
     TuningCancelled, ValueError (bad input), ExportParityError (the served path disagrees with torch).
     ``initial_bits`` warm-starts mask tuning from an earlier version's mask (tuning.tune).
-    ``run_int8_guard=False`` skips the int8 guard (the version then records why and serves fp32 only): it
-    serves the CPU three times over every image, the largest part of a build on a GPU worker
-    (bench/RESULTS-build.md), and only int8 serving needs it.
+    ``run_int8_guard=False`` skips the int8 guard (the version then records why and serves fp32 only): the
+    guard serves the version on the CPU three times over every image, the largest part of a build on a GPU
+    worker (bench/RESULTS-build.md), and only int8 serving needs it.
     """
     import torch
 
