@@ -82,25 +82,49 @@ def _fit_residual(f: np.ndarray, z0: np.ndarray, y: np.ndarray, n_classes: int, 
     logit units and weight decay pulls it back toward the text-embedding init. Strongly convex with gradient
     Lipschitz constant <= 1 + 2 * weight_decay (softmax CE's Hessian <= I/2 per sample, |[f, 1]|^2 = 2):
     Nesterov's accelerated gradient with step 1/L converges without a line search.
+
+    With theta = [Delta, b] and f1 = [f, 1], each step adds a combination of f1's rows to theta and shrinks the
+    whole of it, so every iterate is theta_k = A_k @ f1 + c_k * theta_0 (theta_0 the warm start). Where there
+    are fewer images than feature dimensions (few-shot uploads) the iteration runs on A [C, n] and the scalar c
+    through the n x n Gram matrix: the same iterates as in feature space (to rounding), ~2x faster at n = 128,
+    D = 512 (bench: the head's nested k-fold took 12 s on 160 ViT-B-32 images, most of it here).
     """
     n, d = f.shape
     onehot = np.eye(n_classes)[y]
-    delta, b = (np.zeros((n_classes, d)), np.zeros(n_classes)) if start is None else (start[0].copy(), start[1].copy())
+    theta0 = np.zeros((n_classes, d + 1))
+    if start is not None:
+        theta0[:, :d], theta0[:, d] = start
     step = 1.0 / (1.0 + 2.0 * weight_decay)
     momentum = (1 - np.sqrt(2 * weight_decay * step)) / (1 + np.sqrt(2 * weight_decay * step))
-    prev_delta, prev_b = delta.copy(), b.copy()
+    decay = 2 * weight_decay
+    f1 = np.concatenate([f, np.ones((n, 1))], axis=1)
+    if n > d + 1:  # many images: feature space is the smaller one
+        theta, prev = theta0.copy(), theta0.copy()
+        for _ in range(max_iter):
+            look = theta + momentum * (theta - prev)
+            g = (softmax(z0 + f1 @ look.T) - onehot).T @ f1 / n + decay * look
+            prev, theta = theta, look - step * g
+            if np.sqrt((g ** 2).sum()) < tol:
+                break
+        return theta[:, :d], theta[:, d]
+    gram = f1 @ f1.T
+    s0 = f1 @ theta0.T  # [n, C]: theta_0's logits
+    t0_sq = float((theta0 ** 2).sum())
+    a = prev_a = np.zeros((n_classes, n))
+    c = prev_c = 1.0
     for _ in range(max_iter):
-        look_delta = delta + momentum * (delta - prev_delta)
-        look_b = b + momentum * (b - prev_b)
-        p = softmax(z0 + f @ look_delta.T + look_b)
-        r = (p - onehot) / n
-        g_delta = r.T @ f + 2 * weight_decay * look_delta
-        g_b = r.sum(0) + 2 * weight_decay * look_b
-        prev_delta, prev_b = delta, b
-        delta, b = look_delta - step * g_delta, look_b - step * g_b
-        if np.sqrt((g_delta ** 2).sum() + (g_b ** 2).sum()) < tol:
+        look_a = a + momentum * (a - prev_a)
+        look_c = c + momentum * (c - prev_c)
+        g = (softmax(z0 + gram @ look_a.T + look_c * s0) - onehot).T / n + decay * look_a
+        # the gradient is g @ f1 + gc * theta_0; its squared norm through the Gram matrix
+        gc = decay * look_c
+        norm_sq = float(((g @ gram) * g).sum()) + gc * gc * t0_sq + 2 * gc * float((g * s0.T).sum())
+        prev_a, prev_c = a, c
+        a, c = look_a - step * g, look_c - step * gc
+        if norm_sq < tol * tol:
             break
-    return delta, b
+    theta = a @ f1 + c * theta0
+    return theta[:, :d], theta[:, d]
 
 
 def stratified_folds(targets: Sequence[int], folds: int, seed: int = 0) -> np.ndarray:

@@ -427,3 +427,48 @@ def test_outlier_score_is_higher_for_classes_the_classifier_was_not_built_on_in_
     np.savez(buf, **arrays)
     header_less = Head.from_bytes(buf.getvalue())
     assert header_less.outlier_reference == "images" and header_less.outlier_scores(train).max() < 0.05
+
+
+def _reference_fit(f, z0, y, n_classes, weight_decay, start=None, max_iter=3000, tol=1e-6):
+    """The probe's solver as first written: Nesterov's iteration on (Delta, b) in feature space."""
+    from rmt_core.calibration import softmax
+
+    n, _ = f.shape
+    onehot = np.eye(n_classes)[y]
+    delta, b = (np.zeros((n_classes, f.shape[1])), np.zeros(n_classes)) if start is None else (start[0].copy(),
+                                                                                                 start[1].copy())
+    step = 1.0 / (1.0 + 2.0 * weight_decay)
+    momentum = (1 - np.sqrt(2 * weight_decay * step)) / (1 + np.sqrt(2 * weight_decay * step))
+    prev_delta, prev_b = delta.copy(), b.copy()
+    for _ in range(max_iter):
+        look_delta, look_b = delta + momentum * (delta - prev_delta), b + momentum * (b - prev_b)
+        r = (softmax(z0 + f @ look_delta.T + look_b) - onehot) / n
+        g_delta, g_b = r.T @ f + 2 * weight_decay * look_delta, r.sum(0) + 2 * weight_decay * look_b
+        prev_delta, prev_b = delta, b
+        delta, b = look_delta - step * g_delta, look_b - step * g_b
+        if np.sqrt((g_delta ** 2).sum() + (g_b ** 2).sum()) < tol:
+            break
+    return delta, b
+
+
+@pytest.mark.parametrize("n, d", [(40, 64), (64, 16)])  # fewer images than dimensions (the Gram path), and more
+@pytest.mark.parametrize("warm", [False, True])
+def test_the_probe_solver_follows_the_feature_space_iteration(n, d, warm):
+    """_fit_residual runs Nesterov's iteration through the Gram matrix where there are fewer images than
+    dimensions: the same iterates, so the same fit as in feature space, also from another fold's warm start
+    and with duplicated images (a singular Gram matrix)."""
+    from rmt_core.candidates import _fit_residual, _normalise
+
+    rng = np.random.default_rng(n + d)
+    c = 4
+    protos = rng.standard_normal((c, d))
+    y = np.concatenate([np.arange(c), rng.integers(0, c, n // 2 - c)])
+    f = _normalise(protos[y] + rng.standard_normal((len(y), d)))
+    f, y = np.concatenate([f, f]), np.concatenate([y, y])  # every image twice
+    z0 = 3.0 * rng.standard_normal((len(y), c))
+    start = (0.1 * rng.standard_normal((c, d)), 0.1 * rng.standard_normal(c)) if warm else None
+    for wd in (1e-4, 1e-2, 1.0):
+        got, want = _fit_residual(f, z0, y, c, wd, start=start), _reference_fit(f, z0, y, c, wd, start=start)
+        assert np.abs(got[0] - want[0]).max() < 1e-9 and np.abs(got[1] - want[1]).max() < 1e-9, wd
+        moved = np.abs(want[0] - (start[0] if warm else 0)).max()
+        assert moved > 1e-3  # a real fit, not the start handed back
