@@ -39,6 +39,7 @@ import numpy as np
 from .calibration import UNKNOWN_TAIL, calibrate, nll, softmax, tolerance_min_score
 from .config import CANDIDATES, MIN_PER_CLASS_FOR_HOLDOUT, TuneConfig
 from .head import Head
+from .threads import one_blas_thread
 
 LOO_MAX = 10  # at most this many images: leave-one-out instead of k-fold
 FOLDS = 5
@@ -116,9 +117,11 @@ def _fit_residual(f: np.ndarray, z0: np.ndarray, y: np.ndarray, n_classes: int, 
         look_a = a + momentum * (a - prev_a)
         look_c = c + momentum * (c - prev_c)
         g = (softmax(z0 + gram @ look_a.T + look_c * s0) - onehot).T / n + decay * look_a
-        # the gradient is g @ f1 + gc * theta_0; its squared norm through the Gram matrix
+        # the gradient is g @ f1 + gc * theta_0; its squared norm through the Gram matrix (gram @ g.T, not
+        # g @ gram: numpy's OpenBLAS runs that shape on every core, doubling the CPU time for nothing)
         gc = decay * look_c
-        norm_sq = float(((g @ gram) * g).sum()) + gc * gc * t0_sq + 2 * gc * float((g * s0.T).sum())
+        g_t = g.T
+        norm_sq = float(((gram @ g_t) * g_t).sum()) + gc * gc * t0_sq + 2 * gc * float((g_t * s0).sum())
         prev_a, prev_c = a, c
         a, c = look_a - step * g, look_c - step * gc
         if norm_sq < tol * tol:
@@ -244,6 +247,7 @@ def fit_tip_adapter(features: np.ndarray, targets: Sequence[int], zero_shot: Hea
                     seconds=time.monotonic() - started)
 
 
+@one_blas_thread()
 def fit_best_head(features: np.ndarray, targets: Sequence[int], zero_shot: Head, seed: int = 0) -> ProbeFit:
     """The linear probe or the Tip-Adapter cache, whichever scores better out of fold on these samples (the
     probe on ties: it does not keep the training features)."""
@@ -407,6 +411,7 @@ def has_holdout(class_counts: Sequence[int], config: TuneConfig) -> bool:
     return config.holdout > 0 and min(class_counts) >= MIN_PER_CLASS_FOR_HOLDOUT
 
 
+@one_blas_thread()
 def cross_validated_head(features: np.ndarray, targets: np.ndarray, zero_shot: Head, seed: int = 0
                          ) -> tuple[ProbeFit, np.ndarray, np.ndarray, str, int, int]:
     """(fit on all images, per-image correctness averaged over repeats, logits of the first repeat,

@@ -15,6 +15,7 @@ Values the user set in the environment win: these are documented process-level k
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -138,3 +139,19 @@ def torch_threads(n: int) -> Iterator[int]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # the BLAS libraries loaded by now (numpy's OpenBLAS; torch's, where imported)
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread inside the block, as it was after. The few-shot heads' products are tiny
+    ([~100, 512] @ [512, 10]); OpenBLAS still splits those above ~128k multiply-adds over every core, which
+    doubled their CPU time without making them faster (bench/RESULTS-build.md)."""
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        yield

@@ -93,3 +93,40 @@ def test_a_narrow_build_tunes_on_one_thread_and_records_it(tmp_path):
     manifest = build_classifier(colour_task(n_per_class=6), config, tmp_path / "v", device="cpu")
     assert manifest["tuning"]["threads"] == 1  # rmt-tiny-vit is 64 wide
     assert torch.get_num_threads() == before
+
+
+def test_the_heads_are_fitted_on_one_blas_thread_and_the_pool_is_restored_after(monkeypatch):
+    """OpenBLAS split the probe's tiny products over every core: twice the CPU time, no faster. The head fits
+    (cross_validated_head, fit_best_head) run with numpy's BLAS on one thread; the size it had comes back."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    import rmt_core.candidates as candidates
+    from rmt_core.head import Head
+    from rmt_core.threads import one_blas_thread
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert before  # numpy's BLAS is loaded
+    with one_blas_thread():
+        assert set(blas_threads().values()) == {1}
+    assert blas_threads() == before
+
+    seen = []
+    real_fit = candidates._fit_residual
+
+    def watched(*args, **kwargs):
+        seen.append(set(blas_threads().values()))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(candidates, "_fit_residual", watched)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 6)
+    features = rng.standard_normal((len(y), 16)) + 2 * np.eye(3, 16)[y]
+    zero_shot = Head(W=np.eye(3, 16, dtype=np.float32), b=np.zeros(3, np.float32), scale=10.0)
+    candidates.cross_validated_head(features, y, zero_shot)
+    candidates.fit_best_head(features, y, zero_shot)
+    assert seen and all(s == {1} for s in seen)
+    assert blas_threads() == before
