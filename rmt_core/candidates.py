@@ -159,6 +159,7 @@ class ProbeFit:
     seconds: float
 
 
+@one_blas_thread()
 def fit_linear_probe(features: np.ndarray, targets: Sequence[int], zero_shot: Head, seed: int = 0,
                      weight_decays: Sequence[float] = WEIGHT_DECAYS) -> ProbeFit:
     """A linear head on raw ``features``, initialised from (and decayed toward) ``zero_shot``'s class embeddings.
@@ -210,6 +211,7 @@ def _cache_logits(f_query: np.ndarray, f_keys: np.ndarray, onehot: np.ndarray, b
     return np.exp(-beta * (1.0 - f_query @ f_keys.T)) @ onehot
 
 
+@one_blas_thread()
 def fit_tip_adapter(features: np.ndarray, targets: Sequence[int], zero_shot: Head, seed: int = 0,
                     alphas: Sequence[float] = TIP_ALPHAS, betas: Sequence[float] = TIP_BETAS) -> ProbeFit:
     """Tip-Adapter's training-free cache model (Zhang et al., 2022): zero-shot logits plus
@@ -247,7 +249,6 @@ def fit_tip_adapter(features: np.ndarray, targets: Sequence[int], zero_shot: Hea
                     seconds=time.monotonic() - started)
 
 
-@one_blas_thread()
 def fit_best_head(features: np.ndarray, targets: Sequence[int], zero_shot: Head, seed: int = 0) -> ProbeFit:
     """The linear probe or the Tip-Adapter cache, whichever scores better out of fold on these samples (the
     probe on ties: it does not keep the training features)."""

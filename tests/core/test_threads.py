@@ -97,7 +97,8 @@ def test_a_narrow_build_tunes_on_one_thread_and_records_it(tmp_path):
 
 def test_the_heads_are_fitted_on_one_blas_thread_and_the_pool_is_restored_after(monkeypatch):
     """OpenBLAS split the probe's tiny products over every core: twice the CPU time, no faster. The head fits
-    (cross_validated_head, fit_best_head) run with numpy's BLAS on one thread; the size it had comes back."""
+    (the probe and the cache, whoever calls them: cross_validated_head, fit_best_head) run with numpy's BLAS on
+    one thread; the size it had comes back."""
     import numpy as np
     from threadpoolctl import threadpool_info
 
