@@ -263,7 +263,7 @@ def cmd_precision(args) -> None:
              f"{torch.get_num_threads()} threads, torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"# {args.backbone}, batch 32, {device} ({where}), native bf16 here: {bf16_supported(device)}, "
           f"ms (median of {args.repeats})")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
 
     def step(precision):
         with autocast(precision, device):
@@ -295,11 +295,19 @@ def cmd_precision(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------- gpu
-class _timed_build_phases:
-    """Seconds spent in each top-level phase of build_classifier, by wrapping the functions it calls (undone by
-    restore()). Candidates include the mask tuning; the checks (parity, jit parity, int8 guard) run on the CPU."""
+def _synchronizer(device: str):
+    """What to call before reading a clock: waits for the GPU's queued work on CUDA, nothing on the CPU."""
+    import torch
 
-    def __init__(self):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+class _timed_build_phases:
+    """Seconds spent in each top-level phase of build_classifier, by wrapping the functions it calls, inside a
+    ``with`` block (put back on leaving it). Candidates include the mask tuning; the checks (parity, jit parity,
+    int8 guard) run on the CPU."""
+
+    def __enter__(self):
         import rmt_core.base as base_mod
         import rmt_core.export as export_mod
         import rmt_core.pipeline as pipeline
@@ -315,6 +323,7 @@ class _timed_build_phases:
                                     ("jit parity", pipeline, "check_mode_parity"),
                                     ("int8 guard", pipeline, "int8_guard")):
             self._wrap(label, module, name)
+        return self
 
     def _wrap(self, label, module, name):
         original = getattr(module, name)
@@ -329,7 +338,7 @@ class _timed_build_phases:
         setattr(module, name, timed)
         self._undo.append((module, name, original))
 
-    def restore(self):
+    def __exit__(self, *exc):
         for module, name, original in self._undo:
             setattr(module, name, original)
 
@@ -349,7 +358,7 @@ def cmd_gpu(args) -> None:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu: torch sees no CUDA device")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     classes = [f"{c} {s}" for s in world.SHAPES for c in ("red", "blue")][:args.classes]
     samples = []
     for name in classes:
@@ -358,12 +367,11 @@ def cmd_gpu(args) -> None:
     out = Path(tempfile.mkdtemp(prefix="rmt-gpu-check-"))
     # --builds 2: a second build in the same process and bases folder = a warm worker (base exported, CUDA up)
     for build in range(1, args.builds + 1):
-        phases = _timed_build_phases()
-        sync()
-        started = time.monotonic()
-        manifest = build_classifier(samples, config, out / f"v{build}", device=device)
-        create_to_final = time.monotonic() - started
-        phases.restore()
+        with _timed_build_phases() as phases:
+            sync()
+            started = time.monotonic()
+            manifest = build_classifier(samples, config, out / f"v{build}", device=device)
+            create_to_final = time.monotonic() - started
         tuning = manifest.get("tuning") or {}
         steps = tuning.get("steps") or 0
         seen = steps * min(config.batch_size, manifest["n_train"])
