@@ -199,6 +199,7 @@ class Database:
     def __init__(self, url: str, echo: bool = False, pool_size: int = 5, lock_timeout_s: float = 5.0):
         self.url = url
         self.engine = make_engine(url, echo=echo, pool_size=pool_size, lock_timeout_s=lock_timeout_s)
+        self.lock_timeout_ms = max(1, int(lock_timeout_s * 1000))
         self.dialect = self.engine.dialect.name
         self._stamp_lock = threading.Lock()
         self._stamp_conn: sqlite3.Connection | None = None

@@ -369,6 +369,43 @@ def test_concurrent_migrations_run_once(database_url, tmp_path, settings):
         db.dispose()
 
 
+def test_a_sqlite_migrator_waits_for_another_longer_than_a_request_would(tmp_path):
+    """Replicas on a loaded machine queue behind one migration for longer than the engine's lock timeout
+    (meant for requests, which should fail fast): a migrator must wait for its turn, not fail with
+    'database is locked' (seen once in CI with 4 replicas and the 5 s default)."""
+    import sqlite3
+
+    path = tmp_path / "records.sqlite"
+    url = f"sqlite:///{path}"
+    db = Database(url, lock_timeout_s=0.05)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")  # another process is migrating
+    errors, done = [], threading.Event()
+
+    def run():
+        try:
+            upgrade_database(db)
+        except Exception as exc:  # pragma: no cover - the assertion below shows it
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert not done.wait(0.5)  # ten times the lock timeout: still waiting, not failed
+        holder.execute("COMMIT")
+        thread.join()
+        assert errors == []
+        assert current_revision(db) == head_revision()
+        with db.engine.connect() as conn:  # the pooled connection is back to the request timeout
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 50
+    finally:
+        holder.close()
+        db.dispose()
+
+
 def test_a_tenant_quota_overrides_the_default(store):
     assert store.quota_state("vip") == (0, store.settings.max_queued_jobs)
     store.set_quota("vip", store.settings.max_queued_jobs + 2)
