@@ -675,7 +675,8 @@ class Selection:
         if chosen.calibration is not None:
             cal = chosen.calibration
             report |= {"ece_before": cal["ece_before"], "ece_after": cal["ece_after"], "calibration": cal,
-                       "ece_n": cal["n"], "mean_top_score": cal["mean_top_score"]}
+                       "ece_n": cal["n"], "ece_floor": cal.get("ece_floor"),
+                       "mean_top_score": cal["mean_top_score"]}
         report |= self._unknown_defaults(chosen)
         if chosen.logits is not None and len(self.row_targets):
             report |= self._errors(chosen)

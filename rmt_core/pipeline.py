@@ -456,7 +456,9 @@ def build_classifier(samples: Sequence[tuple], config: TuneConfig, out_dir: Path
         cal = validation["calibration"]
         _plot_reliability(cal, out_dir / "reliability.png",
                           title=f"{published.name}: ECE {cal['ece_after']:.3f} (before T: {cal['ece_before']:.3f}), "
-                                f"n={cal['n']}, T={cal['temperature']:.2f}")
+                                f"n={cal['n']}, T={cal['temperature']:.2f}"
+                                + (f"; a calibrated model reads ~{cal['ece_floor']:.3f} on n={cal['n']}"
+                                   if cal.get("ece_floor") is not None else ""))
     if history:
         _plot_curve(history, out_dir / "curve.png", reference={
             "zero-shot (held out)": validation.get("zero_shot_accuracy"),

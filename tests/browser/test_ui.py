@@ -167,7 +167,11 @@ def test_create_watch_report_try_download_delete(serve, ui, tmp_path):
     done = re.match(r"Step (\d+) of (\d+)", page.locator("#job-progress-text").inner_text())
     assert done and done[1] == done[2] and int(done[2]) >= 3, page.locator("#job-progress-text").inner_text()
     assert page.evaluate("() => { const p = document.querySelector('#job-progress'); return p.value === p.max; }")
-    assert "Validation accuracy" in page.locator("#report-summary").inner_text()
+    summary = page.locator("#report-summary").inner_text()
+    assert "Validation accuracy" in summary
+    # ECE comes with the number of images behind it and what a calibrated model would read on that many
+    assert re.search(r"Calibration error \(ECE\)\s+[\d.]+.* on \d+ images.*would read about [\d.]+ on that many",
+                     summary), summary
     page.locator("#confusion").wait_for()
     assert sorted(page.locator("#confusion thead th").all_inner_texts()) == ["green square", "red disc"]
     assert page.locator("#per-class li").count() == 2

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from rmt_core.calibration import (calibrate, cross_fitted_probs, default_min_score, expected_calibration_error,
+from rmt_core.calibration import (calibrate, cross_fitted_probs, default_min_score, ece_sampling_floor,
+                                  expected_calibration_error,
                                   fit_temperature, nll, softmax, tolerance_factor, tolerance_min_score)
 from rmt_core.head import Head
 
@@ -43,6 +44,29 @@ def test_calibrate_reports_and_never_changes_the_argmax():
     assert report["temperature"] > 1 and report["n"] == 500
     assert 1 / 5 <= report["min_score"] < 1
     assert np.array_equal(softmax(z / report["temperature"]).argmax(1), z.argmax(1))
+
+
+def test_the_ece_floor_is_what_a_calibrated_classifier_reads_on_that_many_images():
+    """Binned ECE is biased upward on few images; the floor is that bias for the scores at hand."""
+    z, _ = _overconfident(n=4000, true_t=1.0, seed=3)
+    probs = softmax(z / 3.0)  # top scores spread over the bins
+    small, large = ece_sampling_floor(probs[:250]), ece_sampling_floor(probs)
+    assert 0.04 < small < 0.12 and large < small / 2.5  # shrinks ~ 1/sqrt(n)
+    assert ece_sampling_floor(probs[:250]) == small  # seeded: the same scores give the same floor
+    # independent label sets drawn from the scores (a calibrated classifier, fresh test sets): their ECE
+    # scatters around the floor, not around 0
+    rng = np.random.default_rng(11)
+    measured = [expected_calibration_error(probs[:250], [rng.choice(5, p=row) for row in probs[:250]])
+                for _ in range(40)]
+    assert np.mean(measured) == pytest.approx(small, rel=0.2)
+    # sure and right: nothing to scatter
+    assert ece_sampling_floor(np.eye(4)[[0, 1, 2, 3, 0]]) == 0.0 and ece_sampling_floor(np.zeros((0, 3))) == 0.0
+    # an over-confident classifier reads far above its floor; calibrate() reports the floor of what it shows
+    z, y = _overconfident(n=300)
+    report = calibrate(z, y)
+    shown = cross_fitted_probs(z, y) if report["temperature"] != 1.0 else softmax(z)
+    assert report["ece_floor"] == pytest.approx(ece_sampling_floor(shown), abs=1e-4)
+    assert report["ece_before"] > 3 * ece_sampling_floor(softmax(z))
 
 
 def test_min_score_keeps_95_percent_of_right_answers_and_rejects_some_wrong_ones():

@@ -154,7 +154,8 @@ export function detailView(main, ctx, id) {
       ["Calibration error (ECE)", isNum(fv.ece_after)
         ? `${num(fv.ece_after)}${fv.temperature && fv.temperature !== 1 ? " after temperature scaling" : ""}`
           + `${isNum(fv.ece_before) && fv.ece_before !== fv.ece_after ? ` (${num(fv.ece_before)} before)` : ""}`
-          + `${isNum(fv.ece_n) ? ` on ${fv.ece_n} images` : ""}${isNum(fv.mean_top_score) ? `, mean top score ${pct(fv.mean_top_score, 1)}` : ""}` : null],
+          + `${isNum(fv.ece_n) ? ` on ${fv.ece_n} images` : ""}${isNum(fv.mean_top_score) ? `, mean top score ${pct(fv.mean_top_score, 1)}` : ""}`
+          + `${isNum(fv.ece_floor) ? ` (a perfectly calibrated model would read about ${num(fv.ece_floor)} on that many images)` : ""}` : null],
       ["Default min score", isNum(fv.min_score) ? pct(fv.min_score, 1) : null],
       ["Default max outlier score", isNum(fv.max_outlier) ? pct(fv.max_outlier, 1) : null],
       ["Own images the defaults call unknown", unknownRate(fv.unknown_defaults)],
