@@ -108,6 +108,11 @@ def fit_temperature(logits: np.ndarray, targets, bounds: tuple[float, float] = T
     return float(math.exp((lo + hi) / 2))
 
 
+def confidence_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each top score's equal-width bin: (k/n, (k+1)/n], 1.0 in the last one (ECE, its floor, the diagram)."""
+    return np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+
+
 def expected_calibration_error(probs: np.ndarray, targets, n_bins: int = N_BINS) -> float:
     """ECE: sum over equal-width confidence bins of (share of samples) * |accuracy - mean confidence|."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -116,7 +121,7 @@ def expected_calibration_error(probs: np.ndarray, targets, n_bins: int = N_BINS)
         return 0.0
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == targets
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)  # (k/n, (k+1)/n], 1.0 in the last bin
+    bins = confidence_bins(confidence, n_bins)
     ece = 0.0
     for k in range(n_bins):
         in_bin = bins == k
@@ -141,7 +146,7 @@ def ece_sampling_floor(probs: np.ndarray, n_bins: int = N_BINS, draws: int = 200
     # the bins depend on the scores only, not on the labels: one (images x bins) indicator for every draw;
     # a bin's share * |accuracy - confidence| = |right answers - summed confidence| / n
     in_bin = np.zeros((n, n_bins))
-    in_bin[np.arange(n), np.minimum((confidence * n_bins).astype(int), n_bins - 1)] = 1.0
+    in_bin[np.arange(n), confidence_bins(confidence, n_bins)] = 1.0
     confidence_sums = confidence @ in_bin
     eces = []
     for start in range(0, draws, 50):  # draws in chunks: memory stays ~50 x n x classes
@@ -253,7 +258,7 @@ def reliability(probs: np.ndarray, targets, n_bins: int = 10) -> list[dict]:
         return []
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == targets
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    bins = confidence_bins(confidence, n_bins)
     return [{"lo": k / n_bins, "hi": (k + 1) / n_bins, "n": int((bins == k).sum()),
              "confidence": round(float(confidence[bins == k].mean()), 4),
              "accuracy": round(float(correct[bins == k].mean()), 4)}

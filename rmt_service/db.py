@@ -199,7 +199,7 @@ class Database:
     def __init__(self, url: str, echo: bool = False, pool_size: int = 5, lock_timeout_s: float = 5.0):
         self.url = url
         self.engine = make_engine(url, echo=echo, pool_size=pool_size, lock_timeout_s=lock_timeout_s)
-        self.lock_timeout_ms = max(1, int(lock_timeout_s * 1000))
+        self.lock_timeout_ms = lock_timeout_ms(lock_timeout_s)
         self.dialect = self.engine.dialect.name
         self._stamp_lock = threading.Lock()
         self._stamp_conn: sqlite3.Connection | None = None
@@ -235,6 +235,21 @@ class Database:
         return self.dialect == "sqlite"
 
     @contextlib.contextmanager
+    def sqlite_lock_wait(self, conn: Connection, wait_ms: int) -> Iterator[None]:
+        """SQLite: ``conn`` waits up to ``wait_ms`` for the file's locks inside the block, then goes back to the
+        engine's own timeout before the pooled connection serves anyone else. Set on the driver's connection
+        (through SQLAlchemy a PRAGMA would begin a transaction). Nothing on PostgreSQL."""
+        driver = conn.connection.driver_connection if self.is_sqlite else None
+        if driver is None:
+            yield
+            return
+        driver.execute(f"PRAGMA busy_timeout={wait_ms}")
+        try:
+            yield
+        finally:
+            driver.execute(f"PRAGMA busy_timeout={self.lock_timeout_ms}")
+
+    @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         with self.engine.connect() as conn:
             conn = conn.execution_options(rmt_immediate=True)
@@ -265,11 +280,16 @@ def sqlite_file(url: str) -> str | None:
     return path if path and path != ":memory:" else None
 
 
+def lock_timeout_ms(seconds: float) -> int:
+    """A lock timeout in whole milliseconds, at least 1 (0 would mean "wait forever" to PostgreSQL)."""
+    return max(1, int(seconds * 1000))
+
+
 def make_engine(url: str, echo: bool = False, pool_size: int = 5, lock_timeout_s: float = 5.0) -> Engine:
     """An engine on which no statement waits for a lock longer than ``lock_timeout_s``: a process frozen
     while holding one (SIGSTOP, a hung host) delays the others that long at most, then they get an error
     (the API answers 503, retryable) instead of hanging a thread."""
-    lock_ms = max(1, int(lock_timeout_s * 1000))
+    lock_ms = lock_timeout_ms(lock_timeout_s)
     if url.startswith("sqlite"):
         path = sqlite_file(url)
         if path:

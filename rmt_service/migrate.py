@@ -74,22 +74,15 @@ SQLITE_MIGRATION_WAIT_MS = 600_000
 
 def _upgrade(db: Database) -> str:
     head = head_revision()
-    with db.engine.connect() as conn:
-        sqlite = conn.connection.driver_connection if db.is_sqlite else None
-        if sqlite is not None:
-            sqlite.execute(f"PRAGMA busy_timeout={SQLITE_MIGRATION_WAIT_MS}")
-        try:
-            conn = conn.execution_options(rmt_immediate=True)  # SQLite: BEGIN IMMEDIATE serialises migrators
-            with conn.begin():
-                if db.dialect == "postgresql":
-                    conn.execute(text("SET LOCAL statement_timeout = 0"))  # a migration may take long
-                current = MigrationContext.configure(conn).get_current_revision()
-                if current != head:
-                    log.info("migrating the records database from %s to %s", current or "empty", head)
-                    command.upgrade(_config(conn), "head")
-        finally:
-            if sqlite is not None:  # the pooled connection goes back to serving requests
-                sqlite.execute(f"PRAGMA busy_timeout={db.lock_timeout_ms}")
+    with db.engine.connect() as conn, db.sqlite_lock_wait(conn, SQLITE_MIGRATION_WAIT_MS):
+        conn = conn.execution_options(rmt_immediate=True)  # SQLite: BEGIN IMMEDIATE serialises migrators
+        with conn.begin():
+            if db.dialect == "postgresql":
+                conn.execute(text("SET LOCAL statement_timeout = 0"))  # a migration may take long
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current != head:
+                log.info("migrating the records database from %s to %s", current or "empty", head)
+                command.upgrade(_config(conn), "head")
     return head
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from . import jobs as jobsm
 from .blobs import BlobError, BlobStore
-from .db import Database, bases, classifiers, db_now, job_counts, jobs, tenants, uploads, versions
+from .db import Database, bases, classifiers, db_now, job_counts, jobs, lock_timeout_ms, tenants, uploads, versions
 from .jobs import ACTIVE_STATUSES, JOB_STATUSES, TERMINAL_STATUSES, JobRecord  # noqa: F401 (re-exported)
 from .records import (  # noqa: F401 (re-exported: the store's public names)
     _CLASSIFIER_ID, _JOB_ID, _FILE_NAME, MANIFEST, new_classifier_id, new_job_id, new_version_id, is_classifier_id,
@@ -592,31 +592,18 @@ class Store(VersionsMixin):
 
         The write is real (a job counter set to itself, on the tables a create writes) and rolled back.
         """
-        wait_ms = max(1, int(wait_s * 1000))
-        with self.db.engine.connect() as conn:
-            # SQLite's lock wait is set on the driver's connection (through SQLAlchemy it would begin a
-            # transaction), and put back before the pooled connection is reused.
-            driver = conn.connection.driver_connection if self.db.is_sqlite else None
-            if driver is not None:
-                driver.execute(f"PRAGMA busy_timeout={wait_ms}")
+        wait_ms = lock_timeout_ms(wait_s)
+        with self.db.engine.connect() as conn, self.db.sqlite_lock_wait(conn, wait_ms):
+            transaction = conn.execution_options(rmt_immediate=True).begin()
             try:
-                transaction = conn.execution_options(rmt_immediate=True).begin()
-                try:
-                    if self.db.dialect == "postgresql":
-                        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
-                        conn.exec_driver_sql("LOCK TABLE tenants, classifiers, uploads, jobs, job_counts "
-                                             "IN ROW EXCLUSIVE MODE")
-                    conn.execute(update(job_counts).where(job_counts.c.status == "queued")
-                                 .values(n=job_counts.c.n))
-                finally:
-                    transaction.rollback()
+                if self.db.dialect == "postgresql":
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+                    conn.exec_driver_sql("LOCK TABLE tenants, classifiers, uploads, jobs, job_counts "
+                                         "IN ROW EXCLUSIVE MODE")
+                conn.execute(update(job_counts).where(job_counts.c.status == "queued")
+                             .values(n=job_counts.c.n))
             finally:
-                if driver is not None:
-                    driver.execute(f"PRAGMA busy_timeout={self.db_lock_timeout_ms}")
-
-    @property
-    def db_lock_timeout_ms(self) -> int:
-        return max(1, int(self.settings.database_lock_timeout_seconds * 1000))
+                transaction.rollback()
 
 
 class _InUse(Exception):
