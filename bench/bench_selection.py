@@ -209,6 +209,10 @@ def run_one(task: str, shots: int, seed: int, backbone_name: str = "rmt-world-vi
         # replayed on the same runs
         "correct": {name: [None if np.isnan(x) else round(float(x), 4) for x in c.correct]
                     for name, c in run.selection.candidates.items() if c.correct is not None},
+        # and their out-of-sample logits (T = 1), so rules on scores rather than on 0/1 answers can be replayed
+        "logits": {name: [None if np.isnan(row).any() else [round(float(x), 4) for x in row] for row in c.logits]
+                   for name, c in run.selection.candidates.items() if c.logits is not None},
+        "row_targets": [int(t) for t in run.selection.row_targets],
         "mean_top_score_test": float(probs.max(1).mean()), "ece_validation": v.get("ece_after"),
         "ece_n": v.get("ece_n"), "open_set": open_set, "refit": refit, "min_steps": config.min_steps,
     }
