@@ -92,6 +92,27 @@ def test_leaving_zero_shot_takes_stronger_evidence_than_choosing_among_fitted_ca
     assert chosen.name == "head" and ">= 0.95" in why
 
 
+def test_challengers_that_face_zero_shot_share_its_confidence():
+    """Three challengers judged on the same 10 holdout images get three chances to look lucky: 4 wins and no
+    loss (P ~0.97) replaces zero-shot when it is the only challenger, not when it is one of three (each needs
+    1 - 0.05 / 3); 5 wins and no loss (P ~0.98) does."""
+    zs = np.full(40, np.nan)
+    zs[-10:] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    lucky = zs.copy()
+    lucky[-9:-5] = 1  # right on 4 holdout images zero-shot got wrong, wrong on none of its own
+    head = _judged("head", np.where(np.isnan(zs), 0.0, zs))  # judged on every image, no better than zero-shot
+    assert paired_better(lucky, zs) and paired_evidence(lucky, zs)["p_better"] < 1 - 0.05 / 3
+    alone, _, decisions = pick([_judged("zero-shot", zs), _judged("mask", lucky)])
+    assert alone.name == "mask" and decisions[0]["needed"] == 0.95
+    chosen, why, decisions = pick([_judged("zero-shot", zs), head, _judged("mask", lucky), _judged("mask+head", zs)])
+    assert chosen.name == "zero-shot" and [d["needed"] for d in decisions] == [0.9833] * 3
+    assert not any(d["switched"] for d in decisions) and "0.9833" in why
+    clearer = lucky.copy()
+    clearer[-5] = 1  # a fifth win
+    chosen, why, decisions = pick([_judged("zero-shot", zs), head, _judged("mask", clearer), _judged("mask+head", zs)])
+    assert chosen.name == "mask" and decisions[1]["switched"] and ">= 0.9833" in why
+
+
 def test_heads_are_judged_by_nested_cv_so_their_settings_do_not_flatter_them():
     """Each image's judging logits come from the whole head procedure (settings chosen by its own inner CV) run
     on the OTHER images only; the flat CV judged the head by the folds that had chosen its settings."""
