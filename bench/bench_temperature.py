@@ -14,8 +14,9 @@ same estimator over many seeds (the selection bench has 3) and puts other estima
                   with the service's keep rule;
   * oracle        the T on a grid that minimises the test set's own ECE (a limit, not a method).
 
-The training images of seed s are the selection bench's (``sample_class(..., seed=1000 + s)``), the test set is
-its fixed one, so seeds 1-3 here are that bench's 8-shot runs.
+The training images of seed s are the selection bench's (``sample_class(..., seed=1000 + s)``), in the build's row
+order (training split, then holdout), the test set is its fixed one: seeds 1-20 here are that bench's 8-shot runs
+wherever they publish zero-shot.
 
     flock /tmp/rmt-bench.lock python bench/bench_temperature.py             # writes a section of bench/RESULTS.md
 """
@@ -38,8 +39,10 @@ from bench_selection import N_TEST, TASKS  # noqa: E402
 
 from rmt_core import calibration as C  # noqa: E402
 from rmt_core.backbones import encode_class_texts, load_backbone  # noqa: E402
-from rmt_core.candidates import encode_images  # noqa: E402
+from rmt_core.candidates import encode_images, has_holdout  # noqa: E402
+from rmt_core.config import TuneConfig  # noqa: E402
 from rmt_core.head import Head  # noqa: E402
+from rmt_core.pipeline import split_holdout  # noqa: E402
 from rmt_core.preprocess import PreprocessConfig, preprocess_batch  # noqa: E402
 
 GRID = np.exp(np.linspace(math.log(C.T_RANGE[0]), math.log(C.T_RANGE[1]), 400))
@@ -62,7 +65,13 @@ def zero_shot_logits(tasks: list[str], shots: int, seeds: list[int], n_test: int
         train = {}
         for seed in seeds:
             imgs, y = images_of(classes, shots, TRAIN_SEED_OFFSET + seed, style, size)
-            train[seed] = (logits(imgs), np.asarray(y))
+            # the rows in the build's order (training split, then the holdout): the keep rule's folds follow it
+            config = TuneConfig(seed=seed)
+            named = [(i, classes[t]) for i, t in enumerate(y)]
+            split = (split_holdout(named, config.holdout, config.seed) if has_holdout([shots] * len(classes), config)
+                     else (named, []))
+            order = [i for i, _ in split[0] + split[1]]
+            train[seed] = (logits(imgs)[order], np.asarray(y)[order])
         out[task] = (logits(test_imgs), np.asarray(test_y), train)
     return out
 
