@@ -3,9 +3,9 @@
 Each run stores every candidate's per-image validation correctness (``correct``) and, since 2026-12-04, its
 out-of-sample logits (``logits``, T = 1) and ``row_targets``. Rules:
 
-  * acc     the service's rule (``candidates.pick``): paired evidence on 0/1 answers, P >= 0.95 to leave
-            zero-shot, 0.8 between fitted candidates;
-  * ll      the same thresholds on per-image log-loss: each candidate's probabilities cross-fitted
+  * acc     the service's rule (``candidates.pick``): paired evidence on 0/1 answers, 0.95 to leave zero-shot
+            shared by the challengers in proportion to the images each was judged on, 0.8 between fitted ones;
+  * ll      the thresholds before that sharing (0.95 / 0.8) on per-image log-loss: each candidate's probabilities cross-fitted
             (``calibration.cross_fitted_probs``: T fitted on the other folds), P(mean loss difference > 0)
             by a Bayesian bootstrap over the images;
   * ll+acc  ll, and the challenger is not behind on 0/1 answers on the same images.
@@ -52,8 +52,9 @@ def published(run: dict, rule: str) -> str:
     names = [n for n in CANDIDATES if n in run["correct"]]
     if rule == "acc":
         dummy = Head.zero_shot(np.eye(1, dtype=np.float32), 1.0)
-        cands = [Candidate(n, dummy, n.startswith("mask"), n=1, correct=np.array(run["correct"][n], float))
-                 for n in names]
+        correct = {n: np.array([np.nan if v is None else v for v in run["correct"][n]], float) for n in names}
+        cands = [Candidate(n, dummy, n.startswith("mask"), n=int((~np.isnan(c)).sum()), correct=c)
+                 for n, c in correct.items()]
         return pick(cands)[0].name
     loss = {n: log_losses(run, n) for n in names}
     champion = names[0]

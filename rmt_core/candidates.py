@@ -22,7 +22,8 @@ prior (Tip-Adapter at its published setting) and the candidates are compared on 
 Selection: a paired comparison on the same images (``paired_better``: the images where two candidates disagree, per-image
 correctness, McNemar-style). The simplest candidate is the champion and each more complex one takes its place only when the
 evidence favours it; a tie stays with the simpler one; leaving zero-shot, the safe default, takes stronger
-evidence (ZERO_SHOT_CONFIDENCE, shared by every challenger that faces it) than choosing among fitted candidates. The published head then gets a temperature
+evidence (ZERO_SHOT_CONFIDENCE, shared by the challengers that face it in proportion to the images each was judged
+on) than choosing among fitted candidates. The published head then gets a temperature
 cross-fitted on its out-of-sample logits (calibration.py) and open-set data (head.py: ``outlier_scores``), and
 the report carries the default ``min_score`` / ``max_outlier`` and what they reject of the user's own images.
 """
@@ -361,10 +362,11 @@ def pick(candidates: Sequence[Candidate], select: str = "auto", confidence: floa
     ``paired_better`` says the evidence favours it. Fewer fitted parameters generalise more predictably, so a
     tie stays with the simpler one; a clear margin does not. Leaving zero-shot (the safe default: it fits
     nothing, so its validation is exact) takes ``zero_shot_confidence`` for the whole family of challengers
-    that face it: with k of them each needs 1 - (1 - zero_shot_confidence) / k (Bonferroni), so three
-    challengers judged on the same 10 holdout images do not triple the chance that a lucky one replaces the
-    safe default (on the bench a mask with 4 wins and no loss on 10 images, P = 0.97, lost 7 points on test).
-    Choosing among fitted candidates takes ``confidence``."""
+    that face it (weighted Bonferroni): each gets a share of 1 - zero_shot_confidence in proportion to the
+    images it was judged on, so three challengers do not triple the chance that a lucky one replaces the safe
+    default (on the bench a mask with 4 wins and no loss on 10 holdout images, P = 0.97, lost 7 points on
+    test), and a head judged on every image keeps most of the allowance. The weights are fixed by the counts
+    before any comparison. Choosing among fitted candidates takes ``confidence``."""
     by_name = {c.name: c for c in candidates}
     if select != "auto":
         if select not in by_name:
@@ -375,10 +377,11 @@ def pick(candidates: Sequence[Candidate], select: str = "auto", confidence: floa
     if not scored:
         return by_name["zero-shot"], "no candidate could be validated: zero-shot, which fits nothing", []
     champion, decisions = scored[0], []
-    leave_zero_shot = round(1 - (1 - zero_shot_confidence) / max(1, len(scored) - 1), 4)
+    judged = sum(c.n for c in scored[1:])
+    leave_zero_shot = {c.name: round(1 - (1 - zero_shot_confidence) * c.n / judged, 4) for c in scored[1:]}
     for challenger in scored[1:]:
         ev = paired_evidence(challenger.correct, champion.correct)
-        need = leave_zero_shot if champion.name == "zero-shot" else confidence
+        need = leave_zero_shot[challenger.name] if champion.name == "zero-shot" else confidence
         won = ev["p_better"] is not None and ev["diff"] > 0 and ev["p_better"] >= need
         decisions.append({"challenger": challenger.name, "champion": champion.name, **ev, "needed": need,
                           "switched": won})
@@ -387,7 +390,8 @@ def pick(candidates: Sequence[Candidate], select: str = "auto", confidence: floa
     if not decisions:
         why = f"the only judged candidate ({champion.accuracy:.3f} on {champion.n})"
     elif champion is scored[0]:
-        need = leave_zero_shot if champion.name == "zero-shot" else confidence
+        need = (", ".join(f"{d['needed']} for {d['challenger']}" for d in decisions)
+                if champion.name == "zero-shot" else confidence)
         why = (f"no candidate beat {champion.name} by a paired margin (P(better) >= {need}) on the same "
                f"images: the simpler one stays")
     else:
