@@ -76,23 +76,6 @@ def zero_shot_logits(tasks: list[str], shots: int, seeds: list[int], n_test: int
     return out
 
 
-def keep_rule(fit):
-    """``fit`` under the service's rule: kept only if the cross-fitted NLL and ECE both beat T = 1."""
-    def estimator(logits, y):
-        n = len(y)
-        order = np.random.default_rng(0).permutation(n)
-        crossed = np.empty_like(logits)
-        for k in range(5):
-            held = order[k::5]
-            rest = np.setdiff1d(order, held)
-            crossed[held] = C.softmax(logits[held] / fit(logits[rest], y[rest]))
-        nll_crossed = -np.mean(np.log(np.clip(crossed[np.arange(n), y], 1e-12, None)))
-        helps = (nll_crossed < C.nll(logits, y)
-                 and C.expected_calibration_error(crossed, y) < C.expected_calibration_error(C.softmax(logits), y))
-        return fit(logits, y) if helps else 1.0
-    return estimator
-
-
 def top_label_fit(logits, y):
     """T minimising the smoothed binary log-loss of 'top answer right' vs the top score, prior as the service's."""
     n, correct = len(y), (logits.argmax(1) == y).astype(float)
@@ -117,7 +100,7 @@ ESTIMATORS = {
     "fit only": lambda logits, y: C.fit_temperature(logits, y),
     "no prior": lambda logits, y: C.fit_temperature(logits, y, prior=False),
     "bagged": bagged_fit,
-    "top-label": keep_rule(top_label_fit),
+    "top-label": lambda logits, y: C.calibrate(logits, y, fit=top_label_fit)["temperature"],  # the service's keep rule
 }
 
 

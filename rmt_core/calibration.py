@@ -155,9 +155,11 @@ def ece_sampling_floor(probs: np.ndarray, n_bins: int = N_BINS, draws: int = 200
     return float(np.concatenate(eces).mean())
 
 
-def cross_fitted_probs(logits: np.ndarray, targets, folds: int = 5, seed: int = 0) -> np.ndarray:
+def cross_fitted_probs(logits: np.ndarray, targets, folds: int = 5, seed: int = 0, fit=None) -> np.ndarray:
     """Probabilities where each sample's temperature was fitted on the other folds: an honest 'after' for ECE
-    (fitting T and measuring ECE on the same samples flatters the fit)."""
+    (fitting T and measuring ECE on the same samples flatters the fit). ``fit(logits, targets) -> T`` defaults
+    to ``fit_temperature`` (another estimator can be judged by the same rule: bench/bench_temperature.py)."""
+    fit = fit or fit_temperature
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets)
     n = len(targets)
@@ -167,7 +169,7 @@ def cross_fitted_probs(logits: np.ndarray, targets, folds: int = 5, seed: int = 
     for k in range(folds):
         held = order[k::folds]
         rest = np.setdiff1d(order, held)
-        t = fit_temperature(logits[rest], targets[rest]) if len(rest) else 1.0
+        t = fit(logits[rest], targets[rest]) if len(rest) else 1.0
         out[held] = softmax(logits[held] / t)
     return out
 
@@ -265,7 +267,8 @@ def reliability(probs: np.ndarray, targets, n_bins: int = 10) -> list[dict]:
             for k in range(n_bins) if (bins == k).any()]
 
 
-def calibrate(logits: np.ndarray, targets, want_min_score: bool = False, source: str = "validation") -> dict:
+def calibrate(logits: np.ndarray, targets, want_min_score: bool = False, source: str = "validation",
+              fit=None) -> dict:
     """Fit T on ``logits`` (out-of-sample logits of every image the candidate was judged on), report ECE
     before and (cross-fitted) after with the number of images behind them, optionally a min_score.
 
@@ -278,8 +281,9 @@ def calibrate(logits: np.ndarray, targets, want_min_score: bool = False, source:
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets)
     upper = max(T_RANGE[0], min(T_RANGE[1], collapse_bound(logits)))
-    fitted = fit_temperature(logits, targets)
-    crossed = cross_fitted_probs(logits, targets)
+    fit = fit or fit_temperature  # ``fit(logits, targets) -> T``: the estimator the keep rule judges
+    fitted = fit(logits, targets)
+    crossed = cross_fitted_probs(logits, targets, fit=fit)
     plain = softmax(logits)
     nll_crossed = float(-np.mean(np.log(np.clip(crossed[np.arange(len(targets)), targets], 1e-12, None))))
     nll_plain = nll(logits, targets)
