@@ -83,52 +83,127 @@ def _fit_residual(f: np.ndarray, z0: np.ndarray, y: np.ndarray, n_classes: int, 
     ``f`` are L2-normalised features and ``z0`` the zero-shot logits, so Delta is the change of the head in
     logit units and weight decay pulls it back toward the text-embedding init. Strongly convex with gradient
     Lipschitz constant <= 1 + 2 * weight_decay (softmax CE's Hessian <= I/2 per sample, |[f, 1]|^2 = 2):
-    Nesterov's accelerated gradient with step 1/L converges without a line search.
+    Nesterov's accelerated gradient with step 1/L converges without a line search. One problem of
+    ``_fit_residuals``.
+    """
+    return _fit_residuals([(f, z0, y, start)], n_classes, weight_decay, max_iter=max_iter, tol=tol)[0]
+
+
+Problem = tuple[np.ndarray, np.ndarray, np.ndarray, "tuple[np.ndarray, np.ndarray] | None"]  # f, z0, y, warm start
+
+
+def _fit_residuals(problems: Sequence[Problem], n_classes: int, weight_decay: float, max_iter: int = 3000,
+                   tol: float = 1e-6) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``_fit_residual`` of each (f, z0, y, start) in ``problems`` (one weight decay): the same iterates, each
+    stopped where it alone would stop.
 
     With theta = [Delta, b] and f1 = [f, 1], each step adds a combination of f1's rows to theta and shrinks the
     whole of it, so every iterate is theta_k = A_k @ f1 + c_k * theta_0 (theta_0 the warm start). Where there
     are fewer images than feature dimensions (few-shot uploads) the iteration runs on A [C, n] and the scalar c
     through the n x n Gram matrix: the same iterates as in feature space (to rounding), ~2x faster at n = 128,
-    D = 512 (bench: the head's nested k-fold took 12 s on 160 ViT-B-32 images, most of it here).
+    D = 512 (bench: the head's nested k-fold took 12 s on 160 ViT-B-32 images, most of it here). Those problems
+    (a k-fold's folds) also iterate together, stacked: numpy's per-call cost, not arithmetic, is what a step of
+    one [8, ~100] problem costs, so five folds in one stack take ~2.4x less CPU than one after another
+    (bench/RESULTS-build.md).
     """
-    n, d = f.shape
-    onehot = np.eye(n_classes)[y]
-    theta0 = np.zeros((n_classes, d + 1))
-    if start is not None:
-        theta0[:, :d], theta0[:, d] = start
+    out: list = [None] * len(problems)
+    stacked = [i for i, (f, *_rest) in enumerate(problems) if f.shape[0] <= f.shape[1] + 1]
+    for i, (f, z0, y, start) in enumerate(problems):
+        if i not in stacked:  # many images: feature space is the smaller one
+            out[i] = _fit_in_feature_space(f, z0, y, n_classes, weight_decay, start, max_iter, tol)
+    if stacked:
+        fits = _fit_through_gram([problems[i] for i in stacked], n_classes, weight_decay, max_iter, tol)
+        for i, fit in zip(stacked, fits):
+            out[i] = fit
+    return out
+
+
+def _steps(weight_decay: float) -> tuple[float, float, float]:
+    """Nesterov's step 1/L, momentum for strong convexity 2 * weight_decay, and the decay's gradient factor."""
     step = 1.0 / (1.0 + 2.0 * weight_decay)
     momentum = (1 - np.sqrt(2 * weight_decay * step)) / (1 + np.sqrt(2 * weight_decay * step))
-    decay = 2 * weight_decay
+    return step, momentum, 2 * weight_decay
+
+
+def _fit_in_feature_space(f, z0, y, n_classes, weight_decay, start, max_iter, tol):
+    n, d = f.shape
+    onehot = np.eye(n_classes)[y]
+    theta = np.zeros((n_classes, d + 1))
+    if start is not None:
+        theta[:, :d], theta[:, d] = start
+    step, momentum, decay = _steps(weight_decay)
     f1 = np.concatenate([f, np.ones((n, 1))], axis=1)
-    if n > d + 1:  # many images: feature space is the smaller one
-        theta, prev = theta0.copy(), theta0.copy()
-        for _ in range(max_iter):
-            look = theta + momentum * (theta - prev)
-            g = (softmax(z0 + f1 @ look.T) - onehot).T @ f1 / n + decay * look
-            prev, theta = theta, look - step * g
-            if np.sqrt((g ** 2).sum()) < tol:
-                break
-        return theta[:, :d], theta[:, d]
-    gram = f1 @ f1.T
-    s0 = f1 @ theta0.T  # [n, C]: theta_0's logits
-    t0_sq = float((theta0 ** 2).sum())
-    a = prev_a = np.zeros((n_classes, n))
-    c = prev_c = 1.0
+    prev = theta.copy()
+    for _ in range(max_iter):
+        look = theta + momentum * (theta - prev)
+        g = (softmax(z0 + f1 @ look.T) - onehot).T @ f1 / n + decay * look
+        prev, theta = theta, look - step * g
+        if np.sqrt((g ** 2).sum()) < tol:
+            break
+    return theta[:, :d], theta[:, d]
+
+
+def _fit_through_gram(problems: Sequence[Problem], n_classes: int, weight_decay: float, max_iter: int,
+                      tol: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The Gram-space iteration of K problems at once, padded to the largest n (a padded image has zero
+    features, zero logits and zero weight, so it changes no sum). Arrays are [K, C, n]: the softmax's
+    reductions run over the class axis with the images contiguous. A problem leaves the stack at the step
+    where it converges, with the iterate it alone would have had."""
+    k_all, d, c_all = len(problems), problems[0][0].shape[1], n_classes
+    n_max = max(f.shape[0] for f, *_rest in problems)
+    f1 = np.zeros((k_all, n_max, d + 1))
+    z0 = np.zeros((k_all, c_all, n_max))
+    onehot = np.zeros((k_all, c_all, n_max))
+    weight = np.zeros((k_all, 1, n_max))  # 1/n on a problem's images, 0 on padding
+    theta0 = np.zeros((k_all, c_all, d + 1))
+    for k, (f, z, y, start) in enumerate(problems):
+        n = f.shape[0]
+        f1[k, :n, :d], f1[k, :n, d] = f, 1.0
+        z0[k, :, :n] = np.asarray(z).T
+        onehot[k, np.asarray(y), np.arange(n)] = 1.0
+        weight[k, 0, :n] = 1.0 / n
+        if start is not None:
+            theta0[k, :, :d], theta0[k, :, d] = start
+    step, momentum, decay = _steps(weight_decay)
+    gram = f1 @ f1.transpose(0, 2, 1)  # symmetric, so A @ gram is (gram @ A.T).T
+    s0 = theta0 @ f1.transpose(0, 2, 1)  # [K, C, n]: theta_0's logits
+    t0_sq = (theta0 ** 2).sum(axis=(1, 2))
+    a = prev_a = np.zeros((k_all, c_all, n_max))
+    ga = prev_ga = np.zeros((k_all, c_all, n_max))  # a @ gram, updated along with a (one product a step)
+    c = prev_c = np.ones((k_all, 1, 1))
+    done_a, done_c = np.zeros_like(a), np.ones_like(c)
+    live = np.arange(k_all)
     for _ in range(max_iter):
         look_a = a + momentum * (a - prev_a)
+        look_ga = ga + momentum * (ga - prev_ga)
         look_c = c + momentum * (c - prev_c)
-        g = (softmax(z0 + gram @ look_a.T + look_c * s0) - onehot).T / n + decay * look_a
-        # the gradient is g @ f1 + gc * theta_0; its squared norm through the Gram matrix (gram @ g.T, not
-        # g @ gram: numpy's OpenBLAS runs that shape on every core, doubling the CPU time for nothing)
+        p = z0 + look_ga  # the logits, then in place their softmax, then the CE's gradient per image
+        p += look_c * s0
+        p -= p.max(axis=1, keepdims=True)
+        np.exp(p, out=p)
+        p /= p.sum(axis=1, keepdims=True)
+        p -= onehot
+        p *= weight
+        g = p + decay * look_a
+        g_gram = g @ gram
         gc = decay * look_c
-        g_t = g.T
-        norm_sq = float(((gram @ g_t) * g_t).sum()) + gc * gc * t0_sq + 2 * gc * float((g_t * s0).sum())
-        prev_a, prev_c = a, c
-        a, c = look_a - step * g, look_c - step * gc
-        if norm_sq < tol * tol:
-            break
-    theta = a @ f1 + c * theta0
-    return theta[:, :d], theta[:, d]
+        # the gradient is g @ f1 + gc * theta_0; its squared norm through the Gram matrix
+        norm_sq = (g_gram * g + (2 * gc) * (g * s0)).sum(axis=(1, 2)) + (gc * gc)[:, 0, 0] * t0_sq
+        prev_a, prev_c, prev_ga = a, c, ga
+        a, c, ga = look_a - step * g, look_c - step * gc, look_ga - step * g_gram
+        converged = norm_sq < tol * tol
+        if converged.any():
+            done_a[live[converged]], done_c[live[converged]] = a[converged], c[converged]
+            keep = ~converged
+            live = live[keep]
+            if not len(live):
+                break
+            a, c, ga, prev_a, prev_c, prev_ga = (v[keep] for v in (a, c, ga, prev_a, prev_c, prev_ga))
+            gram, z0, onehot, weight, s0, t0_sq = (v[keep] for v in (gram, z0, onehot, weight, s0, t0_sq))
+    if len(live):  # those that ran out of iterations
+        done_a[live], done_c[live] = a, c
+    theta = done_a @ f1 + done_c * theta0
+    return [(theta[k, :, :d], theta[k, :, d]) for k in range(k_all)]
 
 
 def stratified_folds(targets: Sequence[int], folds: int, seed: int = 0) -> np.ndarray:
@@ -182,13 +257,12 @@ def fit_linear_probe(features: np.ndarray, targets: Sequence[int], zero_shot: He
     oof_by_wd = {}
     warm: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for wd in weight_decays:  # strongest first: each fold's fit warm-starts the next, weaker one
-        oof = np.empty((len(y), c))
-        for j in range(k):
-            train, held = fold != j, fold == j
-            if not train.any():
-                oof[held] = z0[held]
-                continue
-            delta, b = warm[j] = _fit_residual(f[train], z0[train], y[train], c, wd, start=warm.get(j))
+        oof = z0.copy()  # a fold with nothing left to train on keeps the zero-shot logits
+        fitted = [j for j in range(k) if (fold != j).any()]
+        fits = _fit_residuals([(f[fold != j], z0[fold != j], y[fold != j], warm.get(j)) for j in fitted], c, wd)
+        for j, (delta, b) in zip(fitted, fits):  # the folds of one weight decay iterate together
+            warm[j] = (delta, b)
+            held = fold == j
             oof[held] = z0[held] + f[held] @ delta.T + b
         oof_by_wd[wd] = oof
         acc = float((oof.argmax(1) == y).mean())

@@ -250,8 +250,11 @@ class ViewPool:
     def view(self, i: int, v: int) -> torch.Tensor:
         key = (i, v)
         if key not in self._views:
-            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
-                torch.manual_seed((self.seed * 1_000_003 + i * 1009 + v) % (2**63 - 1))
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU generator
+                # that generator alone: torch.manual_seed also queues a seed for every accelerator, which
+                # formats a stack trace each call while CUDA is not initialised (~0.25 ms a view, 0.3 s of an
+                # 8x16 build: bench/RESULTS-build.md) and outlives fork_rng, which restores only the CPU's state
+                torch.random.default_generator.manual_seed((self.seed * 1_000_003 + i * 1009 + v) % (2**63 - 1))
                 self._views[key] = self.transform(self.images[i])
             self.views_made += 1
         return self._views[key]

@@ -482,6 +482,38 @@ def _reference_fit(f, z0, y, n_classes, weight_decay, start=None, max_iter=3000,
     return delta, b
 
 
+def test_problems_solved_together_are_each_the_fit_it_would_be_alone():
+    """A k-fold's folds iterate as one stack (_fit_residuals): problems of different sizes (padded to the
+    largest), warm starts and weight decays each get the reference fit, stopped where that problem alone
+    stops (one converges long before the others), beside a problem with more images than dimensions."""
+    from rmt_core.candidates import _fit_residuals, _normalise
+
+    rng = np.random.default_rng(11)
+    c, d = 5, 24
+    protos = rng.standard_normal((c, d))
+    problems = []
+    for n, spread, warm in [(12, 1.0, False), (19, 3.0, True), (25, 0.5, False), (40, 1.0, True)]:
+        y = np.concatenate([np.arange(c), rng.integers(0, c, n - c)])
+        f = _normalise(protos[y] + spread * rng.standard_normal((n, d)))
+        z0 = 2.0 * rng.standard_normal((n, c))
+        start = (0.1 * rng.standard_normal((c, d)), 0.1 * rng.standard_normal(c)) if warm else None
+        problems.append((f, z0, y, start))
+    problems.insert(1, (problems[0][0][:3], problems[0][1][:3], problems[0][2][:3], None))  # converges first
+    for wd in (1e-3, 0.1):
+        got = _fit_residuals(problems, c, wd)
+        for (f, z0, y, start), (delta, b) in zip(problems, got):
+            want = _reference_fit(f, z0, y, c, wd, start=start)
+            assert np.abs(delta - want[0]).max() < 1e-9 and np.abs(b - want[1]).max() < 1e-9, (len(y), wd)
+    iterations = []
+    for f, z0, y, start in problems[:3]:  # they stop at different steps: the stack really lets one go early
+        for cap in range(1, 3000):
+            if np.allclose(_reference_fit(f, z0, y, c, 0.1, start=start, max_iter=cap)[0],
+                           _reference_fit(f, z0, y, c, 0.1, start=start, max_iter=cap + 1)[0], rtol=0, atol=0):
+                iterations.append(cap)
+                break
+    assert len(set(iterations)) == 3, iterations
+
+
 @pytest.mark.parametrize("n, d", [(40, 64), (64, 16)])  # fewer images than dimensions (the Gram path), and more
 @pytest.mark.parametrize("warm", [False, True])
 def test_the_probe_solver_follows_the_feature_space_iteration(n, d, warm):

@@ -116,13 +116,13 @@ def test_the_heads_are_fitted_on_one_blas_thread_and_the_pool_is_restored_after(
     assert blas_threads() == before
 
     seen = []
-    real_fit = candidates._fit_residual
+    real_fit = candidates._fit_residuals
 
     def watched(*args, **kwargs):
         seen.append(set(blas_threads().values()))
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(candidates, "_fit_residual", watched)
+    monkeypatch.setattr(candidates, "_fit_residuals", watched)
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 6)
     features = rng.standard_normal((len(y), 16)) + 2 * np.eye(3, 16)[y]

@@ -49,6 +49,29 @@ def test_cached_teacher_logits_equal_recomputed_ones():
     assert torch.equal(other.view(9, 0), pool.view(9, 0)) and not torch.equal(pool.view(9, 0), pool.view(9, 1))
 
 
+def test_a_view_is_its_seed_drawn_from_the_cpu_generator_and_leaves_every_generator_as_it_was():
+    """The pool seeds torch's CPU generator alone for each view (torch.manual_seed also queued a seed for every
+    accelerator, formatting a stack trace each time): the pixels are what torch.manual_seed gave, and the
+    global state, CPU and CUDA's queued seeds alike, is the same after a view as before it."""
+    backbone = tiny(seed=3)
+    images, _ = _task()
+    transform = train_transform(backbone.preprocess)
+    pool = ViewPool(images, transform, seed=7, views=4)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    view = pool.view(5, 2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed((7 * 1_000_003 + 5 * 1009 + 2) % (2**63 - 1))
+    assert torch.equal(view, transform(images[5]))
+    if not torch.cuda.is_available():  # nothing was queued for a CUDA that is not there
+        import torch.cuda.random as cuda_random  # noqa: F401  (the module whose lazy seeds torch.manual_seed queues)
+        from torch.cuda import _lazy_seed_tracker
+
+        before = _lazy_seed_tracker.get_calls()
+        ViewPool(images, transform, seed=8, views=4).view(1, 1)
+        assert _lazy_seed_tracker.get_calls() == before
+
+
 def test_gdr_runs_the_teacher_once_per_view_not_once_per_step():
     backbone = tiny(seed=3)
     images, targets = _task()
