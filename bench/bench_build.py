@@ -4,6 +4,7 @@ whole build costs in CPU-seconds against another checkout of the project.
     python bench/bench_build.py profile                 # per-step parts: student fwd, teacher fwd, VJP, views
     python bench/bench_build.py schedule --shots 4,8 --seeds 0,1,2     # schedule search on the generated world
     python bench/bench_build.py build --code /tmp/main  # CPU-s of create->final, this tree vs /tmp/main
+    python bench/bench_build.py build --task plain --sizes 5x8 --n-test 60 --code /tmp/main  # another task
     python bench/bench_build.py precision               # step time fp32 vs bf16 (bf16 emulated without AVX512-BF16)
 
 Results go to bench/RESULTS-build.md by hand (the numbers printed are what to copy); jsonl logs to /tmp.
@@ -132,9 +133,14 @@ started = time.monotonic()
 from rmt_core.pipeline import build_classifier
 from rmt_core.config import TuneConfig
 from bench.bench_claims import ALL_SHAPES, SHIFTS, TRAIN_SEED_OFFSET, images_of
-classes = ALL_SHAPES[:{n_classes}]
-imgs, labels = images_of(classes, {shots}, TRAIN_SEED_OFFSET + {seed}, SHIFTS["noise-cast"], 64)
-test, test_labels = images_of(classes, 30, 90210, SHIFTS["noise-cast"], 64)
+from rmt_core import world
+# the tasks of bench_selection.py: the world's 8 shapes under the noise-cast shift; 5 of them under noise + sepia
+# (`rmt sample`); the same 5 in the pretraining style, which the backbone already separates
+pool, style = {{"claims": (ALL_SHAPES, SHIFTS["noise-cast"]), "sample": (list(world.DEMO_CLASSES), world.DEMO_SHIFT),
+               "plain": (list(world.DEMO_CLASSES), world.PRETRAIN_STYLE)}}[{task!r}]
+classes = pool[:{n_classes}]
+imgs, labels = images_of(classes, {shots}, TRAIN_SEED_OFFSET + {seed}, style, 64)
+test, test_labels = images_of(classes, {n_test}, 90210, style, 64)
 samples = list(zip(imgs, [classes[i] for i in labels]))
 out = tempfile.mkdtemp(prefix="rmt-bench-build-")
 t0 = time.monotonic(); c0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -189,8 +195,8 @@ def cmd_build(args) -> None:
                 "this-bf16": (str(ROOT), True, {"precision": "bf16"}),
                 "this-1thread": (str(ROOT), 1, {}), "this-2threads": (str(ROOT), True, {})}
     codes = {name: variants[name] for name in args.variants.split(",")}
-    if args.code:
-        codes["main"] = (args.code, False, {})
+    if args.code:  # today's code had no process policy; --code-policy gives it one (an A/B of a later lever)
+        codes["main"] = (args.code, args.code_policy, {})
     log = open(args.log, "a")
     for n_classes, shots in [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -202,6 +208,7 @@ def cmd_build(args) -> None:
                         env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
                         env["PYTHONPATH"] = code
                         snippet = BUILD_SNIPPET.format(code=code, n_classes=n_classes, shots=shots, seed=seed,
+                                                       task=args.task, n_test=args.n_test,
                                                        config=repr({**json.loads(args.config), **config}))
                         if name == "this-2threads":  # every CPU whatever the tower's width (the rule before)
                             snippet = "import rmt_core.threads as t; t.PARALLEL_MIN_WIDTH = 0\n" + snippet
@@ -224,7 +231,8 @@ def cmd_build(args) -> None:
                         print(proc.stderr[-2000:])
                         continue
                     inner = json.loads(proc.stdout.strip().splitlines()[-1])
-                    row = {"code": name, "size": f"{n_classes}x{shots}", "seed": seed, "busy": neighbour,
+                    row = {"code": name, "task": args.task, "size": f"{n_classes}x{shots}", "seed": seed,
+                           "busy": neighbour,
                            "process_wall_s": round(wall, 2),
                            "process_cpu_s": round((c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime), 2),
                            **inner}
@@ -426,6 +434,11 @@ def main(argv=None) -> int:
                    "this-1thread,this-2threads")
     a.add_argument("--config", default="{}", help='TuneConfig overrides for every code, e.g. '
                    '\'{"backbone": "ViT-B-32", "pretrained": null}\' (random weights)')
+    a.add_argument("--task", default="claims", choices=("claims", "sample", "plain"),
+                   help="claims: the world's 8 shapes under noise-cast (10x16 is 8 classes); sample / plain: 5 shapes")
+    a.add_argument("--n-test", type=int, default=30, help="test images per class")
+    a.add_argument("--code-policy", action="store_true",
+                   help="apply this tree's process policy to --code too (a checkout that has rmt_core.threads)")
     a.add_argument("--log", default="/tmp/i17/build.jsonl")
     a = sub.add_parser("precision")
     a.add_argument("--backbone", default="rmt-world-vit")
