@@ -107,10 +107,12 @@ def _fit_residuals(problems: Sequence[Problem], n_classes: int, weight_decay: fl
     (bench/RESULTS-build.md).
     """
     out: list = [None] * len(problems)
-    stacked = [i for i, (f, *_rest) in enumerate(problems) if f.shape[0] <= f.shape[1] + 1]
-    for i in sorted(set(range(len(problems))) - set(stacked)):  # many images: feature space is the smaller one
-        f, z0, y, start = problems[i]
-        out[i] = _fit_in_feature_space(f, z0, y, n_classes, weight_decay, start, max_iter, tol)
+    stacked = []
+    for i, (f, z0, y, start) in enumerate(problems):
+        if f.shape[0] <= f.shape[1] + 1:
+            stacked.append(i)
+        else:  # many images: feature space is the smaller one
+            out[i] = _fit_in_feature_space(f, z0, y, n_classes, weight_decay, start, max_iter, tol)
     if stacked:
         fits = _fit_through_gram([problems[i] for i in stacked], n_classes, weight_decay, max_iter, tol)
         for i, fit in zip(stacked, fits):

@@ -64,8 +64,7 @@ def test_a_view_is_its_seed_drawn_from_the_cpu_generator_and_leaves_every_genera
     torch.manual_seed((7 * 1_000_003 + 5 * 1009 + 2) % (2**63 - 1))
     assert torch.equal(view, transform(images[5]))
     if not torch.cuda.is_available():  # nothing was queued for a CUDA that is not there
-        import torch.cuda.random as cuda_random  # noqa: F401  (the module whose lazy seeds torch.manual_seed queues)
-        from torch.cuda import _lazy_seed_tracker
+        from torch.cuda import _lazy_seed_tracker  # where torch.manual_seed queues its CUDA seed
 
         before = _lazy_seed_tracker.get_calls()
         ViewPool(images, transform, seed=8, views=4).view(1, 1)
