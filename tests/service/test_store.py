@@ -414,3 +414,33 @@ def test_a_tenant_quota_overrides_the_default(store):
     assert store.quota_state("vip") == (store.settings.max_queued_jobs + 2,) * 2
     with pytest.raises(QuotaExceeded):
         store.create_classifier("vip", "", _samples(), {})
+
+
+def test_a_new_files_wal_switch_is_retried_while_another_connection_makes_it():
+    """SQLite answers "database is locked" at once, without its busy handler, to a connection that asks for WAL
+    while another one is switching the new file: use_wal retries that (the switch is idempotent) until the lock
+    timeout; any other error, and a lock held past the timeout, still raise."""
+    import sqlite3
+
+    from rmt_service.db import use_wal
+
+    class Cursor:
+        def __init__(self, answers):
+            self.answers, self.calls = list(answers), 0
+
+        def execute(self, sql):
+            assert sql == "PRAGMA journal_mode=WAL"
+            self.calls += 1
+            answer = self.answers.pop(0) if self.answers else None
+            if answer:
+                raise sqlite3.OperationalError(answer)
+
+    cursor = Cursor(["database is locked", "database is locked"])
+    use_wal(cursor, timeout_s=5.0)
+    assert cursor.calls == 3
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        use_wal(Cursor(["disk I/O error"]), timeout_s=5.0)
+    stuck = Cursor(["database is locked"] * 1000)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        use_wal(stuck, timeout_s=0.05)
+    assert 1 < stuck.calls < 1000
